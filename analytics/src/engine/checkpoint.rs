@@ -1,0 +1,269 @@
+//! Checkpoints: the engine's state and consumed offsets, written together, so that after a crash
+//! the pipeline resumes exactly where its state says it was.
+//!
+//! The protocol the caller follows (see `meshguard`'s pipeline): flush every sink, take
+//! [`Engine::checkpoint`], [`CheckpointStore::save`] it (durable when it returns), and only then
+//! commit the same offsets to Kafka. On start: [`CheckpointStore::load`], [`Engine::restore`], seek
+//! every partition to its checkpointed offset.
+//!
+//! One file per input partition (state follows its partition: whichever worker takes a partition
+//! over reads that file) and one for the global tables. Each file is written to a temporary name,
+//! fsynced, renamed over the old one and the directory fsynced, so a file is always either the old
+//! or the new checkpoint, never half of one.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshguard_schemas::InputTopic;
+use meshguard_schemas::registry::RegistryRecord;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Engine, PartitionId, PartitionState, Position};
+use crate::error::{Error, Result};
+use crate::tables::TableSnapshot;
+
+/// Leading bytes of every checkpoint file: format name and version.
+const MAGIC: &[u8; 8] = b"MGCKPT01";
+
+/// A consistent snapshot of an engine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Keyed state and next offset of every owned partition.
+    pub partitions: Vec<(PartitionId, PartitionState)>,
+    /// Global tables and their positions.
+    pub global: GlobalSnapshot,
+}
+
+/// The global tables with the positions they were read up to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GlobalSnapshot {
+    /// Registry versions; records kept as their JSON text (they hold arbitrary JSON values, which
+    /// a compact binary format cannot round-trip).
+    pub registry: Vec<(Uuid, Vec<(i64, Option<String>)>)>,
+    /// Presence versions.
+    pub presence: TableSnapshot<Uuid, bool>,
+    /// Consumed positions of the global topics.
+    pub positions: Vec<Position>,
+    /// The caller's sink positions at the checkpoint.
+    pub sink_positions: Vec<(String, i32, i64)>,
+}
+
+impl Engine {
+    /// Prunes expired state and snapshots the rest.
+    pub fn checkpoint(&mut self) -> Checkpoint {
+        self.prune();
+        let mut partitions: Vec<(PartitionId, PartitionState)> = self
+            .partitions
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        partitions.sort_by_key(|(k, _)| *k);
+        let registry = self
+            .registry
+            .iter()
+            .map(|(uuid, versions)| {
+                let versions = versions
+                    .iter()
+                    .map(|(t, rec)| {
+                        (
+                            *t,
+                            rec.as_ref()
+                                .and_then(|r| serde_json::to_string(r.as_ref()).ok()),
+                        )
+                    })
+                    .collect();
+                (*uuid, versions)
+            })
+            .collect();
+        let presence = TableSnapshot {
+            entries: self
+                .presence
+                .iter()
+                .map(|(k, v)| (*k, v.to_vec()))
+                .collect(),
+        };
+        let global = GlobalSnapshot {
+            registry,
+            presence,
+            positions: self.global_positions(),
+            sink_positions: self.sink_positions.clone(),
+        };
+        Checkpoint { partitions, global }
+    }
+
+    /// Replaces the engine's state with a checkpoint's.
+    pub fn restore(&mut self, cp: Checkpoint) -> Result<()> {
+        self.partitions.clear();
+        for (id, state) in cp.partitions {
+            self.partitions.insert(id, state);
+        }
+        self.restore_global(cp.global)
+    }
+
+    /// Replaces the global tables with a snapshot's.
+    pub fn restore_global(&mut self, g: GlobalSnapshot) -> Result<()> {
+        self.registry = Default::default();
+        for (uuid, versions) in g.registry {
+            for (t, text) in versions {
+                let record = match text {
+                    None => None,
+                    Some(text) => Some(Arc::new(
+                        serde_json::from_str::<RegistryRecord>(&text).map_err(|e| {
+                            Error::CheckpointFormat {
+                                name: "global".into(),
+                                reason: format!("registry record {uuid}: {e}"),
+                            }
+                        })?,
+                    )),
+                };
+                self.registry.insert(uuid, t, record);
+            }
+        }
+        self.presence = Default::default();
+        for (uuid, versions) in g.presence.entries {
+            for (t, online) in versions {
+                self.presence.insert(uuid, t, online);
+            }
+        }
+        self.global_positions.clear();
+        for p in g.positions {
+            self.global_positions
+                .insert((p.topic, p.partition), p.next_offset);
+        }
+        self.sink_positions = g.sink_positions;
+        Ok(())
+    }
+}
+
+/// Where checkpoints live. `save` returns only once the checkpoint is durable.
+pub trait CheckpointStore: Send + std::fmt::Debug {
+    /// Writes a checkpoint durably (every file fsynced before returning).
+    fn save(&self, cp: &Checkpoint) -> Result<()>;
+    /// Reads the latest checkpoint of every partition and the global tables; `None` when there is
+    /// none yet (a fresh start).
+    fn load(&self) -> Result<Option<Checkpoint>>;
+}
+
+/// Checkpoints in a local directory (the default; a directory every worker can read keeps state
+/// following its partition across workers of one machine).
+#[derive(Debug, Clone)]
+pub struct LocalCheckpointStore {
+    dir: PathBuf,
+}
+
+impl LocalCheckpointStore {
+    /// A store in `dir`, created if missing.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(dir.join("partitions")).map_err(|source| Error::CheckpointIo {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(Self { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn partition_file(&self, (topic, partition): &PartitionId) -> PathBuf {
+        self.dir
+            .join("partitions")
+            .join(format!("{}-{partition}.ckpt", topic.as_str()))
+    }
+
+    fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<()> {
+        let io = |source| Error::CheckpointIo {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut bytes = MAGIC.to_vec();
+        bytes = postcard::to_extend(value, bytes).map_err(|e| Error::CheckpointFormat {
+            name: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)?;
+        if let Some(parent) = path.parent() {
+            File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn read<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> Result<Option<T>> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::CheckpointIo {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let bad = |reason: String| Error::CheckpointFormat {
+            name: path.display().to_string(),
+            reason,
+        };
+        let body = bytes
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or_else(|| bad("not a meshguard checkpoint (bad magic)".into()))?;
+        postcard::from_bytes(body)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
+    }
+}
+
+impl CheckpointStore for LocalCheckpointStore {
+    fn save(&self, cp: &Checkpoint) -> Result<()> {
+        for (id, state) in &cp.partitions {
+            self.write_atomic(&self.partition_file(id), state)?;
+        }
+        self.write_atomic(&self.dir.join("global.ckpt"), &cp.global)
+    }
+
+    fn load(&self) -> Result<Option<Checkpoint>> {
+        let Some(global) = self.read::<GlobalSnapshot>(&self.dir.join("global.ckpt"))? else {
+            return Ok(None);
+        };
+        let mut partitions = Vec::new();
+        let dir = self.dir.join("partitions");
+        let entries = fs::read_dir(&dir).map_err(|source| Error::CheckpointIo {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        for entry in entries {
+            let path = entry
+                .map_err(|source| Error::CheckpointIo {
+                    path: dir.display().to_string(),
+                    source,
+                })?
+                .path();
+            let Some(id) = parse_partition_file(&path) else {
+                continue;
+            };
+            if let Some(state) = self.read::<PartitionState>(&path)? {
+                partitions.push((id, state));
+            }
+        }
+        partitions.sort_by_key(|(k, _)| *k);
+        Ok(Some(Checkpoint { partitions, global }))
+    }
+}
+
+fn parse_partition_file(path: &Path) -> Option<PartitionId> {
+    if path.extension()? != "ckpt" {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    let (topic, partition) = stem.rsplit_once('-')?;
+    let topic = InputTopic::ALL.into_iter().find(|t| t.as_str() == topic)?;
+    Some((topic, partition.parse().ok()?))
+}

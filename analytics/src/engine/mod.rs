@@ -1,0 +1,374 @@
+//! The micro-batch engine: owns keyed state, applies a batch in order, runs the jobs, dedups their
+//! findings and snapshots everything for checkpoints. It must never do I/O or read a clock: the
+//! caller passes `now` and persists snapshots.
+//!
+//! **Keyed, partition-scoped state.** Everything keyed by the requester (watermarks, findings
+//! already emitted) lives in a [`PartitionState`] of the Kafka partition the row came from, and is
+//! snapshotted per partition, so that a partition can move to another worker with its state.
+//!
+//! **Global tables.** Registry and presence are needed wherever a UUID is a target, i.e. in any
+//! partition, so every worker holds all of them (see [`crate::tables`]).
+//!
+//! **Event time.** Each partition's watermark trails its highest event time by the allowed
+//! lateness. Rows older than the watermark are *late*: counted in [`EngineStats::late_events`] and
+//! still judged (per-attempt rules do not depend on windows; windowed jobs document their own rule).
+//!
+//! **Effectively once.** Every finding's id is a UUIDv5 of its evidence. A partition remembers the
+//! ids it emitted for [`EngineConfig::dedup_horizon_ms`] of event time and drops repeats, so a
+//! re-delivered event or a replay after restore emits nothing new. Findings written after the last
+//! checkpoint and before a crash are fed back through [`Engine::mark_emitted`] by the caller, who
+//! reads them from the findings topic on restore.
+
+pub mod checkpoint;
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use meshguard_schemas::output::Finding;
+use meshguard_schemas::registry::RegistryRecord;
+use meshguard_schemas::{FindingKind, InputTopic};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::jobs::{self, Job, JobContext, MessagesView};
+use crate::tables::{FastMap, VersionedTable};
+
+/// Engine settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// How far behind a partition's highest event time an event may arrive and still count as on
+    /// time, in ms (contract default: 30 s).
+    pub allowed_lateness_ms: i64,
+    /// How long (event time) a partition remembers emitted finding ids to drop repeats, in ms.
+    pub dedup_horizon_ms: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            allowed_lateness_ms: 30_000,
+            dedup_horizon_ms: 600_000,
+        }
+    }
+}
+
+/// A Kafka partition of an input topic: the unit of keyed state.
+pub type PartitionId = (InputTopic, i32);
+
+/// Decoded rows of one topic with the partition each came from.
+#[derive(Debug, Clone)]
+pub struct RowsBatch {
+    /// Rows in the topic's canonical schema ([`InputTopic::schema`]).
+    pub batch: RecordBatch,
+    /// Kafka partition of each row.
+    pub partition: Vec<i32>,
+}
+
+/// A change of the device directory: a registry record or a tombstone (`record: None`).
+#[derive(Debug, Clone)]
+pub struct RegistryChange {
+    /// The UUID (the record key).
+    pub uuid: Uuid,
+    /// The new record, or `None` when unregistered.
+    pub record: Option<Arc<RegistryRecord>>,
+    /// The Kafka record timestamp: attempts with `ts` at or after it see the change.
+    pub effective_ms: i64,
+}
+
+/// How far a partition has been consumed: the offset of the next record to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// Topic.
+    pub topic: InputTopic,
+    /// Partition.
+    pub partition: i32,
+    /// Next offset to consume (last consumed + 1), counting rejected records too.
+    pub next_offset: i64,
+}
+
+/// One micro-batch of every input topic.
+#[derive(Debug, Clone, Default)]
+pub struct MicroBatch {
+    /// Message attempts.
+    pub messages: Option<RowsBatch>,
+    /// Presence changes.
+    pub presence: Option<RowsBatch>,
+    /// Interaction entries.
+    pub interactions: Option<RowsBatch>,
+    /// Identity requests.
+    pub identity_requests: Option<RowsBatch>,
+    /// Registry changes.
+    pub registry: Vec<RegistryChange>,
+    /// Where each partition's consumption got to with this batch.
+    pub positions: Vec<Position>,
+}
+
+/// Counters of what the engine did, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    /// Rows processed per input topic (indexed by `InputTopic as usize`).
+    pub rows: [u64; 5],
+    /// Events older than their partition's watermark when they arrived.
+    pub late_events: u64,
+    /// Findings emitted per kind (indexed by `FindingKind::code()`).
+    pub findings: [u64; 12],
+    /// Findings dropped as repeats of one already emitted.
+    pub duplicates: u64,
+}
+
+/// State of one input partition.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// Next offset to consume.
+    pub next_offset: i64,
+    /// Highest event time seen.
+    pub max_event_ms: i64,
+    /// Finding ids emitted, with their event time, within the dedup horizon.
+    pub emitted: FastMap<Uuid, i64>,
+}
+
+impl PartitionState {
+    /// The watermark: events before it are late.
+    pub fn watermark(&self, allowed_lateness_ms: i64) -> i64 {
+        self.max_event_ms.saturating_sub(allowed_lateness_ms)
+    }
+}
+
+/// The stream processor. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    registry: VersionedTable<Uuid, Option<Arc<RegistryRecord>>>,
+    presence: VersionedTable<Uuid, bool>,
+    partitions: FastMap<PartitionId, PartitionState>,
+    global_positions: FastMap<(InputTopic, i32), i64>,
+    /// Ids of findings found on the output topic at restore, which a replay must not repeat.
+    restored_outputs: FastMap<Uuid, i64>,
+    /// Where the caller's sinks were at the last checkpoint (opaque to the engine).
+    pub sink_positions: Vec<(String, i32, i64)>,
+    jobs: Vec<Box<dyn Job>>,
+    stats: EngineStats,
+    scratch: Vec<(u32, Finding)>,
+}
+
+impl Engine {
+    /// An engine with empty state and every job of [`jobs::all`].
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            registry: VersionedTable::default(),
+            presence: VersionedTable::default(),
+            partitions: FastMap::default(),
+            global_positions: FastMap::default(),
+            restored_outputs: FastMap::default(),
+            sink_positions: Vec::new(),
+            jobs: jobs::all(),
+            stats: EngineStats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Registered UUIDs known (including tombstoned ones still in the horizon).
+    pub fn registry_len(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Applies one micro-batch and returns the new findings, in row order. `now_ms` is the
+    /// detection time written into findings.
+    pub fn process(&mut self, mb: &MicroBatch, now_ms: i64) -> Vec<Finding> {
+        for change in &mb.registry {
+            self.registry
+                .insert(change.uuid, change.effective_ms, change.record.clone());
+        }
+        self.stats.rows[InputTopic::Registry as usize] += mb.registry.len() as u64;
+        if let Some(presence) = &mb.presence {
+            self.apply_presence(presence);
+        }
+        for (topic, rows) in [
+            (InputTopic::Interactions, &mb.interactions),
+            (InputTopic::IdentityRequests, &mb.identity_requests),
+        ] {
+            if let Some(rows) = rows {
+                self.stats.rows[topic as usize] += rows.batch.num_rows() as u64;
+            }
+        }
+
+        let mut out = Vec::new();
+        if let Some(messages) = &mb.messages {
+            self.process_messages(messages, now_ms, &mut out);
+        }
+
+        for p in &mb.positions {
+            match p.topic {
+                InputTopic::Registry | InputTopic::Presence => {
+                    self.global_positions
+                        .insert((p.topic, p.partition), p.next_offset);
+                }
+                topic => {
+                    self.partitions
+                        .entry((topic, p.partition))
+                        .or_default()
+                        .next_offset = p.next_offset
+                }
+            }
+        }
+        out
+    }
+
+    fn apply_presence(&mut self, rows: &RowsBatch) {
+        use arrow::array::AsArray;
+        use arrow::datatypes::TimestampMillisecondType;
+        let b = &rows.batch;
+        let (Some(ts), Some(uuid), Some(online)) = (
+            b.column_by_name("ts"),
+            b.column_by_name("uuid"),
+            b.column_by_name("online"),
+        ) else {
+            return;
+        };
+        let ts = ts.as_primitive::<TimestampMillisecondType>();
+        let uuid = uuid.as_fixed_size_binary();
+        let online = online.as_boolean();
+        for row in 0..b.num_rows() {
+            if let Ok(bytes) = <[u8; 16]>::try_from(uuid.value(row)) {
+                self.presence
+                    .insert(Uuid::from_bytes(bytes), ts.value(row), online.value(row));
+            }
+        }
+        self.stats.rows[InputTopic::Presence as usize] += b.num_rows() as u64;
+    }
+
+    fn process_messages(&mut self, rows: &RowsBatch, now_ms: i64, out: &mut Vec<Finding>) {
+        let Some(view) = MessagesView::new(&rows.batch) else {
+            return;
+        };
+        let n = view.len();
+        self.stats.rows[InputTopic::Messages as usize] += n as u64;
+
+        // Watermarks first, with each row's lateness judged against the watermark before it.
+        let lateness = self.cfg.allowed_lateness_ms;
+        let mut current: Option<(i32, &mut PartitionState)> = None;
+        for (row, &partition) in rows.partition.iter().enumerate().take(n) {
+            let state = match &mut current {
+                Some((p, s)) if *p == partition => s,
+                _ => {
+                    current = Some((
+                        partition,
+                        self.partitions
+                            .entry((InputTopic::Messages, partition))
+                            .or_default(),
+                    ));
+                    match &mut current {
+                        Some((_, s)) => s,
+                        None => continue,
+                    }
+                }
+            };
+            let ts = view.ts.value(row);
+            if ts < state.watermark(lateness) {
+                self.stats.late_events += 1;
+            }
+            state.max_event_ms = state.max_event_ms.max(ts);
+        }
+
+        let ctx = JobContext {
+            registry: &self.registry,
+            presence: &self.presence,
+            now_ms,
+        };
+        let mut found = std::mem::take(&mut self.scratch);
+        for job in &mut self.jobs {
+            job.on_messages(&view, &ctx, &mut found);
+        }
+        // Findings in row order, kinds in code order within a row: deterministic output.
+        found.sort_by_key(|(row, f)| (*row, f.kind.code()));
+        for (row, finding) in found.drain(..) {
+            let partition = rows
+                .partition
+                .get(row as usize)
+                .copied()
+                .unwrap_or_default();
+            let state = self
+                .partitions
+                .entry((InputTopic::Messages, partition))
+                .or_default();
+            let fresh = !self.restored_outputs.contains_key(&finding.id)
+                && state.emitted.insert(finding.id, finding.event_ts).is_none();
+            if fresh {
+                self.stats.findings[usize::from(finding.kind.code())] += 1;
+                out.push(finding);
+            } else {
+                self.stats.duplicates += 1;
+            }
+        }
+        self.scratch = found;
+    }
+
+    /// Records a finding already on the output topic (read back on restore), so that replaying the
+    /// events behind it emits nothing.
+    pub fn mark_emitted(&mut self, id: Uuid, event_ms: i64) {
+        self.restored_outputs.insert(id, event_ms);
+    }
+
+    /// Forgets what no event inside the horizons can need any more. Called at checkpoints.
+    pub fn prune(&mut self) {
+        let horizon = self.cfg.dedup_horizon_ms;
+        let mut oldest_watermark = i64::MAX;
+        for state in self.partitions.values_mut() {
+            let keep_after = state.max_event_ms.saturating_sub(horizon);
+            state.emitted.retain(|_, ts| *ts >= keep_after);
+            oldest_watermark = oldest_watermark.min(state.watermark(self.cfg.allowed_lateness_ms));
+        }
+        if oldest_watermark != i64::MAX {
+            let keep_after = oldest_watermark.saturating_sub(horizon);
+            self.restored_outputs.retain(|_, ts| *ts >= keep_after);
+            // Lookups come from events at or after the oldest watermark (later ones are late and
+            // see the version current at the watermark, a documented approximation).
+            self.registry.prune(oldest_watermark);
+            self.presence.prune(oldest_watermark);
+        }
+    }
+
+    /// The consumed positions of the global topics (registry, presence), to resume from.
+    pub fn global_positions(&self) -> Vec<Position> {
+        let mut v: Vec<Position> = self
+            .global_positions
+            .iter()
+            .map(|(&(topic, partition), &next_offset)| Position {
+                topic,
+                partition,
+                next_offset,
+            })
+            .collect();
+        v.sort_by_key(|p| (p.topic, p.partition));
+        v
+    }
+
+    /// The state of a partition, if the engine has one.
+    pub fn partition(&self, id: &PartitionId) -> Option<&PartitionState> {
+        self.partitions.get(id)
+    }
+
+    /// Drops a partition's state (after it was revoked by a rebalance).
+    pub fn drop_partition(&mut self, id: &PartitionId) {
+        self.partitions.remove(id);
+    }
+
+    /// Installs restored state for a partition.
+    pub fn restore_partition(&mut self, id: PartitionId, state: PartitionState) {
+        self.partitions.insert(id, state);
+    }
+
+    /// Findings kind counter, by kind.
+    pub fn findings_of(&self, kind: FindingKind) -> u64 {
+        self.stats.findings[usize::from(kind.code())]
+    }
+}
+
+#[cfg(test)]
+mod tests;
