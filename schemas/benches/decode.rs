@@ -31,7 +31,7 @@ fn attempts(n: usize) -> Vec<Vec<u8>> {
 }
 
 fn bench(c: &mut Criterion) {
-    let decoder = BatchDecoder::new(InputTopic::Messages);
+    let mut decoder = BatchDecoder::new(InputTopic::Messages);
     let mut group = c.benchmark_group("decode");
     for batch in [1_000usize, 10_000] {
         let records = attempts(batch);

@@ -267,6 +267,24 @@ fn many_bad_records_in_one_batch() {
 }
 
 #[test]
+fn a_reused_decoder_recovers_from_a_poisoned_batch() {
+    let mut d = BatchDecoder::new(InputTopic::Messages);
+    let half = &SEND.as_bytes()[..50];
+    assert_eq!(d.decode(&[SEND.as_bytes(), half]).batch.num_rows(), 1);
+    let out = d.decode(&[SEND.as_bytes(), SEND.as_bytes()]);
+    assert!(out.rejected.is_empty(), "no leftovers of the half record: {:?}", out.rejected);
+    assert_eq!(out.batch.num_rows(), 2);
+}
+
+#[test]
+fn batches_larger_than_a_chunk() {
+    let records: Vec<&[u8]> = (0..CHUNK_ROWS + 10).map(|_| SEND.as_bytes()).collect();
+    let out = decode(InputTopic::Messages, &records);
+    assert_eq!(out.batch.num_rows(), CHUNK_ROWS + 10);
+    assert!(out.rejected.is_empty());
+}
+
+#[test]
 fn empty_batch() {
     let out = decode(InputTopic::Presence, &[]);
     assert_eq!(out.batch.num_rows(), 0);
