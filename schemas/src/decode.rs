@@ -59,7 +59,10 @@ pub struct BatchDecoder {
 
 impl std::fmt::Debug for BatchDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchDecoder").field("topic", &self.topic).field("max_record_bytes", &self.max_record_bytes).finish_non_exhaustive()
+        f.debug_struct("BatchDecoder")
+            .field("topic", &self.topic)
+            .field("max_record_bytes", &self.max_record_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -134,11 +137,25 @@ impl BatchDecoder {
     }
 
     /// arrow-json over the records `which`; `None` when any of them breaks it.
-    fn raw_decode(&self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
-        let mut decoder = ReaderBuilder::new(self.raw_schema.clone())
-            .with_batch_size(which.len().max(1))
-            .build_decoder()
-            .ok()?;
+    fn raw_decode(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
+        if which.len() <= CHUNK_ROWS {
+            return self.raw_decode_chunk(payloads, which);
+        }
+        let chunks: Option<Vec<RecordBatch>> = which
+            .chunks(CHUNK_ROWS)
+            .map(|c| self.raw_decode_chunk(payloads, c))
+            .collect();
+        arrow::compute::concat_batches(&self.raw_schema, &chunks?).ok()
+    }
+
+    fn raw_decode_chunk(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
+        let mut decoder = match self.json.take() {
+            Some(d) => d,
+            None => ReaderBuilder::new(self.raw_schema.clone())
+                .with_batch_size(CHUNK_ROWS)
+                .build_decoder()
+                .ok()?,
+        };
         for (n, &i) in which.iter().enumerate() {
             let p = payloads[i as usize];
             match decoder.decode(p) {
@@ -146,14 +163,17 @@ impl BatchDecoder {
                     if read == p.len()
                         && !decoder.has_partial_record()
                         && decoder.len() == n + 1 => {}
+                // The decoder may hold half a record now: drop it; the next call builds a new one.
                 _ => return None,
             }
         }
-        match decoder.flush() {
-            Ok(Some(batch)) => Some(batch),
-            Ok(None) => Some(RecordBatch::new_empty(self.raw_schema.clone())),
-            Err(_) => None,
-        }
+        let out = match decoder.flush() {
+            Ok(Some(batch)) => batch,
+            Ok(None) => RecordBatch::new_empty(self.raw_schema.clone()),
+            Err(_) => return None,
+        };
+        self.json = Some(decoder);
+        Some(out)
     }
 
     /// Last resort, when the slow-path checks passed records that arrow-json still refuses: decode
@@ -494,7 +514,7 @@ impl RowErrors {
         if col.null_count() == 0 {
             return;
         }
-        for row in 0..col.len() {
+        for (row, &src) in source.iter().enumerate().take(col.len()) {
             if col.is_null(row) && applies(row) {
                 let found = if spec.required == Required::UnlessConnect {
                     "nothing (required for every action but connect)"
@@ -503,12 +523,7 @@ impl RowErrors {
                 };
                 self.set(
                     row,
-                    RecordError::new(
-                        source[row] as usize,
-                        Some(spec.name),
-                        spec.expected(),
-                        found,
-                    ),
+                    RecordError::new(src as usize, Some(spec.name), spec.expected(), found),
                 );
             }
         }
@@ -530,7 +545,7 @@ fn uuid_column(
     bad: &mut RowErrors,
 ) -> arrow::array::FixedSizeBinaryArray {
     let mut out = FixedSizeBinaryBuilder::with_capacity(col.len(), 16);
-    for row in 0..col.len() {
+    for (row, &src) in source.iter().enumerate().take(col.len()) {
         if col.is_null(row) {
             out.append_null();
             continue;
@@ -545,7 +560,7 @@ fn uuid_column(
                 bad.set(
                     row,
                     RecordError::new(
-                        source[row] as usize,
+                        src as usize,
                         Some(spec.name),
                         spec.expected(),
                         format!("{text:?}"),
@@ -621,7 +636,7 @@ fn enum_keys<E: Copy + Into<u8>>(
     parse: impl Fn(&str) -> Option<E>,
 ) -> UInt8Array {
     let mut keys = Vec::with_capacity(col.len());
-    for row in 0..col.len() {
+    for (row, &src) in source.iter().enumerate().take(col.len()) {
         if col.is_null(row) {
             keys.push(None);
             continue;
@@ -632,7 +647,7 @@ fn enum_keys<E: Copy + Into<u8>>(
                 bad.set(
                     row,
                     RecordError::new(
-                        source[row] as usize,
+                        src as usize,
                         Some(spec.name),
                         spec.expected(),
                         format!("{:?}", col.value(row)),
@@ -677,7 +692,7 @@ fn check_location(
             continue;
         };
         for (row, v) in values.as_primitive::<Float64Type>().iter().enumerate() {
-            if col.is_valid(row) && v.is_some_and(|v| !(v.abs() <= limit)) {
+            if col.is_valid(row) && v.is_some_and(|v| v.is_nan() || v.abs() > limit) {
                 let field = format!("{}.{name}", spec.name);
                 bad.set(
                     row,

@@ -37,12 +37,15 @@ pub struct Checkpoint {
     pub global: GlobalSnapshot,
 }
 
+/// One version of a registry entry: from when, and the record as JSON text (`None`: tombstone).
+pub type RegistryVersion = (i64, Option<String>);
+
 /// The global tables with the positions they were read up to.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GlobalSnapshot {
     /// Registry versions; records kept as their JSON text (they hold arbitrary JSON values, which
     /// a compact binary format cannot round-trip).
-    pub registry: Vec<(Uuid, Vec<(i64, Option<String>)>)>,
+    pub registry: Vec<(Uuid, Vec<RegistryVersion>)>,
     /// Presence versions.
     pub presence: TableSnapshot<Uuid, bool>,
     /// Consumed positions of the global topics.
@@ -55,6 +58,9 @@ impl Engine {
     /// Prunes expired state and snapshots the rest.
     pub fn checkpoint(&mut self) -> Checkpoint {
         self.prune();
+        for state in self.partitions.values_mut() {
+            state.sink_positions.clone_from(&self.sink_positions);
+        }
         let mut partitions: Vec<(PartitionId, PartitionState)> = self
             .partitions
             .iter()
@@ -145,6 +151,8 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     /// Reads the latest checkpoint of every partition and the global tables; `None` when there is
     /// none yet (a fresh start).
     fn load(&self) -> Result<Option<Checkpoint>>;
+    /// Reads one partition's latest state (for a partition this worker just took over).
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>>;
 }
 
 /// Checkpoints in a local directory (the default; a directory every worker can read keeps state
@@ -255,6 +263,10 @@ impl CheckpointStore for LocalCheckpointStore {
         }
         partitions.sort_by_key(|(k, _)| *k);
         Ok(Some(Checkpoint { partitions, global }))
+    }
+
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>> {
+        self.read(&self.partition_file(id))
     }
 }
 

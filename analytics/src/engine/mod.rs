@@ -125,6 +125,10 @@ pub struct PartitionState {
     pub max_event_ms: i64,
     /// Finding ids emitted, with their event time, within the dedup horizon.
     pub emitted: FastMap<Uuid, i64>,
+    /// Where the caller's sinks ended at this partition's last checkpoint: a worker that takes the
+    /// partition over reads outputs back from here, so it does not repeat what the previous owner
+    /// wrote after that checkpoint.
+    pub sink_positions: Vec<(String, i32, i64)>,
 }
 
 impl PartitionState {

@@ -272,7 +272,11 @@ fn a_reused_decoder_recovers_from_a_poisoned_batch() {
     let half = &SEND.as_bytes()[..50];
     assert_eq!(d.decode(&[SEND.as_bytes(), half]).batch.num_rows(), 1);
     let out = d.decode(&[SEND.as_bytes(), SEND.as_bytes()]);
-    assert!(out.rejected.is_empty(), "no leftovers of the half record: {:?}", out.rejected);
+    assert!(
+        out.rejected.is_empty(),
+        "no leftovers of the half record: {:?}",
+        out.rejected
+    );
     assert_eq!(out.batch.num_rows(), 2);
 }
 
