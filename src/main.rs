@@ -1,1 +1,259 @@
-fn main() {}
+//! `meshguard`: the command line. It parses configuration and wires the crates together; the
+//! logic lives in `meshguard-schemas`, `meshguard-ingest`, `meshguard-analytics` and
+//! `meshguard-enforcer`.
+
+#![allow(unreachable_pub, reason = "a binary crate: `pub` marks what a module offers the others")]
+
+mod bench;
+mod config;
+mod pipeline;
+mod simulate;
+mod summary;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use meshguard_ingest::EmbeddedBroker;
+use meshguard_ingest::admin::ensure_topics;
+use prometheus::Registry;
+use tracing::info;
+
+use crate::config::Config;
+use crate::pipeline::{LiveStats, Pipeline};
+
+/// Stream analytics that protect machine-to-machine messaging platforms.
+#[derive(Debug, Parser)]
+#[command(name = "meshguard", version, about)]
+struct Cli {
+    /// TOML configuration file (every field documented in the README; `MESHGUARD_*` variables override it).
+    #[arg(long, global = true, env = "MESHGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `meshguard=debug`.
+    #[arg(long, global = true, env = "MESHGUARD_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the detection pipeline. Without `--brokers` (and no `kafka.brokers` configured): start an
+    /// embedded broker and a traffic simulator with injected violations, and watch it work.
+    Run(RunArgs),
+    /// Publish simulated contract traffic with injected violations to a cluster.
+    Simulate(SimulateArgs),
+    /// The end-to-end benchmark: throughput per core and event→finding latency.
+    Bench(BenchCli),
+}
+
+#[derive(Debug, Args)]
+struct BenchCli {
+    /// Kafka bootstrap servers; without it, the embedded broker.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Events published for the throughput phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Attempts per second in the latency phase (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    latency_rate: u64,
+    /// Seconds of the latency phase.
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
+    /// The broker's pid, to report its CPU time separately.
+    #[arg(long)]
+    broker_pid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port]`; missing topics are created.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Stop after this many seconds (default: run until interrupted).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Embedded mode only: simulated attempts per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Do not print the live summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Attempts per second.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Stop after this many seconds (default: until interrupted).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Seed: the same seed gives the same traffic.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match real_main(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshguard: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    match cli.command {
+        Command::Run(args) => runtime.block_on(run(cfg, args)),
+        Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
+        Command::Bench(b) => {
+            drop(runtime);
+            let args = bench::BenchArgs {
+                brokers: b.brokers,
+                events: b.events,
+                latency_rate: b.latency_rate,
+                latency_seconds: b.latency_seconds,
+                broker_pid: b.broker_pid,
+            };
+            bench::run(&cfg, &args)
+        }
+    }
+}
+
+/// Sets `stop` on Ctrl-C, SIGTERM, or after `duration`.
+fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let timer = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => info!(message = "Interrupted; stopping."),
+            _ = term.recv() => info!(message = "Terminated; stopping."),
+            _ = timer => info!(message = "Duration reached; stopping."),
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone(), args.duration.map(Duration::from_secs));
+    let registry = Registry::new();
+    let stats = Arc::new(LiveStats::default());
+    let brokers = args.brokers.clone().or_else(|| cfg.kafka.brokers.clone());
+
+    // Embedded mode: an in-process broker, a fresh state directory, and simulated traffic.
+    let mut _embedded = None;
+    let mut _state_dir = None;
+    let mut simulator = None;
+    let sent = Arc::new(AtomicU64::new(0));
+    let brokers = match brokers {
+        Some(b) => {
+            let kafka = cfg.kafka.connection(&b);
+            let created = ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await.context("creating topics")?;
+            if !created.is_empty() {
+                info!(message = "Created topics.", topics = ?created);
+            }
+            b
+        }
+        None => {
+            let broker = EmbeddedBroker::start(&cfg.topics, cfg.kafka.partitions)?;
+            let b = broker.bootstrap();
+            let dir = tempfile::Builder::new().prefix("meshguard-run-").tempdir()?;
+            cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
+            _state_dir = Some(dir);
+            _embedded = Some(broker);
+            eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");
+            let plan = simulate::Plan { sim: cfg.simulator.clone(), rate: args.rate.unwrap_or(cfg.simulator.rate), duration: None };
+            let kafka = cfg.kafka.connection(&b);
+            let (topics, stop, sent) = (cfg.topics.clone(), stop.clone(), sent.clone());
+            simulator = Some(
+                std::thread::Builder::new()
+                    .name("simulator".into())
+                    .spawn(move || simulate::drive(&kafka, &topics, &plan, &stop, &sent))?,
+            );
+            b
+        }
+    };
+
+    if !cfg.http.listen.is_empty() {
+        let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
+        summary::serve_metrics(addr, registry.clone()).await?;
+        eprintln!("meshguard: metrics on http://{addr}/metrics");
+    }
+
+    let kafka = cfg.kafka.connection(&brokers);
+    let worker_stop = stop.clone();
+    let worker_stats = stats.clone();
+    let worker_registry = registry.clone();
+    let worker = std::thread::Builder::new().name("pipeline".into()).spawn(move || -> anyhow::Result<()> {
+        let pipeline = Pipeline::start(cfg, &kafka, &worker_registry, worker_stats);
+        match pipeline {
+            Ok(p) => p.run(&worker_stop),
+            Err(e) => {
+                worker_stop.store(true, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    })?;
+
+    let printer = (!args.quiet).then(|| summary::spawn_printer(stats.clone(), stop.clone()));
+    let result = tokio::task::spawn_blocking(move || worker.join()).await?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(p) = printer {
+        let _ = p.join();
+    }
+    if let Some(sim) = simulator {
+        let _ = sim.join();
+    }
+    summary::print_final(&stats);
+    match result {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("the pipeline thread panicked"),
+    }
+}
+
+async fn simulate(cfg: Config, args: SimulateArgs) -> anyhow::Result<()> {
+    let brokers =
+        args.brokers.or_else(|| cfg.kafka.brokers.clone()).context("`meshguard simulate` needs --brokers HOST:PORT (or kafka.brokers)")?;
+    let kafka = cfg.kafka.connection(&brokers);
+    ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await.context("creating topics")?;
+    let mut sim = cfg.simulator.clone();
+    if let Some(seed) = args.seed {
+        sim.seed = seed;
+    }
+    let plan = simulate::Plan { sim, rate: args.rate.unwrap_or(cfg.simulator.rate), duration: args.duration.map(Duration::from_secs) };
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone(), None);
+    let sent = Arc::new(AtomicU64::new(0));
+    let topics = cfg.topics.clone();
+    let progress = summary::spawn_sent_printer(sent.clone(), stop.clone());
+    let (s2, sent2) = (stop.clone(), sent.clone());
+    let sim = tokio::task::spawn_blocking(move || simulate::drive(&kafka, &topics, &plan, &s2, &sent2)).await??;
+    stop.store(true, Ordering::Relaxed);
+    let _ = progress.join();
+    eprintln!("meshguard: published {} records; {:?}", sent.load(Ordering::Relaxed), sim.stats());
+    Ok(())
+}

@@ -34,7 +34,5 @@ pub mod jobs;
 pub mod tables;
 
 pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};
-pub use engine::{
-    Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch,
-};
+pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};
 pub use error::{Error, Result};

@@ -21,9 +21,7 @@ pub struct VersionedTable<K, V> {
 
 impl<K, V> Default for VersionedTable<K, V> {
     fn default() -> Self {
-        Self {
-            map: FastMap::default(),
-        }
+        Self { map: FastMap::default() }
     }
 }
 
@@ -45,11 +43,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         // Usually one version: check the newest first.
         match versions.last() {
             Some((t, v)) if *t <= at_ms => Some(v),
-            _ => versions
-                .iter()
-                .rev()
-                .find(|(t, _)| *t <= at_ms)
-                .map(|(_, v)| v),
+            _ => versions.iter().rev().find(|(t, _)| *t <= at_ms).map(|(_, v)| v),
         }
     }
 
@@ -63,10 +57,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
     pub fn prune(&mut self, horizon_ms: i64) {
         for versions in self.map.values_mut() {
             if versions.len() > 1 {
-                let keep_from = versions
-                    .iter()
-                    .rposition(|(t, _)| *t <= horizon_ms)
-                    .unwrap_or(0);
+                let keep_from = versions.iter().rposition(|(t, _)| *t <= horizon_ms).unwrap_or(0);
                 versions.drain(..keep_from);
             }
         }
@@ -111,11 +102,7 @@ mod tests {
         assert_eq!(t.get(&1, 200), Some(&"c"));
         assert_eq!(t.latest(&1), Some(&"c"));
         t.insert(1, 200, "c2");
-        assert_eq!(
-            t.get(&1, 500),
-            Some(&"c2"),
-            "same time: the later record wins"
-        );
+        assert_eq!(t.get(&1, 500), Some(&"c2"), "same time: the later record wins");
     }
 
     #[test]
@@ -129,10 +116,6 @@ mod tests {
         assert_eq!(t.get(&7, 30), Some(&3));
         assert_eq!(t.get(&7, 15), None, "pruned");
         t.prune(5);
-        assert_eq!(
-            t.get(&7, 25),
-            Some(&2),
-            "pruning before every version keeps them all"
-        );
+        assert_eq!(t.get(&7, 25), Some(&2), "pruning before every version keeps them all");
     }
 }

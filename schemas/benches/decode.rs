@@ -37,15 +37,11 @@ fn bench(c: &mut Criterion) {
         let records = attempts(batch);
         let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
         group.throughput(Throughput::Elements(batch as u64));
-        group.bench_function(format!("messages/{batch}"), |b| {
-            b.iter(|| black_box(decoder.decode(black_box(&slices))))
-        });
+        group.bench_function(format!("messages/{batch}"), |b| b.iter(|| black_box(decoder.decode(black_box(&slices)))));
         // One malformed record per batch forces the slow path: the cost of a poisoned batch.
         let mut poisoned = slices.clone();
         poisoned[batch / 2] = b"{\"id\":";
-        group.bench_function(format!("messages_one_bad/{batch}"), |b| {
-            b.iter(|| black_box(decoder.decode(black_box(&poisoned))))
-        });
+        group.bench_function(format!("messages_one_bad/{batch}"), |b| b.iter(|| black_box(decoder.decode(black_box(&poisoned)))));
     }
     group.finish();
 }

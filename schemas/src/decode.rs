@@ -15,8 +15,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBufferBuilder, DictionaryArray,
-    FixedSizeBinaryBuilder, Int64Array, ListArray, StringArray, StringBuilder, UInt8Array,
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBufferBuilder, DictionaryArray, FixedSizeBinaryBuilder, Int64Array, ListArray,
+    StringArray, StringBuilder, UInt8Array,
 };
 use arrow::compute::filter;
 use arrow::datatypes::{Float64Type, SchemaRef, UInt8Type};
@@ -59,10 +59,7 @@ pub struct BatchDecoder {
 
 impl std::fmt::Debug for BatchDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchDecoder")
-            .field("topic", &self.topic)
-            .field("max_record_bytes", &self.max_record_bytes)
-            .finish_non_exhaustive()
+        f.debug_struct("BatchDecoder").field("topic", &self.topic).field("max_record_bytes", &self.max_record_bytes).finish_non_exhaustive()
     }
 }
 
@@ -70,13 +67,7 @@ impl BatchDecoder {
     /// A decoder for `topic` (not [`InputTopic::Registry`], whose records are decoded with
     /// [`crate::registry::RegistryRecord::from_json`]).
     pub fn new(topic: InputTopic) -> Self {
-        Self {
-            topic,
-            raw_schema: topic.raw_schema(),
-            schema: topic.schema(),
-            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
-            json: None,
-        }
+        Self { topic, raw_schema: topic.raw_schema(), schema: topic.schema(), max_record_bytes: DEFAULT_MAX_RECORD_BYTES, json: None }
     }
 
     /// Sets the largest accepted record in bytes.
@@ -97,12 +88,7 @@ impl BatchDecoder {
         let mut candidates: Vec<u32> = Vec::with_capacity(payloads.len());
         for (i, p) in payloads.iter().enumerate() {
             if p.len() > self.max_record_bytes {
-                rejected.push(RecordError::new(
-                    i,
-                    None,
-                    format!("at most {} bytes", self.max_record_bytes),
-                    format!("{} bytes", p.len()),
-                ));
+                rejected.push(RecordError::new(i, None, format!("at most {} bytes", self.max_record_bytes), format!("{} bytes", p.len())));
             } else {
                 candidates.push(i as u32);
             }
@@ -129,11 +115,7 @@ impl BatchDecoder {
 
         let (batch, source) = self.canonicalize(payloads, raw, candidates, &mut rejected);
         rejected.sort_by_key(|e| e.index);
-        DecodedBatch {
-            batch,
-            source,
-            rejected,
-        }
+        DecodedBatch { batch, source, rejected }
     }
 
     /// arrow-json over the records `which`; `None` when any of them breaks it.
@@ -141,28 +123,19 @@ impl BatchDecoder {
         if which.len() <= CHUNK_ROWS {
             return self.raw_decode_chunk(payloads, which);
         }
-        let chunks: Option<Vec<RecordBatch>> = which
-            .chunks(CHUNK_ROWS)
-            .map(|c| self.raw_decode_chunk(payloads, c))
-            .collect();
+        let chunks: Option<Vec<RecordBatch>> = which.chunks(CHUNK_ROWS).map(|c| self.raw_decode_chunk(payloads, c)).collect();
         arrow::compute::concat_batches(&self.raw_schema, &chunks?).ok()
     }
 
     fn raw_decode_chunk(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
         let mut decoder = match self.json.take() {
             Some(d) => d,
-            None => ReaderBuilder::new(self.raw_schema.clone())
-                .with_batch_size(CHUNK_ROWS)
-                .build_decoder()
-                .ok()?,
+            None => ReaderBuilder::new(self.raw_schema.clone()).with_batch_size(CHUNK_ROWS).build_decoder().ok()?,
         };
         for (n, &i) in which.iter().enumerate() {
             let p = payloads[i as usize];
             match decoder.decode(p) {
-                Ok(read)
-                    if read == p.len()
-                        && !decoder.has_partial_record()
-                        && decoder.len() == n + 1 => {}
+                Ok(read) if read == p.len() && !decoder.has_partial_record() && decoder.len() == n + 1 => {}
                 // The decoder may hold half a record now: drop it; the next call builds a new one.
                 _ => return None,
             }
@@ -178,36 +151,21 @@ impl BatchDecoder {
 
     /// Last resort, when the slow-path checks passed records that arrow-json still refuses: decode
     /// each alone, rejecting the ones that fail with arrow-json's own reason.
-    fn decode_one_by_one(
-        &self,
-        payloads: &[&[u8]],
-        candidates: &mut Vec<u32>,
-        rejected: &mut Vec<RecordError>,
-    ) -> RecordBatch {
+    fn decode_one_by_one(&self, payloads: &[&[u8]], candidates: &mut Vec<u32>, rejected: &mut Vec<RecordError>) -> RecordBatch {
         let mut good = Vec::with_capacity(candidates.len());
         let mut batches = Vec::with_capacity(candidates.len());
         for &i in candidates.iter() {
             let p = payloads[i as usize];
-            let mut decoder = match ReaderBuilder::new(self.raw_schema.clone())
-                .with_batch_size(1)
-                .build_decoder()
-            {
+            let mut decoder = match ReaderBuilder::new(self.raw_schema.clone()).with_batch_size(1).build_decoder() {
                 Ok(d) => d,
                 Err(e) => {
-                    rejected.push(RecordError::new(
-                        i as usize,
-                        None,
-                        "a record arrow-json can decode",
-                        e.to_string(),
-                    ));
+                    rejected.push(RecordError::new(i as usize, None, "a record arrow-json can decode", e.to_string()));
                     continue;
                 }
             };
             let result = decoder.decode(p).and_then(|read| {
                 if read != p.len() || decoder.has_partial_record() || decoder.len() != 1 {
-                    Err(arrow::error::ArrowError::JsonError(
-                        "not exactly one JSON object".into(),
-                    ))
+                    Err(arrow::error::ArrowError::JsonError("not exactly one JSON object".into()))
                 } else {
                     decoder.flush()
                 }
@@ -217,42 +175,20 @@ impl BatchDecoder {
                     good.push(i);
                     batches.push(b);
                 }
-                Ok(None) => rejected.push(RecordError::new(
-                    i as usize,
-                    None,
-                    "one JSON object",
-                    "nothing",
-                )),
-                Err(e) => rejected.push(RecordError::new(
-                    i as usize,
-                    None,
-                    "one JSON object per the contract",
-                    e.to_string(),
-                )),
+                Ok(None) => rejected.push(RecordError::new(i as usize, None, "one JSON object", "nothing")),
+                Err(e) => rejected.push(RecordError::new(i as usize, None, "one JSON object per the contract", e.to_string())),
             }
         }
         *candidates = good;
-        arrow::compute::concat_batches(&self.raw_schema, &batches)
-            .unwrap_or_else(|_| RecordBatch::new_empty(self.raw_schema.clone()))
+        arrow::compute::concat_batches(&self.raw_schema, &batches).unwrap_or_else(|_| RecordBatch::new_empty(self.raw_schema.clone()))
     }
 
     /// Per-record check of syntax and types, mirroring what arrow-json refuses, with precise errors.
     fn check_record(&self, index: usize, payload: &[u8]) -> Result<(), RecordError> {
-        let value: Value = serde_json::from_slice(payload).map_err(|e| {
-            RecordError::new(
-                index,
-                None,
-                "one valid JSON object",
-                format!("invalid JSON ({e})"),
-            )
-        })?;
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| RecordError::new(index, None, "one valid JSON object", format!("invalid JSON ({e})")))?;
         let Value::Object(obj) = &value else {
-            return Err(RecordError::new(
-                index,
-                None,
-                "a JSON object",
-                json_kind(&value),
-            ));
+            return Err(RecordError::new(index, None, "a JSON object", json_kind(&value)));
         };
         for spec in self.topic.fields() {
             let Some(v) = obj.get(spec.name) else {
@@ -261,14 +197,9 @@ impl BatchDecoder {
             if v.is_null() {
                 continue;
             }
-            let err =
-                |found: String| RecordError::new(index, Some(spec.name), spec.expected(), found);
+            let err = |found: String| RecordError::new(index, Some(spec.name), spec.expected(), found);
             let ok = match spec.ty {
-                FieldType::Uuid
-                | FieldType::Str
-                | FieldType::Action
-                | FieldType::Auth
-                | FieldType::InteractionKind => v.is_string(),
+                FieldType::Uuid | FieldType::Str | FieldType::Action | FieldType::Auth | FieldType::InteractionKind => v.is_string(),
                 FieldType::Time => match v {
                     Value::Number(_) => true,
                     Value::String(s) => parse_time_str(s).is_some(),
@@ -279,15 +210,8 @@ impl BatchDecoder {
                 FieldType::Json => v.is_object(),
                 FieldType::UuidList => match v {
                     Value::Array(items) => {
-                        if let Some((k, item)) =
-                            items.iter().enumerate().find(|(_, item)| !item.is_string())
-                        {
-                            return Err(RecordError::new(
-                                index,
-                                Some(&format!("{}[{k}]", spec.name)),
-                                "a UUID",
-                                found_text(item),
-                            ));
+                        if let Some((k, item)) = items.iter().enumerate().find(|(_, item)| !item.is_string()) {
+                            return Err(RecordError::new(index, Some(&format!("{}[{k}]", spec.name)), "a UUID", found_text(item)));
                         }
                         true
                     }
@@ -295,18 +219,13 @@ impl BatchDecoder {
                 },
                 FieldType::Location => match v {
                     Value::Object(loc) => {
-                        for (key, want_number) in [("lat", true), ("lon", true), ("country", false)]
-                        {
+                        for (key, want_number) in [("lat", true), ("lon", true), ("country", false)] {
                             match loc.get(key) {
                                 None | Some(Value::Null) => {}
                                 Some(Value::Number(_)) if want_number => {}
                                 Some(Value::String(_)) if !want_number => {}
                                 Some(other) => {
-                                    let expected = if want_number {
-                                        "a number (degrees)"
-                                    } else {
-                                        "a string (ISO 3166 alpha-2)"
-                                    };
+                                    let expected = if want_number { "a number (degrees)" } else { "a string (ISO 3166 alpha-2)" };
                                     return Err(RecordError::new(
                                         index,
                                         Some(&format!("{}.{key}", spec.name)),
@@ -355,56 +274,29 @@ impl BatchDecoder {
                 Required::UnlessConnect => {
                     let connect = Action::Connect.code();
                     let acts = actions.as_ref();
-                    bad.require(col.as_ref(), spec, &source, |row| {
-                        acts.is_some_and(|a| a.is_valid(row) && a.value(row) != connect)
-                    });
+                    bad.require(col.as_ref(), spec, &source, |row| acts.is_some_and(|a| a.is_valid(row) && a.value(row) != connect));
                 }
                 Required::No => {}
             }
             let out: ArrayRef = match spec.ty {
-                FieldType::Uuid => {
-                    Arc::new(uuid_column(col.as_string::<i32>(), spec, &source, &mut bad))
-                }
+                FieldType::Uuid => Arc::new(uuid_column(col.as_string::<i32>(), spec, &source, &mut bad)),
                 FieldType::Action => {
-                    let keys = enum_keys(
-                        col.as_string::<i32>(),
-                        spec,
-                        &source,
-                        &mut bad,
-                        Action::parse,
-                    );
+                    let keys = enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, Action::parse);
                     actions = Some(keys.clone());
                     dictionary(keys, Action::NAMES)
                 }
-                FieldType::Auth => dictionary(
-                    enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, Auth::parse),
-                    Auth::NAMES,
-                ),
-                FieldType::InteractionKind => dictionary(
-                    enum_keys(
-                        col.as_string::<i32>(),
-                        spec,
-                        &source,
-                        &mut bad,
-                        InteractionKind::parse,
-                    ),
-                    InteractionKind::NAMES,
-                ),
-                FieldType::Bool if spec.required == Required::No => {
-                    Arc::new(false_when_null(col.as_boolean()))
+                FieldType::Auth => dictionary(enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, Auth::parse), Auth::NAMES),
+                FieldType::InteractionKind => {
+                    dictionary(enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, InteractionKind::parse), InteractionKind::NAMES)
                 }
+                FieldType::Bool if spec.required == Required::No => Arc::new(false_when_null(col.as_boolean())),
                 FieldType::Int => {
                     let ints: &Int64Array = col.as_primitive();
                     for (row, v) in ints.iter().enumerate() {
                         if v.is_some_and(|v| v < 0) {
                             bad.set(
                                 row,
-                                RecordError::new(
-                                    source[row] as usize,
-                                    Some(spec.name),
-                                    spec.expected(),
-                                    format!("{}", ints.value(row)),
-                                ),
+                                RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{}", ints.value(row))),
                             );
                         }
                     }
@@ -413,15 +305,7 @@ impl BatchDecoder {
                 FieldType::Float => {
                     for (row, v) in col.as_primitive::<Float64Type>().iter().enumerate() {
                         if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-                            bad.set(
-                                row,
-                                RecordError::new(
-                                    source[row] as usize,
-                                    Some(spec.name),
-                                    spec.expected(),
-                                    format!("{v:?}"),
-                                ),
-                            );
+                            bad.set(row, RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{v:?}")));
                         }
                     }
                     col.clone()
@@ -430,12 +314,7 @@ impl BatchDecoder {
                     check_location(col.as_struct(), spec, &source, &mut bad);
                     col.clone()
                 }
-                FieldType::UuidList => Arc::new(uuid_list_column(
-                    col.as_list::<i32>(),
-                    spec,
-                    &source,
-                    &mut bad,
-                )),
+                FieldType::UuidList => Arc::new(uuid_list_column(col.as_list::<i32>(), spec, &source, &mut bad)),
                 FieldType::Time | FieldType::Str | FieldType::Bool | FieldType::Json => col.clone(),
             };
             columns.push(out);
@@ -447,14 +326,8 @@ impl BatchDecoder {
             // Filter column by column: the rejected rows may hold nulls in non-nullable columns,
             // which a RecordBatch of the canonical schema refuses to carry even for a moment.
             let keep = bad.keep_mask();
-            let kept_source = source
-                .iter()
-                .zip(keep.values().iter())
-                .filter(|(_, k)| *k)
-                .map(|(s, _)| *s)
-                .collect();
-            let filtered: Result<Vec<ArrayRef>, _> =
-                columns.iter().map(|c| filter(c.as_ref(), &keep)).collect();
+            let kept_source = source.iter().zip(keep.values().iter()).filter(|(_, k)| *k).map(|(s, _)| *s).collect();
+            let filtered: Result<Vec<ArrayRef>, _> = columns.iter().map(|c| filter(c.as_ref(), &keep)).collect();
             rejected.extend(bad.errors.into_iter().flatten());
             match filtered {
                 Ok(cols) => (cols, kept_source),
@@ -469,17 +342,8 @@ impl BatchDecoder {
     }
 
     #[cold]
-    fn reject_all(
-        &self,
-        source: Vec<u32>,
-        why: &str,
-        rejected: &mut Vec<RecordError>,
-    ) -> (RecordBatch, Vec<u32>) {
-        rejected.extend(
-            source
-                .iter()
-                .map(|&i| RecordError::new(i as usize, None, "a decodable record", why)),
-        );
+    fn reject_all(&self, source: Vec<u32>, why: &str, rejected: &mut Vec<RecordError>) -> (RecordBatch, Vec<u32>) {
+        rejected.extend(source.iter().map(|&i| RecordError::new(i as usize, None, "a decodable record", why)));
         (RecordBatch::new_empty(self.schema.clone()), Vec::new())
     }
 }
@@ -504,27 +368,15 @@ impl RowErrors {
         }
     }
 
-    fn require(
-        &mut self,
-        col: &dyn Array,
-        spec: &FieldSpec,
-        source: &[u32],
-        applies: impl Fn(usize) -> bool,
-    ) {
+    fn require(&mut self, col: &dyn Array, spec: &FieldSpec, source: &[u32], applies: impl Fn(usize) -> bool) {
         if col.null_count() == 0 {
             return;
         }
         for (row, &src) in source.iter().enumerate().take(col.len()) {
             if col.is_null(row) && applies(row) {
-                let found = if spec.required == Required::UnlessConnect {
-                    "nothing (required for every action but connect)"
-                } else {
-                    "nothing"
-                };
-                self.set(
-                    row,
-                    RecordError::new(src as usize, Some(spec.name), spec.expected(), found),
-                );
+                let found =
+                    if spec.required == Required::UnlessConnect { "nothing (required for every action but connect)" } else { "nothing" };
+                self.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), found));
             }
         }
     }
@@ -538,12 +390,7 @@ impl RowErrors {
     }
 }
 
-fn uuid_column(
-    col: &StringArray,
-    spec: &FieldSpec,
-    source: &[u32],
-    bad: &mut RowErrors,
-) -> arrow::array::FixedSizeBinaryArray {
+fn uuid_column(col: &StringArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) -> arrow::array::FixedSizeBinaryArray {
     let mut out = FixedSizeBinaryBuilder::with_capacity(col.len(), 16);
     for (row, &src) in source.iter().enumerate().take(col.len()) {
         if col.is_null(row) {
@@ -557,15 +404,7 @@ fn uuid_column(
                 let _ = out.append_value(u.as_bytes());
             }
             Err(_) => {
-                bad.set(
-                    row,
-                    RecordError::new(
-                        src as usize,
-                        Some(spec.name),
-                        spec.expected(),
-                        format!("{text:?}"),
-                    ),
-                );
+                bad.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{text:?}")));
                 out.append_null();
             }
         }
@@ -573,23 +412,14 @@ fn uuid_column(
     out.finish()
 }
 
-fn uuid_list_column(
-    col: &ListArray,
-    spec: &FieldSpec,
-    source: &[u32],
-    bad: &mut RowErrors,
-) -> ListArray {
+fn uuid_list_column(col: &ListArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) -> ListArray {
     let items = col.values().as_string::<i32>();
     let mut values = FixedSizeBinaryBuilder::with_capacity(items.len(), 16);
     let offsets = col.value_offsets();
     for row in 0..col.len() {
         let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
         for k in start..end {
-            let parsed = if items.is_null(k) {
-                None
-            } else {
-                Uuid::try_parse_ascii(items.value(k).as_bytes()).ok()
-            };
+            let parsed = if items.is_null(k) { None } else { Uuid::try_parse_ascii(items.value(k).as_bytes()).ok() };
             match parsed {
                 Some(u) => {
                     let _ = values.append_value(u.as_bytes());
@@ -597,35 +427,14 @@ fn uuid_list_column(
                 None => {
                     // Keep the child array dense; the row is rejected and filtered out below.
                     let _ = values.append_value([0u8; 16]);
-                    let found = if items.is_null(k) {
-                        "null".to_owned()
-                    } else {
-                        format!("{:?}", items.value(k))
-                    };
-                    bad.set(
-                        row,
-                        RecordError::new(
-                            source[row] as usize,
-                            Some(&format!("{}[{}]", spec.name, k - start)),
-                            "a UUID",
-                            found,
-                        ),
-                    );
+                    let found = if items.is_null(k) { "null".to_owned() } else { format!("{:?}", items.value(k)) };
+                    bad.set(row, RecordError::new(source[row] as usize, Some(&format!("{}[{}]", spec.name, k - start)), "a UUID", found));
                 }
             }
         }
     }
-    let field = Arc::new(arrow::datatypes::Field::new(
-        "item",
-        crate::schema::UUID_TYPE,
-        false,
-    ));
-    ListArray::new(
-        field,
-        col.offsets().clone(),
-        Arc::new(values.finish()),
-        col.nulls().cloned(),
-    )
+    let field = Arc::new(arrow::datatypes::Field::new("item", crate::schema::UUID_TYPE, false));
+    ListArray::new(field, col.offsets().clone(), Arc::new(values.finish()), col.nulls().cloned())
 }
 
 fn enum_keys<E: Copy + Into<u8>>(
@@ -644,15 +453,7 @@ fn enum_keys<E: Copy + Into<u8>>(
         match parse(col.value(row)) {
             Some(e) => keys.push(Some(e.into())),
             None => {
-                bad.set(
-                    row,
-                    RecordError::new(
-                        src as usize,
-                        Some(spec.name),
-                        spec.expected(),
-                        format!("{:?}", col.value(row)),
-                    ),
-                );
+                bad.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{:?}", col.value(row))));
                 keys.push(None);
             }
         }
@@ -676,17 +477,10 @@ fn dictionary(keys: UInt8Array, names: &'static [&'static str]) -> ArrayRef {
 
 #[cold]
 fn unreachable_dictionary() -> ArrayRef {
-    Arc::new(DictionaryArray::<UInt8Type>::from_iter(std::iter::empty::<
-        &str,
-    >()))
+    Arc::new(DictionaryArray::<UInt8Type>::from_iter(std::iter::empty::<&str>()))
 }
 
-fn check_location(
-    col: &arrow::array::StructArray,
-    spec: &FieldSpec,
-    source: &[u32],
-    bad: &mut RowErrors,
-) {
+fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) {
     for (name, limit) in [("lat", 90.0), ("lon", 180.0)] {
         let Some(values) = col.column_by_name(name) else {
             continue;
@@ -694,15 +488,7 @@ fn check_location(
         for (row, v) in values.as_primitive::<Float64Type>().iter().enumerate() {
             if col.is_valid(row) && v.is_some_and(|v| v.is_nan() || v.abs() > limit) {
                 let field = format!("{}.{name}", spec.name);
-                bad.set(
-                    row,
-                    RecordError::new(
-                        source[row] as usize,
-                        Some(&field),
-                        format!("degrees within ±{limit}"),
-                        format!("{v:?}"),
-                    ),
-                );
+                bad.set(row, RecordError::new(source[row] as usize, Some(&field), format!("degrees within ±{limit}"), format!("{v:?}")));
             }
         }
     }
@@ -711,21 +497,13 @@ fn check_location(
 /// Pulls a JSON-object field (the message `payload`) out as text. arrow-json cannot keep a nested
 /// object as text, so records that mention the key are scanned once more with serde_json, borrowing
 /// the raw text without building a value.
-fn extract_json(
-    spec: &FieldSpec,
-    payloads: &[&[u8]],
-    source: &[u32],
-    bad: &mut RowErrors,
-) -> ArrayRef {
+fn extract_json(spec: &FieldSpec, payloads: &[&[u8]], source: &[u32], bad: &mut RowErrors) -> ArrayRef {
     #[derive(serde::Deserialize)]
     struct Holder<'a> {
         #[serde(borrow, default)]
         payload: Option<&'a serde_json::value::RawValue>,
     }
-    debug_assert_eq!(
-        spec.name, "payload",
-        "only the message payload is a JSON field"
-    );
+    debug_assert_eq!(spec.name, "payload", "only the message payload is a JSON field");
     let needle = format!("\"{}\"", spec.name);
     let finder = memchr::memmem::Finder::new(needle.as_bytes());
     let mut out = StringBuilder::with_capacity(source.len(), 0);
@@ -736,28 +514,15 @@ fn extract_json(
             continue;
         }
         match serde_json::from_slice::<Holder<'_>>(p) {
-            Ok(Holder { payload: Some(raw) }) if raw.get().starts_with('{') => {
-                out.append_value(raw.get())
-            }
+            Ok(Holder { payload: Some(raw) }) if raw.get().starts_with('{') => out.append_value(raw.get()),
             Ok(Holder { payload: Some(raw) }) if raw.get() == "null" => out.append_null(),
             Ok(Holder { payload: None }) => out.append_null(),
             Ok(Holder { payload: Some(raw) }) => {
-                bad.set(
-                    row,
-                    RecordError::new(
-                        i as usize,
-                        Some(spec.name),
-                        spec.expected(),
-                        crate::error::excerpt(raw.get()),
-                    ),
-                );
+                bad.set(row, RecordError::new(i as usize, Some(spec.name), spec.expected(), crate::error::excerpt(raw.get())));
                 out.append_null();
             }
             Err(e) => {
-                bad.set(
-                    row,
-                    RecordError::new(i as usize, Some(spec.name), spec.expected(), e.to_string()),
-                );
+                bad.set(row, RecordError::new(i as usize, Some(spec.name), spec.expected(), e.to_string()));
                 out.append_null();
             }
         }

@@ -189,11 +189,6 @@ mod tests {
         }
         assert_eq!(FindingKind::ALL.len(), 12);
         assert_eq!(Action::parse("Send"), None);
-        assert_eq!(
-            serde_json::to_string(&FindingKind::BadCredentials)
-                .ok()
-                .as_deref(),
-            Some("\"bad_credentials\"")
-        );
+        assert_eq!(serde_json::to_string(&FindingKind::BadCredentials).ok().as_deref(), Some("\"bad_credentials\""));
     }
 }

@@ -23,18 +23,8 @@ pub struct RecordError {
 pub(crate) const FOUND_MAX_CHARS: usize = 80;
 
 impl RecordError {
-    pub(crate) fn new(
-        index: usize,
-        field: Option<&str>,
-        expected: impl Into<String>,
-        found: impl AsRef<str>,
-    ) -> Self {
-        Self {
-            index,
-            field: field.map(str::to_owned),
-            expected: expected.into(),
-            found: excerpt(found.as_ref()),
-        }
+    pub(crate) fn new(index: usize, field: Option<&str>, expected: impl Into<String>, found: impl AsRef<str>) -> Self {
+        Self { index, field: field.map(str::to_owned), expected: expected.into(), found: excerpt(found.as_ref()) }
     }
 }
 
@@ -49,16 +39,8 @@ pub(crate) fn excerpt(s: &str) -> String {
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.field {
-            Some(field) => write!(
-                f,
-                "field `{field}` of record {}: expected {}, found {}",
-                self.index, self.expected, self.found
-            ),
-            None => write!(
-                f,
-                "record {}: expected {}, found {}",
-                self.index, self.expected, self.found
-            ),
+            Some(field) => write!(f, "field `{field}` of record {}: expected {}, found {}", self.index, self.expected, self.found),
+            None => write!(f, "record {}: expected {}, found {}", self.index, self.expected, self.found),
         }
     }
 }

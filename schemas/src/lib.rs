@@ -37,9 +37,6 @@ pub mod schema;
 pub mod time;
 
 pub use decode::{BatchDecoder, DEFAULT_MAX_RECORD_BYTES, DecodedBatch};
-pub use enums::{
-    Action, Auth, EnforcementStateKind, FindingKind, InteractionKind, Outcome, RegistryKind,
-    Severity,
-};
+pub use enums::{Action, Auth, EnforcementStateKind, FindingKind, InteractionKind, Outcome, RegistryKind, Severity};
 pub use error::{Error, RecordError, Result};
 pub use schema::InputTopic;

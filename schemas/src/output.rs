@@ -166,17 +166,8 @@ mod tests {
     #[test]
     fn evidence_ids_are_deterministic_and_kind_specific() {
         let e = Uuid::from_u128(42);
-        assert_eq!(
-            Finding::evidence_id(FindingKind::BadCredentials, &e),
-            Finding::evidence_id(FindingKind::BadCredentials, &e)
-        );
-        assert_ne!(
-            Finding::evidence_id(FindingKind::BadCredentials, &e),
-            Finding::evidence_id(FindingKind::UnregisteredRequester, &e)
-        );
-        assert_eq!(
-            Finding::evidence_id(FindingKind::BadCredentials, &e).get_version_num(),
-            5
-        );
+        assert_eq!(Finding::evidence_id(FindingKind::BadCredentials, &e), Finding::evidence_id(FindingKind::BadCredentials, &e));
+        assert_ne!(Finding::evidence_id(FindingKind::BadCredentials, &e), Finding::evidence_id(FindingKind::UnregisteredRequester, &e));
+        assert_eq!(Finding::evidence_id(FindingKind::BadCredentials, &e).get_version_num(), 5);
     }
 }

@@ -58,11 +58,7 @@ impl RegistryRecord {
             let inner = e.into_inner();
             let field = (path != ".").then_some(path);
             let msg = inner.to_string();
-            let expected = if inner.is_syntax() || inner.is_eof() {
-                "valid JSON"
-            } else {
-                "a registry record per the contract"
-            };
+            let expected = if inner.is_syntax() || inner.is_eof() { "valid JSON" } else { "a registry record per the contract" };
             RecordError::new(index, field.as_deref(), expected, msg)
         })
     }
@@ -111,11 +107,7 @@ impl Serialize for Principal {
 impl<'de> Deserialize<'de> for Principal {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        Principal::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "expected a UUID, \"group:NAME\" or \"*\", found {s:?}"
-            ))
-        })
+        Principal::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("expected a UUID, \"group:NAME\" or \"*\", found {s:?}")))
     }
 }
 
@@ -341,14 +333,8 @@ mod tests {
     #[test]
     fn principals() {
         assert_eq!(Principal::parse("*"), Some(Principal::Any));
-        assert_eq!(
-            Principal::parse("group:home:d0d0"),
-            Some(Principal::Group("home:d0d0".into()))
-        );
+        assert_eq!(Principal::parse("group:home:d0d0"), Some(Principal::Group("home:d0d0".into())));
         assert_eq!(Principal::parse("group:"), None);
-        assert!(matches!(
-            Principal::parse("C4D5E6F7-1A2B-4C3D-8E9F-0A1B2C3D4E5F"),
-            Some(Principal::Uuid(_))
-        ));
+        assert!(matches!(Principal::parse("C4D5E6F7-1A2B-4C3D-8E9F-0A1B2C3D4E5F"), Some(Principal::Uuid(_))));
     }
 }

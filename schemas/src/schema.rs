@@ -12,9 +12,7 @@ use std::sync::{Arc, LazyLock};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 /// The five input topics of the contract.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InputTopic {
     /// `meshguard.messages.v1`, keyed by `from`.
@@ -31,13 +29,8 @@ pub enum InputTopic {
 
 impl InputTopic {
     /// Every input topic.
-    pub const ALL: [InputTopic; 5] = [
-        InputTopic::Messages,
-        InputTopic::Presence,
-        InputTopic::Interactions,
-        InputTopic::IdentityRequests,
-        InputTopic::Registry,
-    ];
+    pub const ALL: [InputTopic; 5] =
+        [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests, InputTopic::Registry];
 
     /// The contract's default topic name.
     pub const fn default_name(self) -> &'static str {
@@ -76,26 +69,15 @@ impl InputTopic {
     /// The canonical Arrow schema of this topic's decoded batches.
     pub fn schema(self) -> SchemaRef {
         static SCHEMAS: LazyLock<[SchemaRef; 5]> = LazyLock::new(|| {
-            InputTopic::ALL.map(|t| {
-                Arc::new(Schema::new(
-                    t.fields()
-                        .iter()
-                        .map(FieldSpec::canonical_field)
-                        .collect::<Vec<_>>(),
-                )) as SchemaRef
-            })
+            InputTopic::ALL
+                .map(|t| Arc::new(Schema::new(t.fields().iter().map(FieldSpec::canonical_field).collect::<Vec<_>>())) as SchemaRef)
         });
         SCHEMAS[self as usize].clone()
     }
 
     /// The schema arrow-json decodes into (all nullable, UUIDs and enums as text, JSON fields absent).
     pub(crate) fn raw_schema(self) -> SchemaRef {
-        Arc::new(Schema::new(
-            self.fields()
-                .iter()
-                .filter_map(FieldSpec::raw_field)
-                .collect::<Vec<_>>(),
-        ))
+        Arc::new(Schema::new(self.fields().iter().filter_map(FieldSpec::raw_field).collect::<Vec<_>>()))
     }
 }
 
@@ -177,11 +159,7 @@ pub static MESSAGE_FIELDS: &[FieldSpec] = &[
 ];
 
 /// Fields of a presence change.
-pub static PRESENCE_FIELDS: &[FieldSpec] = &[
-    f("ts", T::Time, Yes),
-    f("uuid", T::Uuid, Yes),
-    f("online", T::Bool, Yes),
-];
+pub static PRESENCE_FIELDS: &[FieldSpec] = &[f("ts", T::Time, Yes), f("uuid", T::Uuid, Yes), f("online", T::Bool, Yes)];
 
 /// Fields of an interaction entry.
 pub static INTERACTION_FIELDS: &[FieldSpec] = &[

@@ -9,9 +9,7 @@ pub type EpochMs = i64;
 
 /// Parses a contract time string exactly as the Arrow decoder does (RFC 3339, UTC when no offset).
 pub fn parse_time_str(s: &str) -> Option<EpochMs> {
-    arrow::compute::kernels::cast_utils::string_to_datetime(&Utc, s)
-        .ok()
-        .map(|d| d.timestamp_millis())
+    arrow::compute::kernels::cast_utils::string_to_datetime(&Utc, s).ok().map(|d| d.timestamp_millis())
 }
 
 /// Formats epoch milliseconds as the contract's output form, `2026-11-24T17:00:00.123Z`.
@@ -41,9 +39,7 @@ pub mod serde_ms {
             Str(&'a str),
             String(String),
         }
-        let bad = |s: &str| {
-            serde::de::Error::custom(format!("expected RFC 3339 or epoch ms, found {s:?}"))
-        };
+        let bad = |s: &str| serde::de::Error::custom(format!("expected RFC 3339 or epoch ms, found {s:?}"));
         match Either::deserialize(d)? {
             Either::Ms(ms) => Ok(ms),
             Either::Str(s) => parse_time_str(s).ok_or_else(|| bad(s)),
@@ -78,14 +74,8 @@ mod tests {
 
     #[test]
     fn round_trips_both_forms() {
-        assert_eq!(
-            parse_time_str("2026-11-24T17:00:00.123Z"),
-            Some(1_795_539_600_123)
-        );
-        assert_eq!(
-            parse_time_str("2026-11-24T18:00:00.123+01:00"),
-            Some(1_795_539_600_123)
-        );
+        assert_eq!(parse_time_str("2026-11-24T17:00:00.123Z"), Some(1_795_539_600_123));
+        assert_eq!(parse_time_str("2026-11-24T18:00:00.123+01:00"), Some(1_795_539_600_123));
         assert_eq!(format_ms(1_795_539_600_123), "2026-11-24T17:00:00.123Z");
         assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(parse_time_str("yesterday"), None);

@@ -61,42 +61,19 @@ impl Engine {
         for state in self.partitions.values_mut() {
             state.sink_positions.clone_from(&self.sink_positions);
         }
-        let mut partitions: Vec<(PartitionId, PartitionState)> = self
-            .partitions
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let mut partitions: Vec<(PartitionId, PartitionState)> = self.partitions.iter().map(|(k, v)| (*k, v.clone())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let registry = self
             .registry
             .iter()
             .map(|(uuid, versions)| {
-                let versions = versions
-                    .iter()
-                    .map(|(t, rec)| {
-                        (
-                            *t,
-                            rec.as_ref()
-                                .and_then(|r| serde_json::to_string(r.as_ref()).ok()),
-                        )
-                    })
-                    .collect();
+                let versions =
+                    versions.iter().map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.as_ref()).ok()))).collect();
                 (*uuid, versions)
             })
             .collect();
-        let presence = TableSnapshot {
-            entries: self
-                .presence
-                .iter()
-                .map(|(k, v)| (*k, v.to_vec()))
-                .collect(),
-        };
-        let global = GlobalSnapshot {
-            registry,
-            presence,
-            positions: self.global_positions(),
-            sink_positions: self.sink_positions.clone(),
-        };
+        let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
+        let global = GlobalSnapshot { registry, presence, positions: self.global_positions(), sink_positions: self.sink_positions.clone() };
         Checkpoint { partitions, global }
     }
 
@@ -114,17 +91,13 @@ impl Engine {
         self.registry = Default::default();
         for (uuid, versions) in g.registry {
             for (t, text) in versions {
-                let record = match text {
-                    None => None,
-                    Some(text) => Some(Arc::new(
-                        serde_json::from_str::<RegistryRecord>(&text).map_err(|e| {
-                            Error::CheckpointFormat {
-                                name: "global".into(),
-                                reason: format!("registry record {uuid}: {e}"),
-                            }
-                        })?,
-                    )),
-                };
+                let record =
+                    match text {
+                        None => None,
+                        Some(text) => Some(Arc::new(serde_json::from_str::<RegistryRecord>(&text).map_err(|e| {
+                            Error::CheckpointFormat { name: "global".into(), reason: format!("registry record {uuid}: {e}") }
+                        })?)),
+                    };
                 self.registry.insert(uuid, t, record);
             }
         }
@@ -136,8 +109,7 @@ impl Engine {
         }
         self.global_positions.clear();
         for p in g.positions {
-            self.global_positions
-                .insert((p.topic, p.partition), p.next_offset);
+            self.global_positions.insert((p.topic, p.partition), p.next_offset);
         }
         self.sink_positions = g.sink_positions;
         Ok(())
@@ -166,10 +138,7 @@ impl LocalCheckpointStore {
     /// A store in `dir`, created if missing.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
-        fs::create_dir_all(dir.join("partitions")).map_err(|source| Error::CheckpointIo {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        fs::create_dir_all(dir.join("partitions")).map_err(|source| Error::CheckpointIo { path: dir.display().to_string(), source })?;
         Ok(Self { dir })
     }
 
@@ -179,21 +148,14 @@ impl LocalCheckpointStore {
     }
 
     fn partition_file(&self, (topic, partition): &PartitionId) -> PathBuf {
-        self.dir
-            .join("partitions")
-            .join(format!("{}-{partition}.ckpt", topic.as_str()))
+        self.dir.join("partitions").join(format!("{}-{partition}.ckpt", topic.as_str()))
     }
 
     fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<()> {
-        let io = |source| Error::CheckpointIo {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| Error::CheckpointIo { path: path.display().to_string(), source };
         let mut bytes = MAGIC.to_vec();
-        bytes = postcard::to_extend(value, bytes).map_err(|e| Error::CheckpointFormat {
-            name: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        bytes = postcard::to_extend(value, bytes)
+            .map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
@@ -210,22 +172,12 @@ impl LocalCheckpointStore {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(Error::CheckpointIo {
-                    path: path.display().to_string(),
-                    source,
-                });
+                return Err(Error::CheckpointIo { path: path.display().to_string(), source });
             }
         };
-        let bad = |reason: String| Error::CheckpointFormat {
-            name: path.display().to_string(),
-            reason,
-        };
-        let body = bytes
-            .strip_prefix(MAGIC.as_slice())
-            .ok_or_else(|| bad("not a meshguard checkpoint (bad magic)".into()))?;
-        postcard::from_bytes(body)
-            .map(Some)
-            .map_err(|e| bad(e.to_string()))
+        let bad = |reason: String| Error::CheckpointFormat { name: path.display().to_string(), reason };
+        let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| bad("not a meshguard checkpoint (bad magic)".into()))?;
+        postcard::from_bytes(body).map(Some).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -243,17 +195,9 @@ impl CheckpointStore for LocalCheckpointStore {
         };
         let mut partitions = Vec::new();
         let dir = self.dir.join("partitions");
-        let entries = fs::read_dir(&dir).map_err(|source| Error::CheckpointIo {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        let entries = fs::read_dir(&dir).map_err(|source| Error::CheckpointIo { path: dir.display().to_string(), source })?;
         for entry in entries {
-            let path = entry
-                .map_err(|source| Error::CheckpointIo {
-                    path: dir.display().to_string(),
-                    source,
-                })?
-                .path();
+            let path = entry.map_err(|source| Error::CheckpointIo { path: dir.display().to_string(), source })?.path();
             let Some(id) = parse_partition_file(&path) else {
                 continue;
             };

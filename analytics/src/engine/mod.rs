@@ -45,10 +45,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            allowed_lateness_ms: 30_000,
-            dedup_horizon_ms: 600_000,
-        }
+        Self { allowed_lateness_ms: 30_000, dedup_horizon_ms: 600_000 }
     }
 }
 
@@ -186,17 +183,13 @@ impl Engine {
     /// detection time written into findings.
     pub fn process(&mut self, mb: &MicroBatch, now_ms: i64) -> Vec<Finding> {
         for change in &mb.registry {
-            self.registry
-                .insert(change.uuid, change.effective_ms, change.record.clone());
+            self.registry.insert(change.uuid, change.effective_ms, change.record.clone());
         }
         self.stats.rows[InputTopic::Registry as usize] += mb.registry.len() as u64;
         if let Some(presence) = &mb.presence {
             self.apply_presence(presence);
         }
-        for (topic, rows) in [
-            (InputTopic::Interactions, &mb.interactions),
-            (InputTopic::IdentityRequests, &mb.identity_requests),
-        ] {
+        for (topic, rows) in [(InputTopic::Interactions, &mb.interactions), (InputTopic::IdentityRequests, &mb.identity_requests)] {
             if let Some(rows) = rows {
                 self.stats.rows[topic as usize] += rows.batch.num_rows() as u64;
             }
@@ -210,15 +203,9 @@ impl Engine {
         for p in &mb.positions {
             match p.topic {
                 InputTopic::Registry | InputTopic::Presence => {
-                    self.global_positions
-                        .insert((p.topic, p.partition), p.next_offset);
+                    self.global_positions.insert((p.topic, p.partition), p.next_offset);
                 }
-                topic => {
-                    self.partitions
-                        .entry((topic, p.partition))
-                        .or_default()
-                        .next_offset = p.next_offset
-                }
+                topic => self.partitions.entry((topic, p.partition)).or_default().next_offset = p.next_offset,
             }
         }
         out
@@ -228,11 +215,7 @@ impl Engine {
         use arrow::array::AsArray;
         use arrow::datatypes::TimestampMillisecondType;
         let b = &rows.batch;
-        let (Some(ts), Some(uuid), Some(online)) = (
-            b.column_by_name("ts"),
-            b.column_by_name("uuid"),
-            b.column_by_name("online"),
-        ) else {
+        let (Some(ts), Some(uuid), Some(online)) = (b.column_by_name("ts"), b.column_by_name("uuid"), b.column_by_name("online")) else {
             return;
         };
         let ts = ts.as_primitive::<TimestampMillisecondType>();
@@ -240,8 +223,7 @@ impl Engine {
         let online = online.as_boolean();
         for row in 0..b.num_rows() {
             if let Ok(bytes) = <[u8; 16]>::try_from(uuid.value(row)) {
-                self.presence
-                    .insert(Uuid::from_bytes(bytes), ts.value(row), online.value(row));
+                self.presence.insert(Uuid::from_bytes(bytes), ts.value(row), online.value(row));
             }
         }
         self.stats.rows[InputTopic::Presence as usize] += b.num_rows() as u64;
@@ -261,12 +243,7 @@ impl Engine {
             let state = match &mut current {
                 Some((p, s)) if *p == partition => s,
                 _ => {
-                    current = Some((
-                        partition,
-                        self.partitions
-                            .entry((InputTopic::Messages, partition))
-                            .or_default(),
-                    ));
+                    current = Some((partition, self.partitions.entry((InputTopic::Messages, partition)).or_default()));
                     match &mut current {
                         Some((_, s)) => s,
                         None => continue,
@@ -280,11 +257,7 @@ impl Engine {
             state.max_event_ms = state.max_event_ms.max(ts);
         }
 
-        let ctx = JobContext {
-            registry: &self.registry,
-            presence: &self.presence,
-            now_ms,
-        };
+        let ctx = JobContext { registry: &self.registry, presence: &self.presence, now_ms };
         let mut found = std::mem::take(&mut self.scratch);
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);
@@ -292,17 +265,9 @@ impl Engine {
         // Findings in row order, kinds in code order within a row: deterministic output.
         found.sort_by_key(|(row, f)| (*row, f.kind.code()));
         for (row, finding) in found.drain(..) {
-            let partition = rows
-                .partition
-                .get(row as usize)
-                .copied()
-                .unwrap_or_default();
-            let state = self
-                .partitions
-                .entry((InputTopic::Messages, partition))
-                .or_default();
-            let fresh = !self.restored_outputs.contains_key(&finding.id)
-                && state.emitted.insert(finding.id, finding.event_ts).is_none();
+            let partition = rows.partition.get(row as usize).copied().unwrap_or_default();
+            let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
+            let fresh = !self.restored_outputs.contains_key(&finding.id) && state.emitted.insert(finding.id, finding.event_ts).is_none();
             if fresh {
                 self.stats.findings[usize::from(finding.kind.code())] += 1;
                 out.push(finding);
@@ -340,15 +305,8 @@ impl Engine {
 
     /// The consumed positions of the global topics (registry, presence), to resume from.
     pub fn global_positions(&self) -> Vec<Position> {
-        let mut v: Vec<Position> = self
-            .global_positions
-            .iter()
-            .map(|(&(topic, partition), &next_offset)| Position {
-                topic,
-                partition,
-                next_offset,
-            })
-            .collect();
+        let mut v: Vec<Position> =
+            self.global_positions.iter().map(|(&(topic, partition), &next_offset)| Position { topic, partition, next_offset }).collect();
         v.sort_by_key(|p| (p.topic, p.partition));
         v
     }

@@ -40,12 +40,7 @@ pub trait Job: Send + std::fmt::Debug {
 
     /// Judges a batch of message attempts; appends `(row, finding)` pairs to `out`. Rows are the
     /// batch's; the engine dedups and orders the findings.
-    fn on_messages(
-        &mut self,
-        batch: &MessagesView<'_>,
-        ctx: &JobContext<'_>,
-        out: &mut Vec<(u32, Finding)>,
-    );
+    fn on_messages(&mut self, batch: &MessagesView<'_>, ctx: &JobContext<'_>, out: &mut Vec<(u32, Finding)>);
 }
 
 /// Typed access to the columns of a message-attempts batch in the canonical schema, downcast once
@@ -99,8 +94,6 @@ impl<'a> MessagesView<'a> {
         if col.is_null(row) {
             return None;
         }
-        <[u8; 16]>::try_from(col.value(row))
-            .ok()
-            .map(Uuid::from_bytes)
+        <[u8; 16]>::try_from(col.value(row)).ok().map(Uuid::from_bytes)
     }
 }

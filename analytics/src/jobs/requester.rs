@@ -19,12 +19,7 @@ impl Job for RequesterCheck {
         "requester"
     }
 
-    fn on_messages(
-        &mut self,
-        v: &MessagesView<'_>,
-        ctx: &JobContext<'_>,
-        out: &mut Vec<(u32, Finding)>,
-    ) {
+    fn on_messages(&mut self, v: &MessagesView<'_>, ctx: &JobContext<'_>, out: &mut Vec<(u32, Finding)>) {
         let valid = Auth::Valid.code();
         for row in 0..v.len() {
             let Some(from) = MessagesView::uuid(v.from, row) else {
@@ -40,20 +35,10 @@ impl Job for RequesterCheck {
                     Some(None) => "unregistered (tombstoned)",
                     None => "never registered",
                 };
-                (
-                    FindingKind::UnregisteredRequester,
-                    "registry:unregistered",
-                    json!({ "registered": false, "why": why }),
-                    Severity::Medium,
-                )
+                (FindingKind::UnregisteredRequester, "registry:unregistered", json!({ "registered": false, "why": why }), Severity::Medium)
             } else if auth != valid {
                 let auth = Auth::from_code(auth).map_or("unknown", Auth::as_str);
-                (
-                    FindingKind::BadCredentials,
-                    "auth:requester",
-                    json!({ "auth": auth }),
-                    Severity::High,
-                )
+                (FindingKind::BadCredentials, "auth:requester", json!({ "auth": auth }), Severity::High)
             } else {
                 continue;
             };

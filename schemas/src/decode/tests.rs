@@ -6,11 +6,7 @@ use arrow::datatypes::{TimestampMillisecondType, UInt8Type};
 use super::*;
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 fn decode(topic: InputTopic, records: &[&[u8]]) -> DecodedBatch {
@@ -53,57 +49,31 @@ fn message_columns_are_canonical() {
     assert!(out.rejected.is_empty(), "{:?}", out.rejected);
     let b = &out.batch;
     // Both time forms land on the same axis.
-    let ts = b
-        .column_by_name("ts")
-        .unwrap()
-        .as_primitive::<TimestampMillisecondType>();
+    let ts = b.column_by_name("ts").unwrap().as_primitive::<TimestampMillisecondType>();
     assert_eq!(ts.value(0), 1_795_539_600_123);
     assert_eq!(ts.value(1), 1_795_539_600_123);
-    let action = b
-        .column_by_name("action")
-        .unwrap()
-        .as_dictionary::<UInt8Type>();
+    let action = b.column_by_name("action").unwrap().as_dictionary::<UInt8Type>();
     assert_eq!(action.keys().value(0), Action::Send.code());
     assert_eq!(action.keys().value(1), Action::Connect.code());
     let from: &FixedSizeBinaryArray = b.column_by_name("from").unwrap().as_fixed_size_binary();
-    assert_eq!(
-        Uuid::from_slice(from.value(0)).unwrap().to_string(),
-        "9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c"
-    );
+    assert_eq!(Uuid::from_slice(from.value(0)).unwrap().to_string(), "9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c");
     let to = b.column_by_name("to").unwrap();
     assert!(to.is_valid(0) && to.is_null(1), "connect has no target");
     let route = b.column_by_name("route").unwrap().as_list::<i32>();
     assert_eq!(route.value(0).len(), 2);
-    assert_eq!(
-        b.column_by_name("payload")
-            .unwrap()
-            .as_string::<i32>()
-            .value(0),
-        r#"{"command":"off"}"#
-    );
+    assert_eq!(b.column_by_name("payload").unwrap().as_string::<i32>().value(0), r#"{"command":"off"}"#);
     let token = b.column_by_name("target_token").unwrap().as_boolean();
-    assert_eq!(
-        token.null_count(),
-        0,
-        "absent target_token is false, not null"
-    );
+    assert_eq!(token.null_count(), 0, "absent target_token is false, not null");
     assert!(!token.value(0));
     assert_eq!(out.source, vec![0, 1]);
 }
 
 #[test]
 fn upper_case_uuids_are_accepted_and_normalised() {
-    let upper = SEND.replace(
-        "9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c",
-        "9B2F1C3A-0D4E-4F5A-8B6C-7D8E9F0A1B2C",
-    );
+    let upper = SEND.replace("9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c", "9B2F1C3A-0D4E-4F5A-8B6C-7D8E9F0A1B2C");
     let out = decode(InputTopic::Messages, &[upper.as_bytes(), SEND.as_bytes()]);
     assert!(out.rejected.is_empty());
-    let from: &FixedSizeBinaryArray = out
-        .batch
-        .column_by_name("from")
-        .unwrap()
-        .as_fixed_size_binary();
+    let from: &FixedSizeBinaryArray = out.batch.column_by_name("from").unwrap().as_fixed_size_binary();
     assert_eq!(from.value(0), from.value(1));
 }
 
@@ -115,72 +85,20 @@ fn malformed_records_are_rejected_precisely_and_good_ones_kept() {
         (r#"{"id": "5f0c9f2e-8d1a"#.to_owned(), None, "invalid JSON"),
         ("[1,2,3]".to_owned(), None, "an array"),
         ("42".to_owned(), None, "number 42"),
-        (
-            SEND.replace(r#""auth":"valid""#, r#""auth":"nope""#),
-            Some("auth"),
-            "\"nope\"",
-        ),
-        (
-            SEND.replace(r#","auth":"valid""#, ""),
-            Some("auth"),
-            "nothing",
-        ),
-        (
-            SEND.replace(r#""ts":"2026-11-24T17:00:00.123Z""#, r#""ts":"yesterday""#),
-            Some("ts"),
-            "\"yesterday\"",
-        ),
-        (
-            SEND.replace(r#""ts":"2026-11-24T17:00:00.123Z""#, r#""ts":true"#),
-            Some("ts"),
-            "true",
-        ),
-        (
-            SEND.replace("9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c", "not-a-uuid"),
-            Some("from"),
-            "\"not-a-uuid\"",
-        ),
-        (
-            SEND.replace(r#""action":"send""#, r#""action":"teleport""#),
-            Some("action"),
-            "\"teleport\"",
-        ),
-        (
-            SEND.replace(r#""action":"send""#, r#""action":7"#),
-            Some("action"),
-            "7",
-        ),
-        (
-            SEND.replace(r#","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f""#, ""),
-            Some("to"),
-            "required for every action but connect",
-        ),
-        (
-            with(r#""target_token":"yes""#),
-            Some("target_token"),
-            "\"yes\"",
-        ),
-        (
-            with(r#""route":["9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","x"]"#),
-            Some("route[1]"),
-            "\"x\"",
-        ),
+        (SEND.replace(r#""auth":"valid""#, r#""auth":"nope""#), Some("auth"), "\"nope\""),
+        (SEND.replace(r#","auth":"valid""#, ""), Some("auth"), "nothing"),
+        (SEND.replace(r#""ts":"2026-11-24T17:00:00.123Z""#, r#""ts":"yesterday""#), Some("ts"), "\"yesterday\""),
+        (SEND.replace(r#""ts":"2026-11-24T17:00:00.123Z""#, r#""ts":true"#), Some("ts"), "true"),
+        (SEND.replace("9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c", "not-a-uuid"), Some("from"), "\"not-a-uuid\""),
+        (SEND.replace(r#""action":"send""#, r#""action":"teleport""#), Some("action"), "\"teleport\""),
+        (SEND.replace(r#""action":"send""#, r#""action":7"#), Some("action"), "7"),
+        (SEND.replace(r#","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f""#, ""), Some("to"), "required for every action but connect"),
+        (with(r#""target_token":"yes""#), Some("target_token"), "\"yes\""),
+        (with(r#""route":["9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","x"]"#), Some("route[1]"), "\"x\""),
         (with(r#""route":[1]"#), Some("route[0]"), "1"),
-        (
-            with(r#""route":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c""#),
-            Some("route"),
-            "9b2f1c3a",
-        ),
-        (
-            with(r#""location":{"lat":"north"}"#),
-            Some("location.lat"),
-            "\"north\"",
-        ),
-        (
-            with(r#""location":{"lat":123.0}"#),
-            Some("location.lat"),
-            "123.0",
-        ),
+        (with(r#""route":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c""#), Some("route"), "9b2f1c3a"),
+        (with(r#""location":{"lat":"north"}"#), Some("location.lat"), "\"north\""),
+        (with(r#""location":{"lat":123.0}"#), Some("location.lat"), "123.0"),
         (with(r#""payload":"off""#), Some("payload"), "\"off\""),
         (with(r#""payload_bytes":-5"#), Some("payload_bytes"), "-5"),
         (format!("{SEND}{SEND}"), None, "trailing characters"),
@@ -189,60 +107,33 @@ fn malformed_records_are_rejected_precisely_and_good_ones_kept() {
     for (bad, field, found) in &cases {
         let records: Vec<&[u8]> = vec![SEND.as_bytes(), bad.as_bytes(), SEND.as_bytes()];
         let out = decode(InputTopic::Messages, &records);
-        assert_eq!(
-            out.batch.num_rows(),
-            2,
-            "good records survive next to {bad}"
-        );
+        assert_eq!(out.batch.num_rows(), 2, "good records survive next to {bad}");
         assert_eq!(out.source, vec![0, 2]);
         assert_eq!(out.rejected.len(), 1, "{bad}: {:?}", out.rejected);
         let e = &out.rejected[0];
         assert_eq!(e.index, 1);
         assert_eq!(e.field.as_deref(), *field, "{bad}: {e}");
         let text = e.to_string();
-        assert!(
-            text.contains(found) || e.expected.contains(found),
-            "{bad}: {text} lacks {found}"
-        );
+        assert!(text.contains(found) || e.expected.contains(found), "{bad}: {text} lacks {found}");
     }
 }
 
 #[test]
 fn error_messages_read_like_the_style_guide() {
     let bad = SEND.replace(r#""ts":"2026-11-24T17:00:00.123Z""#, r#""ts":"yesterday""#);
-    let records: Vec<&[u8]> = (0..18)
-        .map(|i| {
-            if i == 17 {
-                bad.as_bytes()
-            } else {
-                SEND.as_bytes()
-            }
-        })
-        .collect();
+    let records: Vec<&[u8]> = (0..18).map(|i| if i == 17 { bad.as_bytes() } else { SEND.as_bytes() }).collect();
     let out = decode(InputTopic::Messages, &records);
-    assert_eq!(
-        out.rejected[0].to_string(),
-        r#"field `ts` of record 17: expected RFC 3339 or epoch ms, found "yesterday""#
-    );
+    assert_eq!(out.rejected[0].to_string(), r#"field `ts` of record 17: expected RFC 3339 or epoch ms, found "yesterday""#);
 }
 
 #[test]
 fn oversized_records_are_rejected_unread() {
     let big = with(&format!(r#""broker":"{}""#, "x".repeat(2000)));
-    let out = BatchDecoder::new(InputTopic::Messages)
-        .with_max_record_bytes(1000)
-        .decode(&[big.as_bytes(), SEND.as_bytes()]);
+    let out = BatchDecoder::new(InputTopic::Messages).with_max_record_bytes(1000).decode(&[big.as_bytes(), SEND.as_bytes()]);
     assert_eq!(out.batch.num_rows(), 1);
     assert_eq!(out.rejected[0].index, 0);
-    assert!(
-        out.rejected[0].to_string().contains("at most 1000 bytes"),
-        "{}",
-        out.rejected[0]
-    );
-    assert!(
-        out.rejected[0].found.len() < 100,
-        "the error never carries the payload"
-    );
+    assert!(out.rejected[0].to_string().contains("at most 1000 bytes"), "{}", out.rejected[0]);
+    assert!(out.rejected[0].found.len() < 100, "the error never carries the payload");
 }
 
 #[test]
@@ -259,10 +150,7 @@ fn many_bad_records_in_one_batch() {
     let out = decode(InputTopic::Messages, &records);
     assert_eq!(out.batch.num_rows(), 80);
     assert_eq!(out.rejected.len(), 20);
-    assert!(
-        out.rejected.windows(2).all(|w| w[0].index < w[1].index),
-        "rejections in input order"
-    );
+    assert!(out.rejected.windows(2).all(|w| w[0].index < w[1].index), "rejections in input order");
     assert!(out.source.iter().all(|s| s % 10 != 3 && s % 10 != 7));
 }
 
@@ -272,11 +160,7 @@ fn a_reused_decoder_recovers_from_a_poisoned_batch() {
     let half = &SEND.as_bytes()[..50];
     assert_eq!(d.decode(&[SEND.as_bytes(), half]).batch.num_rows(), 1);
     let out = d.decode(&[SEND.as_bytes(), SEND.as_bytes()]);
-    assert!(
-        out.rejected.is_empty(),
-        "no leftovers of the half record: {:?}",
-        out.rejected
-    );
+    assert!(out.rejected.is_empty(), "no leftovers of the half record: {:?}", out.rejected);
     assert_eq!(out.batch.num_rows(), 2);
 }
 
@@ -300,9 +184,7 @@ fn other_topics_validate_their_fields() {
     let presence = br#"{"ts":1795539598000,"uuid":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f"}"#;
     let out = decode(InputTopic::Presence, &[presence]);
     assert_eq!(out.rejected[0].field.as_deref(), Some("online"));
-    let interaction = String::from_utf8(fixture("interaction.json"))
-        .unwrap()
-        .replace("proximity", "telepathy");
+    let interaction = String::from_utf8(fixture("interaction.json")).unwrap().replace("proximity", "telepathy");
     let out = decode(InputTopic::Interactions, &[interaction.as_bytes()]);
     assert_eq!(out.rejected[0].field.as_deref(), Some("kind"));
     let request = br#"{"id":"a0b1c2d3-e4f5-4a6b-8c7d-8e9fa0b1c2d3","ts":"2026-11-24T17:05:00Z","device":"11111111-2222-4333-8444-555555555555","window":"ten"}"#;

@@ -1,0 +1,139 @@
+//! Kafka connection settings and topic names.
+
+use std::collections::BTreeMap;
+
+use meshguard_schemas::InputTopic;
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+/// How to reach the cluster.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Consumer group of the detection workers; workers in one group share the partitions.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Stable id of this worker in the group (static membership, KIP-345): a restarted worker with
+    /// the same id takes its partitions back at once instead of after the session timeout.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`). Values are
+    /// never logged: they may hold credentials.
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Client properties may hold credentials: show their names only.
+        let client: Vec<&str> = self.client.keys().map(String::as_str).collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("instance_id", &self.instance_id)
+            .field("client", &client)
+            .finish()
+    }
+}
+
+fn default_group_id() -> String {
+    "meshguard".into()
+}
+
+impl KafkaConfig {
+    /// A config for `brokers` with defaults for the rest.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self { brokers: brokers.into(), group_id: default_group_id(), instance_id: None, client: BTreeMap::new() }
+    }
+
+    /// A librdkafka config with the bootstrap servers and the extra properties.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        // Fail fast on a wrong address rather than retrying quietly forever at start.
+        c.set("socket.connection.setup.timeout.ms", "10000");
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Topic names; defaults are the contract's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    /// Message attempts.
+    pub messages: String,
+    /// Presence changes.
+    pub presence: String,
+    /// Interaction entries.
+    pub interactions: String,
+    /// Identity requests.
+    pub identity_requests: String,
+    /// The device directory (compacted).
+    pub registry: String,
+    /// Findings out.
+    pub findings: String,
+    /// Enforcement state out (compacted).
+    pub enforcement: String,
+    /// Notifications out.
+    pub notifications: String,
+    /// Identity results out.
+    pub identity_results: String,
+    /// Rejected input records.
+    pub deadletter: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            messages: InputTopic::Messages.default_name().into(),
+            presence: InputTopic::Presence.default_name().into(),
+            interactions: InputTopic::Interactions.default_name().into(),
+            identity_requests: InputTopic::IdentityRequests.default_name().into(),
+            registry: InputTopic::Registry.default_name().into(),
+            findings: "meshguard.findings.v1".into(),
+            enforcement: "meshguard.enforcement.v1".into(),
+            notifications: "meshguard.notifications.v1".into(),
+            identity_results: "meshguard.identity-results.v1".into(),
+            deadletter: "meshguard.deadletter.v1".into(),
+        }
+    }
+}
+
+impl Topics {
+    /// The name of an input topic.
+    pub fn input(&self, topic: InputTopic) -> &str {
+        match topic {
+            InputTopic::Messages => &self.messages,
+            InputTopic::Presence => &self.presence,
+            InputTopic::Interactions => &self.interactions,
+            InputTopic::IdentityRequests => &self.identity_requests,
+            InputTopic::Registry => &self.registry,
+        }
+    }
+
+    /// The input topic of a name.
+    pub fn input_of(&self, name: &str) -> Option<InputTopic> {
+        InputTopic::ALL.into_iter().find(|t| self.input(*t) == name)
+    }
+
+    /// Every topic meshguard reads or writes, with whether it is compacted.
+    pub fn all(&self) -> Vec<(&str, bool)> {
+        vec![
+            (&self.messages, false),
+            (&self.presence, false),
+            (&self.interactions, false),
+            (&self.identity_requests, false),
+            (&self.registry, true),
+            (&self.findings, false),
+            (&self.enforcement, true),
+            (&self.notifications, false),
+            (&self.identity_results, false),
+            (&self.deadletter, false),
+        ]
+    }
+}

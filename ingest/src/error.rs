@@ -1,0 +1,44 @@
+//! Errors of the ingest crate.
+
+use rdkafka::error::KafkaError;
+
+/// Errors talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kafka client call failed.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What meshguard was doing.
+        context: String,
+        /// The client's error.
+        source: KafkaError,
+    },
+    /// A record could not be delivered to an output topic.
+    #[error("delivery to {topic} failed for {failed} record(s): {last_error}")]
+    Delivery {
+        /// The topic.
+        topic: String,
+        /// How many records failed since the last flush.
+        failed: u64,
+        /// The last error seen.
+        last_error: String,
+    },
+    /// Something did not happen within its time limit.
+    #[error("timed out after {after_ms} ms: {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// The limit.
+        after_ms: u64,
+    },
+}
+
+impl Error {
+    pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
+        let context = context.into();
+        move |source| Error::Kafka { context, source }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

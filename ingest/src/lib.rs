@@ -1,0 +1,31 @@
+//! Kafka I/O for meshguard: everything that talks to a broker lives here.
+//!
+//! ```text
+//!  input topics ──► KafkaSource ──(arena of payload bytes)──► assemble() ──► MicroBatch + dead letters
+//!   (group consumer: messages, interactions,         │                         (Arrow, via meshguard-schemas)
+//!    identity requests; global consumer:             └─ rebalance events: partitions gained / lost
+//!    registry, presence)
+//!  findings, dead letters ──► KafkaSink (idempotent producer; flush = durable)
+//!  EmbeddedBroker: librdkafka's in-process mock cluster, for `meshguard run` with no setup
+//! ```
+//!
+//! The hot path copies each payload once, into a reused arena; it allocates per batch, never per
+//! record. Nothing here decides anything about the data: decisions are the analytics crate's.
+
+pub mod admin;
+mod assemble;
+pub mod config;
+pub mod embedded;
+mod error;
+pub mod metrics;
+pub mod simulator;
+pub mod sink;
+pub mod source;
+
+pub use assemble::{Assembled, assemble};
+pub use config::{KafkaConfig, Topics};
+pub use embedded::EmbeddedBroker;
+pub use error::{Error, Result};
+pub use metrics::IngestMetrics;
+pub use sink::KafkaSink;
+pub use source::{KafkaSource, RawBatch, RebalanceEvent};

@@ -1,0 +1,362 @@
+//! Reading the input topics.
+//!
+//! Two consumers, as in Kafka Streams:
+//! - the **group consumer** reads the keyed topics (messages, interactions, identity requests) in
+//!   the consumer group, so workers share their partitions; on every assignment it seeks each
+//!   partition to the offset its checkpoint holds (the [`OffsetResolver`]), and it commits offsets
+//!   only when told to (after a durable checkpoint);
+//! - the **global consumer** reads every partition of the registry and presence topics, outside the
+//!   group, so every worker holds the whole directory; it starts from the checkpointed positions or
+//!   the beginning, and [`KafkaSource::catch_up_globals`] reads it to the end before detection starts.
+//!
+//! Payloads are copied once into a reused arena ([`TopicBuf`]): no allocation per record.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshguard_schemas::InputTopic;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::config::{KafkaConfig, Topics};
+use crate::error::{Error, Result};
+
+/// Where a partition's checkpoint says to resume: `Some(next offset)`, or `None` to fall back to the
+/// group's committed offset (or the beginning).
+pub type OffsetResolver = Arc<dyn Fn(InputTopic, i32) -> Option<i64> + Send + Sync>;
+
+/// A change of the partitions this worker owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// These partitions are now ours (already positioned at their checkpoints).
+    Assigned(Vec<(InputTopic, i32)>),
+    /// These partitions are no longer ours.
+    Revoked(Vec<(InputTopic, i32)>),
+}
+
+/// The raw records of one topic in one batch, in arrival order, with their bytes in one buffer.
+#[derive(Debug, Default)]
+pub struct TopicBuf {
+    data: Vec<u8>,
+    payload: Vec<Option<(u32, u32)>>,
+    key: Vec<Option<(u32, u32)>>,
+    /// Partition of each record.
+    pub partition: Vec<i32>,
+    /// Offset of each record.
+    pub offset: Vec<i64>,
+    /// Kafka timestamp of each record (ms; 0 when the broker gave none).
+    pub timestamp_ms: Vec<i64>,
+}
+
+impl TopicBuf {
+    fn push(&mut self, m: &BorrowedMessage<'_>) {
+        let mut span = |bytes: Option<&[u8]>| {
+            bytes.map(|b| {
+                let start = self.data.len() as u32;
+                self.data.extend_from_slice(b);
+                (start, b.len() as u32)
+            })
+        };
+        let payload = span(m.payload());
+        let key = span(m.key());
+        self.payload.push(payload);
+        self.key.push(key);
+        self.partition.push(m.partition());
+        self.offset.push(m.offset());
+        self.timestamp_ms.push(m.timestamp().to_millis().unwrap_or(0));
+    }
+
+    fn slice(&self, span: Option<(u32, u32)>) -> Option<&[u8]> {
+        span.map(|(s, l)| &self.data[s as usize..(s + l) as usize])
+    }
+
+    /// The payload of record `i` (`None`: a tombstone).
+    pub fn payload(&self, i: usize) -> Option<&[u8]> {
+        self.slice(self.payload[i])
+    }
+
+    /// The key of record `i`.
+    pub fn key(&self, i: usize) -> Option<&[u8]> {
+        self.slice(self.key[i])
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.partition.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.partition.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.payload.clear();
+        self.key.clear();
+        self.partition.clear();
+        self.offset.clear();
+        self.timestamp_ms.clear();
+    }
+}
+
+/// The raw records of one micro-batch, per input topic. Reused from batch to batch.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    topics: [TopicBuf; 5],
+}
+
+impl RawBatch {
+    /// The records of one topic.
+    pub fn topic(&self, t: InputTopic) -> &TopicBuf {
+        &self.topics[t as usize]
+    }
+
+    /// Total records.
+    pub fn len(&self) -> usize {
+        self.topics.iter().map(TopicBuf::len).sum()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.topics.iter_mut().for_each(TopicBuf::clear);
+    }
+}
+
+struct GroupContext {
+    topics: Topics,
+    resolver: OffsetResolver,
+    events: Arc<Mutex<Vec<RebalanceEvent>>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (tpl, assigned) = match rebalance {
+            Rebalance::Assign(tpl) => (*tpl, true),
+            Rebalance::Revoke(tpl) => (*tpl, false),
+            Rebalance::Error(e) => {
+                warn!(message = "Rebalance failed.", error = %e);
+                return;
+            }
+        };
+        let mut partitions = Vec::new();
+        let mut positioned = TopicPartitionList::new();
+        let mut any_checkpoint = false;
+        for e in tpl.elements() {
+            let Some(topic) = self.topics.input_of(e.topic()) else {
+                continue;
+            };
+            partitions.push((topic, e.partition()));
+            let offset = match (self.resolver)(topic, e.partition()) {
+                Some(o) => {
+                    any_checkpoint = true;
+                    Offset::Offset(o)
+                }
+                None => Offset::Stored,
+            };
+            // Cannot fail for a fresh list with a valid offset.
+            let _ = positioned.add_partition_offset(e.topic(), e.partition(), offset);
+        }
+        if assigned && any_checkpoint {
+            // Re-assign with explicit offsets: the checkpoint, not the committed offset, says where
+            // this partition's state is (they differ after a crash between checkpoint and commit).
+            if let Err(e) = consumer.assign(&positioned) {
+                warn!(message = "Seeking assigned partitions to their checkpoints failed.", error = %e);
+            }
+        }
+        info!(message = if assigned { "Partitions assigned." } else { "Partitions revoked." }, count = partitions.len());
+        let event = if assigned { RebalanceEvent::Assigned(partitions) } else { RebalanceEvent::Revoked(partitions) };
+        if let Ok(mut events) = self.events.lock() {
+            events.push(event);
+        }
+    }
+}
+
+/// The input side of a worker. See the module docs.
+pub struct KafkaSource {
+    group: BaseConsumer<GroupContext>,
+    global: BaseConsumer,
+    topics: Topics,
+    events: Arc<Mutex<Vec<RebalanceEvent>>>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource").field("topics", &self.topics).finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Connects both consumers and subscribes the group consumer to the keyed topics.
+    pub fn new(kafka: &KafkaConfig, topics: Topics, resolver: OffsetResolver) -> Result<Self> {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let context = GroupContext { topics: topics.clone(), resolver, events: events.clone() };
+        let mut config = kafka.client_config();
+        if let Some(id) = &kafka.instance_id {
+            config.set("group.instance.id", id);
+        }
+        let group: BaseConsumer<GroupContext> = config
+            .set("group.id", &kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Low broker-side wait keeps event→finding latency low at modest rates.
+            .set("fetch.wait.max.ms", "20")
+            // A crashed worker's partitions move to the others after 10 s (Kafka's default is 45 s).
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "2000")
+            .create_with_context(context)
+            .map_err(Error::kafka("creating the group consumer"))?;
+        group
+            .subscribe(&[&topics.messages, &topics.interactions, &topics.identity_requests])
+            .map_err(Error::kafka("subscribing to the input topics"))?;
+        let global: BaseConsumer = kafka
+            .client_config()
+            .set("group.id", format!("{}-global", kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20")
+            .create()
+            .map_err(Error::kafka("creating the global-table consumer"))?;
+        Ok(Self { group, global, topics, events })
+    }
+
+    /// Assigns every partition of the global topics, each from `positions` (next offsets from the
+    /// checkpoint) or from the beginning.
+    pub fn start_globals(&self, positions: &[(InputTopic, i32, i64)], timeout: Duration) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for topic in [InputTopic::Registry, InputTopic::Presence] {
+            let name = self.topics.input(topic);
+            let md = self.global.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let offset = positions
+                        .iter()
+                        .find(|(tt, pp, _)| *tt == topic && *pp == p.id())
+                        .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(*o));
+                    tpl.add_partition_offset(name, p.id(), offset).map_err(Error::kafka("building the global assignment"))?;
+                }
+            }
+        }
+        self.global.assign(&tpl).map_err(Error::kafka("assigning the global topics"))
+    }
+
+    /// Reads the global topics up to their current end into `out` (the bootstrap of global
+    /// tables: detection must not judge attempts against a half-read directory).
+    pub fn catch_up_globals(&self, out: &mut RawBatch, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let assignment = self.global.assignment().map_err(Error::kafka("reading the global assignment"))?;
+        let mut targets = Vec::new();
+        for e in assignment.elements() {
+            let (_, high) = self
+                .global
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
+                .map_err(Error::kafka(format!("reading the end of {}", e.topic())))?;
+            targets.push((e.topic().to_owned(), e.partition(), high));
+        }
+        let mut reached = vec![false; targets.len()];
+        let mut next = vec![0i64; targets.len()];
+        loop {
+            for (i, (topic, partition, high)) in targets.iter().enumerate() {
+                if !reached[i] {
+                    let start = assignment.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).unwrap_or(0).max(0);
+                    reached[i] = next[i].max(start) >= *high;
+                }
+            }
+            if reached.iter().all(|r| *r) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: "reading the registry and presence topics to their end".into(),
+                    after_ms: timeout.as_millis() as u64,
+                });
+            }
+            match self.global.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if let Some(i) = targets.iter().position(|(t, p, _)| t == m.topic() && *p == m.partition()) {
+                        next[i] = m.offset() + 1;
+                    }
+                    self.push(out, &m);
+                }
+                Some(Err(e)) => warn!(message = "Global-table consumer error.", error = %e),
+                None => {}
+            }
+        }
+    }
+
+    fn push(&self, out: &mut RawBatch, m: &BorrowedMessage<'_>) {
+        if let Some(t) = self.topics.input_of(m.topic()) {
+            out.topics[t as usize].push(m);
+        }
+    }
+
+    /// Fills `out` with up to `max_records` records, waiting at most `max_wait` for them: first
+    /// whatever the global topics have (without waiting), then the keyed topics.
+    pub fn poll(&self, out: &mut RawBatch, max_records: usize, max_wait: Duration) {
+        while out.len() < max_records {
+            match self.global.poll(Duration::ZERO) {
+                Some(Ok(m)) => self.push(out, &m),
+                Some(Err(e)) => warn!(message = "Global-table consumer error.", error = %e),
+                None => break,
+            }
+        }
+        let deadline = Instant::now() + max_wait;
+        while out.len() < max_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.group.poll(left) {
+                Some(Ok(m)) => self.push(out, &m),
+                Some(Err(e)) => warn!(message = "Consumer error.", error = %e),
+                None => break,
+            }
+            if left.is_zero() {
+                break;
+            }
+        }
+    }
+
+    /// Rebalance events since the last call.
+    pub fn take_rebalance_events(&self) -> Vec<RebalanceEvent> {
+        self.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default()
+    }
+
+    /// Commits next offsets of the keyed topics' partitions to the group (synchronously). Call only
+    /// after the checkpoint holding the same offsets is durable.
+    pub fn commit(&self, positions: &[(InputTopic, i32, i64)]) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, next) in positions {
+            if matches!(topic, InputTopic::Registry | InputTopic::Presence) {
+                continue;
+            }
+            tpl.add_partition_offset(self.topics.input(*topic), *partition, Offset::Offset(*next))
+                .map_err(Error::kafka("building the commit"))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        self.group.commit(&tpl, CommitMode::Sync).map_err(Error::kafka("committing offsets"))
+    }
+
+    /// Messages not yet consumed by this worker, summed over its partitions of the keyed topics
+    /// (high watermark minus position), for the lag metric.
+    pub fn lag(&self, timeout: Duration) -> Option<i64> {
+        let positions = self.group.position().ok()?;
+        let mut lag = 0;
+        for e in positions.elements() {
+            let (_, high) = self.group.fetch_watermarks(e.topic(), e.partition(), timeout).ok()?;
+            let pos = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
+            lag += (high - pos).max(0);
+        }
+        Some(lag)
+    }
+}

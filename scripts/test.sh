@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The project's test command, locally and in CI: installs what the build needs (Debian packages
+# only if missing, the tansu broker into the cache), then formatting, lints and every test against
+# a real broker. Needs only rustup's cargo, gcc, make and python3 to begin with.
+#
+#   bash scripts/test.sh
+#
+# MESHGUARD_CACHE (default ~/.cache/meshguard) holds the broker and, unless CARGO_TARGET_DIR says
+# otherwise, the build.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export MESHGUARD_CACHE="${MESHGUARD_CACHE:-$HOME/.cache/meshguard}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MESHGUARD_CACHE/target}"
+
+started=$SECONDS
+section() { printf '\n==> %s\n' "$*"; }
+
+section "System packages"
+# rdkafka-sys builds librdkafka from source with ./configure and make; its configure refuses to run
+# without a C++ compiler even though the C library needs none. zlib needs no package: libz-sys
+# builds its bundled copy when the system has no zlib headers.
+packages=()
+command -v cc >/dev/null || packages+=(gcc)
+command -v c++ >/dev/null || command -v g++ >/dev/null || command -v clang++ >/dev/null || packages+=(g++)
+command -v make >/dev/null || packages+=(make)
+if command -v dpkg >/dev/null && ! dpkg -s libc6-dev >/dev/null 2>&1; then packages+=(libc6-dev); fi
+if ((${#packages[@]} == 0)); then
+    echo "all present (cc, c++, make)"
+elif command -v apt-get >/dev/null; then
+    sudo=()
+    if [[ "$(id -u)" -ne 0 ]]; then
+        command -v sudo >/dev/null || { echo "error: need root or sudo to install: ${packages[*]}" >&2; exit 1; }
+        sudo=(sudo)
+    fi
+    echo "installing: ${packages[*]}"
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+else
+    echo "error: missing ${packages[*]} and no apt-get to install them; install them and rerun" >&2
+    exit 1
+fi
+
+section "Rust toolchain"
+cargo --version
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+
+section "Broker (tansu)"
+if [[ -n "${MESHGUARD_TANSU_BIN:-}" && -x "$MESHGUARD_TANSU_BIN" ]]; then
+    echo "using MESHGUARD_TANSU_BIN=$MESHGUARD_TANSU_BIN"
+else
+    MESHGUARD_TANSU_BIN="$(bash scripts/install-broker.sh)"
+    echo "$MESHGUARD_TANSU_BIN"
+fi
+export MESHGUARD_TANSU_BIN
+"$MESHGUARD_TANSU_BIN" --version
+
+section "Format (cargo fmt --check)"
+cargo fmt --all --check
+
+section "Lints (cargo clippy -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+section "Tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --all-targets --locked --no-fail-fast
+else
+    echo "(cargo-nextest not installed: using cargo test)"
+    cargo test --workspace --all-targets --locked --no-fail-fast
+fi
+
+section "All passed in $((SECONDS - started)) s"

@@ -1,0 +1,207 @@
+//! `meshguard bench`: the end-to-end harness. Against a broker (a real one, or the embedded one
+//! when `--brokers` is absent) it measures
+//! 1. **throughput**: N simulated events are published first; then a fresh pipeline consumes them
+//!    all, and events/s is reported per second of meshguard's own CPU time (user + system of this
+//!    process during the phase, from `/proc/self/stat`), and per second of wall time;
+//! 2. **latency**: traffic is published at a fixed rate with event time = publish time, and a
+//!    consumer of the findings topic measures publish → finding received, p50/p99.
+//!
+//! The broker's CPU is reported separately when its pid is given (`--broker-pid`), since it shares
+//! the machine. Results are printed as one JSON object for BENCHMARKS.md.
+#![allow(clippy::print_stdout, reason = "the harness reports on stdout")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use meshguard_ingest::simulator::Simulator;
+use meshguard_ingest::{KafkaConfig, KafkaSink};
+use prometheus::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::pipeline::{LiveStats, Pipeline};
+use crate::simulate::{self, Plan};
+
+/// Linux reports process times in USER_HZ ticks, fixed at 100 by the kernel ABI.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) of a process from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// Broker; `None`: embedded.
+    pub brokers: Option<String>,
+    /// Events for the throughput phase.
+    pub events: u64,
+    /// Rate for the latency phase (events/s); 0 skips it.
+    pub latency_rate: u64,
+    /// Length of the latency phase.
+    pub latency_seconds: u64,
+    /// The broker's pid, to report its CPU.
+    pub broker_pid: Option<String>,
+}
+
+fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::TempDir)> {
+    let mut cfg = base.clone();
+    let dir = tempfile::Builder::new().prefix("meshguard-bench-").tempdir()?;
+    cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
+    cfg.kafka.group_id = format!("meshguard-bench-{tag}-{}", std::process::id());
+    Ok((cfg, dir))
+}
+
+/// Runs a pipeline until it has read `target` records (or `stop`), returning (wall, cpu) seconds.
+fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<AtomicBool>) -> anyhow::Result<(Arc<LiveStats>, f64, f64)> {
+    let stats = Arc::new(LiveStats::default());
+    let registry = Registry::new();
+    let pipeline = Pipeline::start(cfg, kafka, &registry, stats.clone())?;
+    let cpu0 = cpu_seconds("self").unwrap_or(0.0);
+    let t0 = Instant::now();
+    let watcher_stats = stats.clone();
+    let watcher_stop = stop.clone();
+    let watcher = std::thread::spawn(move || {
+        while !watcher_stop.load(Ordering::Relaxed) {
+            if watcher_stats.records.load(Ordering::Relaxed) >= target {
+                watcher_stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            std::thread::park_timeout(Duration::from_millis(2));
+        }
+    });
+    pipeline.run(&stop)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("self").unwrap_or(0.0) - cpu0;
+    let _ = watcher.join();
+    Ok((stats, wall, cpu))
+}
+
+/// Runs both phases and prints the JSON report.
+pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
+    let topics = base.topics.clone();
+    let _embedded;
+    let brokers = match &args.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let e = meshguard_ingest::EmbeddedBroker::start(&topics, base.kafka.partitions)?;
+            let b = e.bootstrap();
+            _embedded = e;
+            b
+        }
+    };
+    let kafka = base.kafka.connection(&brokers);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(meshguard_ingest::admin::ensure_topics(&kafka, &topics, base.kafka.partitions))?;
+
+    // Phase 1: publish N events, then consume them all.
+    let plan = Plan { sim: base.simulator.clone(), rate: 100_000, duration: None };
+    let mut sim = Simulator::new(simulate::sim_config(&plan, &topics, chrono::Utc::now().timestamp_millis()));
+    let sink = KafkaSink::new(&kafka)?;
+    let publish_started = Instant::now();
+    let mut records = sim.bootstrap();
+    let mut total = records.len() as u64;
+    simulate::send_all(&sink, &sim.config().topics, &records)?;
+    let mut left = args.events;
+    while left > 0 {
+        let n = left.min(50_000) as usize;
+        records.clear();
+        sim.next_batch(n, &mut records);
+        simulate::send_all(&sink, &sim.config().topics, &records)?;
+        total += records.len() as u64;
+        left -= n as u64;
+        eprintln!("meshguard bench: published {total} records");
+    }
+    sink.flush(Duration::from_secs(120))?;
+    drop(sink);
+    let publish_seconds = publish_started.elapsed().as_secs_f64();
+    let broker_cpu0 = args.broker_pid.as_deref().and_then(cpu_seconds);
+
+    let (cfg, _dir) = fresh_config(base, "throughput")?;
+    let (stats, wall, cpu) = run_pipeline_until(cfg, &kafka, total, Arc::new(AtomicBool::new(false)))?;
+    let broker_cpu = broker_cpu0.and_then(|c0| args.broker_pid.as_deref().and_then(cpu_seconds).map(|c1| c1 - c0));
+    let read = stats.records.load(Ordering::Relaxed);
+    let findings: u64 = stats.findings.iter().map(|f| f.load(Ordering::Relaxed)).sum();
+
+    // Phase 2: latency at a fixed rate.
+    let latency = if args.latency_rate > 0 { Some(latency_phase(base, &kafka, args)?) } else { None };
+
+    let report = json!({
+        "commit": option_env!("MESHGUARD_COMMIT").unwrap_or("unknown"),
+        "broker": if args.brokers.is_some() { "external" } else { "embedded (librdkafka mock)" },
+        "events_published": total,
+        "publish_seconds": publish_seconds,
+        "throughput": {
+            "records_read": read,
+            "findings": findings,
+            "wall_seconds": wall,
+            "meshguard_cpu_seconds": cpu,
+            "events_per_second_wall": read as f64 / wall,
+            "events_per_cpu_second": read as f64 / cpu.max(1e-9),
+            "broker_cpu_seconds": broker_cpu,
+        },
+        "latency": latency,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let topics = base.topics.clone();
+    let (cfg, _dir) = fresh_config(base, "latency")?;
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The findings consumer starts at the current end, so only this phase's findings count.
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", format!("meshguard-bench-latency-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .context("creating the latency consumer")?;
+    consumer.subscribe(&[&topics.findings])?;
+    let reader_stop = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut latencies = Vec::new();
+        while !reader_stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let now = chrono::Utc::now().timestamp_millis();
+                if let Some(f) = m.payload().and_then(|p| serde_json::from_slice::<meshguard_schemas::output::Finding>(p).ok()) {
+                    latencies.push(now - f.event_ts);
+                }
+            }
+        }
+        latencies
+    });
+
+    let kafka_p = kafka.clone();
+    let pipeline_stop = stop.clone();
+    let pipeline = std::thread::spawn(move || run_pipeline_until(cfg, &kafka_p, u64::MAX, pipeline_stop));
+    // Let the pipeline join the group and load the directory before traffic starts.
+    std::thread::sleep(Duration::from_secs(3));
+    let plan = Plan { sim: base.simulator.clone(), rate: args.latency_rate, duration: Some(Duration::from_secs(args.latency_seconds)) };
+    let sim_stop = Arc::new(AtomicBool::new(false));
+    let sent = AtomicU64::new(0);
+    simulate::drive(kafka, &topics, &plan, &sim_stop, &sent)?;
+    // Findings of the last attempts are in flight: give them a bounded moment to arrive.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let _ = pipeline.join();
+    let mut lat = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied();
+    Ok(
+        json!({ "rate": args.latency_rate, "seconds": args.latency_seconds, "findings": lat.len(), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat.last() }),
+    )
+}

@@ -1,0 +1,275 @@
+//! meshguard's configuration: one TOML file, every field typed, documented and defaulted, every
+//! field overridable by an environment variable `MESHGUARD_<SECTION>__<FIELD>` (for example
+//! `MESHGUARD_KAFKA__BROKERS=127.0.0.1:9092`, `MESHGUARD_PIPELINE__BATCH_MAX_RECORDS=20000`).
+//! A bad configuration is refused at start with the field and the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use meshguard_analytics::EngineConfig;
+use meshguard_ingest::{KafkaConfig, Topics};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the Kafka cluster is.
+    pub kafka: KafkaSection,
+    /// Topic names (defaults: the contract's).
+    pub topics: Topics,
+    /// Micro-batches and checkpoints.
+    pub pipeline: PipelineSection,
+    /// Event time and state retention.
+    pub engine: EngineSection,
+    /// The HTTP listener (metrics).
+    pub http: HttpSection,
+    /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
+    pub simulator: SimulatorSection,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// Bootstrap servers, `host:port[,host:port]`. Unset: `meshguard run` starts an embedded broker.
+    pub brokers: Option<String>,
+    /// Consumer group of the detection workers.
+    pub group_id: String,
+    /// Stable id of this worker within the group (static membership): set a different one per
+    /// worker, e.g. the host name, so a restarted worker takes its partitions back at once.
+    pub instance_id: Option<String>,
+    /// Partitions of topics meshguard creates when they are missing.
+    pub partitions: i32,
+    /// Extra librdkafka properties for every client (e.g. `security.protocol`, `sasl.password`).
+    /// Values are secrets: never logged, printed as `***`.
+    pub client: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let client: BTreeMap<&str, &str> = self.client.keys().map(|k| (k.as_str(), "***")).collect();
+        f.debug_struct("KafkaSection")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("instance_id", &self.instance_id)
+            .field("partitions", &self.partitions)
+            .field("client", &client)
+            .finish()
+    }
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        Self { brokers: None, group_id: default_group_id(), instance_id: None, partitions: default_partitions(), client: BTreeMap::new() }
+    }
+}
+
+/// The consumer group of the contract's deployment guide.
+fn default_group_id() -> String {
+    "meshguard".into()
+}
+
+/// Enough partitions for a few workers on a small cluster.
+fn default_partitions() -> i32 {
+    6
+}
+
+impl KafkaSection {
+    /// The ingest crate's connection settings for `brokers`.
+    pub fn connection(&self, brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            group_id: self.group_id.clone(),
+            instance_id: self.instance_id.clone(),
+            client: self.client.clone(),
+        }
+    }
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineSection {
+    /// Most records in one micro-batch.
+    pub batch_max_records: usize,
+    /// Longest wait to fill a micro-batch, ms.
+    pub batch_max_wait_ms: u64,
+    /// Largest accepted input record, bytes; larger ones are dead-lettered unread.
+    pub max_record_bytes: usize,
+    /// Time between checkpoints, ms.
+    pub checkpoint_interval_ms: u64,
+    /// Directory of checkpoints (state and offsets). Workers of one group on one machine may share
+    /// it. `meshguard run` without `--brokers` uses a fresh temporary directory instead.
+    pub checkpoint_dir: PathBuf,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            // DESIGN.md: about 10,000 records / 50 ms.
+            batch_max_records: 10_000,
+            batch_max_wait_ms: 50,
+            max_record_bytes: meshguard_schemas::DEFAULT_MAX_RECORD_BYTES,
+            checkpoint_interval_ms: 5_000,
+            checkpoint_dir: PathBuf::from(".meshguard/checkpoints"),
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Allowed lateness of events behind their partition's newest, ms (contract default 30 s).
+    pub allowed_lateness_ms: i64,
+    /// How long (event time) emitted finding ids are remembered to drop repeats, ms.
+    pub dedup_horizon_ms: i64,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        Self { allowed_lateness_ms: d.allowed_lateness_ms, dedup_horizon_ms: d.dedup_horizon_ms }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Address of the HTTP listener serving `/metrics`; loopback by default. Empty: no listener.
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        // 9464: the port OpenTelemetry's Prometheus exporters use by convention.
+        Self { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+/// `[simulator]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorSection {
+    /// Message attempts per second.
+    pub rate: u64,
+    /// Registered UUIDs.
+    pub devices: usize,
+    /// Share of attempts that break a rule.
+    pub violation_ratio: f64,
+    /// Share of records that are malformed (dead-lettered).
+    pub malformed_ratio: f64,
+    /// Seed; the same seed gives the same traffic.
+    pub seed: u64,
+}
+
+impl Default for SimulatorSection {
+    fn default() -> Self {
+        Self { rate: 2_000, devices: 1_000, violation_ratio: 0.02, malformed_ratio: 0.001, seed: 42 }
+    }
+}
+
+impl Config {
+    /// Reads `file` (if given), applies `MESHGUARD_*` environment overrides, and validates.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut fig = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("configuration file {} does not exist", file.display());
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        let cfg: Config = fig
+            // Every field lives in a section, so overrides are exactly the `MESHGUARD_<SECTION>__…`
+            // variables; `MESHGUARD_LOG`, `MESHGUARD_CONFIG`, `MESHGUARD_CACHE` are not configuration.
+            .merge(Env::prefixed("MESHGUARD_").filter(|k| k.as_str().contains("__")).split("__"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("{}", describe(e)))
+            .with_context(|| match file {
+                Some(f) => format!("invalid configuration ({} and MESHGUARD_* variables)", f.display()),
+                None => "invalid configuration (MESHGUARD_* variables)".to_owned(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let p = &self.pipeline;
+        let checks: [(bool, &str, String); 8] = [
+            (p.batch_max_records > 0, "pipeline.batch_max_records", "must be at least 1".into()),
+            (p.batch_max_wait_ms > 0, "pipeline.batch_max_wait_ms", "must be at least 1".into()),
+            (p.max_record_bytes >= 64, "pipeline.max_record_bytes", "must be at least 64".into()),
+            (p.checkpoint_interval_ms >= 100, "pipeline.checkpoint_interval_ms", "must be at least 100".into()),
+            (self.engine.allowed_lateness_ms >= 0, "engine.allowed_lateness_ms", "must not be negative".into()),
+            (self.engine.dedup_horizon_ms >= 0, "engine.dedup_horizon_ms", "must not be negative".into()),
+            (self.kafka.partitions >= 1, "kafka.partitions", "must be at least 1".into()),
+            (
+                (0.0..=1.0).contains(&self.simulator.violation_ratio) && (0.0..=1.0).contains(&self.simulator.malformed_ratio),
+                "simulator.violation_ratio/malformed_ratio",
+                "must be between 0 and 1".into(),
+            ),
+        ];
+        for (ok, field, reason) in checks {
+            if !ok {
+                bail!("invalid configuration: `{field}` {reason}");
+            }
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("invalid configuration: `http.listen` must be an address like 127.0.0.1:9464, found {:?}", self.http.listen);
+        }
+        if let Some(b) = &self.kafka.brokers
+            && b.trim().is_empty()
+        {
+            bail!("invalid configuration: `kafka.brokers` is empty");
+        }
+        Ok(())
+    }
+
+    /// The engine's settings.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig { allowed_lateness_ms: self.engine.allowed_lateness_ms, dedup_horizon_ms: self.engine.dedup_horizon_ms }
+    }
+}
+
+/// figment's errors name the key path and the source (file or variable); keep all of them.
+fn describe(e: figment::Error) -> String {
+    e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unknown_fields_are_refused_by_name() {
+        Config::default().validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.toml");
+        std::fs::write(&f, "[pipeline]\nbatch_max_recordz = 5\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("batch_max_recordz"), "{err}");
+        std::fs::write(&f, "[pipeline]\nbatch_max_records = 0\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("pipeline.batch_max_records") && err.contains("at least 1"), "{err}");
+        std::fs::write(&f, "[pipeline]\nbatch_max_records = \"many\"\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("batch_max_records") && err.contains("many"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut k = KafkaSection::default();
+        k.client.insert("sasl.password".into(), "hunter2".into());
+        let shown = format!("{k:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
+    }
+}

@@ -1,0 +1,343 @@
+//! The detection worker's loop: poll → decode → detect → publish, with periodic checkpoints.
+//!
+//! The checkpoint protocol (effectively once):
+//! 1. flush the producer: every finding and dead letter sent so far is on the broker;
+//! 2. note the findings topic's end offsets in the engine (for the read-back on restore);
+//! 3. snapshot the engine and save it durably (state and input offsets together);
+//! 4. only then commit the same input offsets to the consumer group.
+//!
+//! On start: restore the checkpoint, read back the findings written after it (a crash may have
+//! left some) so the replay does not repeat them, read the registry and presence to their end,
+//! then resume every partition from its checkpointed offset.
+//!
+//! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, MicroBatch};
+use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent};
+use meshguard_ingest::{IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
+use meshguard_schemas::output::Finding;
+use meshguard_schemas::{BatchDecoder, FindingKind, InputTopic};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+/// How long Kafka admin and flush calls may take before the worker gives up.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counters shared with the live summary printer.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    /// Input records read.
+    pub records: AtomicU64,
+    /// Records dead-lettered.
+    pub dead_letters: AtomicU64,
+    /// Findings per kind (indexed by code).
+    pub findings: [AtomicU64; 12],
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
+}
+
+/// Pipeline metrics beyond ingest's.
+#[derive(Debug, Clone)]
+pub struct PipelineMetrics {
+    findings: IntCounterVec,
+    batch_seconds: Histogram,
+    latency_seconds: Histogram,
+    checkpoint_seconds: Histogram,
+    late_events: IntCounter,
+    consumer_lag: IntGauge,
+}
+
+impl PipelineMetrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let findings = IntCounterVec::new(Opts::new("meshguard_findings_total", "Findings published, by kind."), &["kind"])?;
+        let buckets = prometheus::exponential_buckets(0.000_5, 2.0, 16)?;
+        let batch_seconds = Histogram::with_opts(
+            HistogramOpts::new("meshguard_batch_duration_seconds", "Time to decode, detect and publish one micro-batch.")
+                .buckets(buckets.clone()),
+        )?;
+        let latency_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "meshguard_detection_latency_seconds",
+                "From an attempt's Kafka timestamp to its finding being queued for publishing.",
+            )
+            .buckets(buckets.clone()),
+        )?;
+        let checkpoint_seconds = Histogram::with_opts(
+            HistogramOpts::new("meshguard_checkpoint_duration_seconds", "Time to flush, save and commit one checkpoint.").buckets(buckets),
+        )?;
+        let late_events = IntCounter::new("meshguard_late_events_total", "Events older than their partition's watermark on arrival.")?;
+        let consumer_lag =
+            IntGauge::new("meshguard_consumer_lag_records", "Records of the keyed input topics not yet consumed by this worker.")?;
+        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(findings.clone()),
+            Box::new(batch_seconds.clone()),
+            Box::new(latency_seconds.clone()),
+            Box::new(checkpoint_seconds.clone()),
+            Box::new(late_events.clone()),
+            Box::new(consumer_lag.clone()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        Ok(Self { findings, batch_seconds, latency_seconds, checkpoint_seconds, late_events, consumer_lag })
+    }
+}
+
+/// One detection worker. See the module docs.
+pub struct Pipeline {
+    cfg: Config,
+    source: KafkaSource,
+    sink: KafkaSink,
+    engine: Engine,
+    store: LocalCheckpointStore,
+    decoders: [BatchDecoder; 4],
+    topics: Topics,
+    ingest_metrics: IngestMetrics,
+    metrics: PipelineMetrics,
+    stats: Arc<LiveStats>,
+    reported_late: u64,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Connects to `kafka`, restores the checkpoint in `cfg.pipeline.checkpoint_dir` and reads the
+    /// global tables to their end. Returns when the worker is ready to detect.
+    pub fn start(cfg: Config, kafka: &KafkaConfig, registry: &Registry, stats: Arc<LiveStats>) -> anyhow::Result<Self> {
+        let topics = cfg.topics.clone();
+        let store = LocalCheckpointStore::open(&cfg.pipeline.checkpoint_dir)
+            .with_context(|| format!("opening the checkpoint directory {}", cfg.pipeline.checkpoint_dir.display()))?;
+        let mut engine = Engine::new(cfg.engine());
+        let checkpoint = store.load().context("reading the last checkpoint")?;
+        let mut global_positions = Vec::new();
+        let mut sink_positions = Vec::new();
+        if let Some(cp) = checkpoint {
+            info!(message = "Restoring from checkpoint.", dir = %store.dir().display(), partitions = cp.partitions.len());
+            engine.restore(cp).context("restoring the checkpoint")?;
+            global_positions = engine.global_positions().into_iter().map(|p| (p.topic, p.partition, p.next_offset)).collect();
+            sink_positions = engine.sink_positions.clone();
+        }
+
+        // Each partition resumes where its own checkpoint file says, read at assignment time:
+        // whichever worker gets a partition gets its state.
+        let resolver_store = store.clone();
+        let resolver: OffsetResolver = Arc::new(move |topic, partition| {
+            resolver_store.load_partition(&(topic, partition)).ok().flatten().map(|s| s.next_offset).filter(|o| *o > 0)
+        });
+        let source = KafkaSource::new(kafka, topics.clone(), resolver)?;
+        let sink = KafkaSink::new(kafka)?;
+
+        // Findings written after the checkpoint by a run that crashed: the replay must not repeat them.
+        if !sink_positions.is_empty() {
+            let read = read_back_findings(&sink, &topics, &sink_positions, &mut engine)?;
+            info!(message = "Read back findings written after the checkpoint.", count = read);
+        }
+
+        let decoders = [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests]
+            .map(|t| BatchDecoder::new(t).with_max_record_bytes(cfg.pipeline.max_record_bytes));
+        let ingest_metrics = IngestMetrics::new(registry)?;
+        let metrics = PipelineMetrics::new(registry)?;
+        let mut pipeline = Self { cfg, source, sink, engine, store, decoders, topics, ingest_metrics, metrics, stats, reported_late: 0 };
+
+        pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
+        let mut raw = RawBatch::default();
+        pipeline.source.catch_up_globals(&mut raw, Duration::from_secs(120))?;
+        let n = raw.len();
+        pipeline.handle(&raw)?;
+        info!(message = "Global tables loaded.", records = n, registered = pipeline.engine.registry_len());
+        // A checkpoint before the first finding: it records where the findings topic ended, so a
+        // crash before the first periodic checkpoint is still read back, not repeated.
+        pipeline.checkpoint()?;
+        Ok(pipeline)
+    }
+
+    /// Runs until `stop` is set, then writes a last checkpoint.
+    pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let max_records = self.cfg.pipeline.batch_max_records;
+        let max_wait = Duration::from_millis(self.cfg.pipeline.batch_max_wait_ms);
+        let interval = Duration::from_millis(self.cfg.pipeline.checkpoint_interval_ms);
+        let mut raw = RawBatch::default();
+        let mut last_checkpoint = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            raw.clear();
+            self.source.poll(&mut raw, max_records, max_wait);
+            self.apply_rebalance();
+            if !raw.is_empty() {
+                self.handle(&raw)?;
+            }
+            if last_checkpoint.elapsed() >= interval {
+                self.checkpoint()?;
+                if let Some(lag) = self.source.lag(Duration::from_secs(1)) {
+                    self.metrics.consumer_lag.set(lag);
+                }
+                last_checkpoint = Instant::now();
+            }
+        }
+        self.checkpoint()?;
+        info!(message = "Stopped after a final checkpoint.");
+        Ok(())
+    }
+
+    fn apply_rebalance(&mut self) {
+        for event in self.source.take_rebalance_events() {
+            match event {
+                RebalanceEvent::Assigned(partitions) => {
+                    for id in partitions {
+                        if self.engine.partition(&id).is_none() {
+                            match self.store.load_partition(&id) {
+                                Ok(Some(state)) => {
+                                    // Taken over from another worker: skip what it wrote after its checkpoint.
+                                    if let Err(e) = read_back_findings(&self.sink, &self.topics, &state.sink_positions, &mut self.engine) {
+                                        warn!(message = "Reading back findings of a taken-over partition failed; repeats possible.", error = %e);
+                                    }
+                                    self.engine.restore_partition(id, state);
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    warn!(message = "Partition checkpoint unreadable; starting it empty.", topic = id.0.as_str(), partition = id.1, error = %e)
+                                }
+                            }
+                        }
+                    }
+                }
+                RebalanceEvent::Revoked(partitions) => {
+                    for id in partitions {
+                        self.engine.drop_partition(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, raw: &RawBatch) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let assembled = assemble(raw, &mut self.decoders, &self.topics, self.cfg.pipeline.max_record_bytes, now_ms);
+        for topic in InputTopic::ALL {
+            let n = raw.topic(topic).len() as u64;
+            if n > 0 {
+                self.ingest_metrics.records.with_label_values(&[topic.as_str()]).inc_by(n);
+            }
+        }
+        self.stats.records.fetch_add(raw.len() as u64, Ordering::Relaxed);
+
+        for (key, dl) in &assembled.dead_letters {
+            let topic = self.topics.input_of(&dl.topic).map_or("unknown", InputTopic::as_str);
+            self.ingest_metrics.deadletters.with_label_values(&[topic, dead_letter_field(dl.field.as_deref())]).inc();
+            let payload = serde_json::to_vec(dl)?;
+            self.sink.send(&self.topics.deadletter, key, &payload)?;
+        }
+        self.stats.dead_letters.fetch_add(assembled.dead_letters.len() as u64, Ordering::Relaxed);
+
+        let findings = self.engine.process(&assembled.batch, now_ms);
+        self.publish(&findings, &assembled.batch, raw, now_ms)?;
+
+        let late = self.engine.stats().late_events;
+        self.metrics.late_events.inc_by(late - self.reported_late);
+        self.reported_late = late;
+        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn publish(&mut self, findings: &[Finding], _batch: &MicroBatch, raw: &RawBatch, now_ms: i64) -> anyhow::Result<()> {
+        if findings.is_empty() {
+            return Ok(());
+        }
+        // Latency from the newest Kafka timestamp of the attempts (arrival at the broker) to now.
+        let arrived = raw.topic(InputTopic::Messages).timestamp_ms.iter().copied().max().unwrap_or(now_ms);
+        let mut key = [0u8; 36];
+        for f in findings {
+            let payload = serde_json::to_vec(f)?;
+            let key = f.offender.hyphenated().encode_lower(&mut key);
+            self.sink.send(&self.topics.findings, key.as_bytes(), &payload)?;
+            let kind = f.kind.code() as usize;
+            self.stats.findings[kind].fetch_add(1, Ordering::Relaxed);
+            self.metrics.findings.with_label_values(&[f.kind.as_str()]).inc();
+        }
+        self.metrics.latency_seconds.observe(((now_ms - arrived).max(0) as f64) / 1000.0);
+        Ok(())
+    }
+
+    /// See the module docs for the protocol.
+    fn checkpoint(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
+        let ends = self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?;
+        self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
+        let cp = self.engine.checkpoint();
+        self.store.save(&cp).context("saving a checkpoint")?;
+        let offsets: Vec<_> = cp.partitions.iter().filter(|(_, s)| s.next_offset > 0).map(|((t, p), s)| (*t, *p, s.next_offset)).collect();
+        self.source.commit(&offsets)?;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+/// Marks every finding on the findings topic after `positions` as already emitted.
+fn read_back_findings(sink: &KafkaSink, topics: &Topics, positions: &[(String, i32, i64)], engine: &mut Engine) -> anyhow::Result<usize> {
+    let from: Vec<(i32, i64)> = positions.iter().filter(|(t, _, _)| *t == topics.findings).map(|(_, p, o)| (*p, *o)).collect();
+    if from.is_empty() {
+        return Ok(0);
+    }
+    Ok(sink.read_back(&topics.findings, &from, KAFKA_TIMEOUT, |payload| {
+        if let Ok(f) = serde_json::from_slice::<Finding>(payload) {
+            engine.mark_emitted(f.id, f.event_ts);
+        }
+    })?)
+}
+
+/// The `field` label of the dead-letter metric: the contract's field names are a closed set, so
+/// the label stays bounded (`route[3]` becomes `route`; anything unexpected becomes `other`).
+fn dead_letter_field(field: Option<&str>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "id",
+        "ts",
+        "action",
+        "from",
+        "to",
+        "auth",
+        "target_token",
+        "route",
+        "location",
+        "payload_type",
+        "payload",
+        "payload_bytes",
+        "encrypted",
+        "protocol",
+        "broker",
+        "uuid",
+        "online",
+        "reporter",
+        "peer",
+        "kind",
+        "duration_s",
+        "access_point",
+        "device",
+        "resource",
+        "window",
+        "min_verified",
+        "(key)",
+    ];
+    let Some(field) = field else { return "record" };
+    let base = field.split(['[', '.']).next().unwrap_or(field);
+    KNOWN.iter().find(|k| **k == base).copied().unwrap_or("other")
+}
+
+/// Findings per kind so far, for summaries.
+pub fn findings_by_kind(stats: &LiveStats) -> HashMap<FindingKind, u64> {
+    FindingKind::ALL.iter().map(|k| (*k, stats.findings[k.code() as usize].load(Ordering::Relaxed))).filter(|(_, n)| *n > 0).collect()
+}

@@ -1,0 +1,223 @@
+//! End to end: the real `meshguard` binary against a real Kafka-protocol broker (tansu) on
+//! loopback. Contract traffic goes in, findings and dead letters come out, exactly once, across a
+//! crash. These tests need the broker installed (`bash scripts/install-broker.sh`); without it they
+//! fail with that instruction, they never skip.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use meshguard_ingest::simulator::{Label, SimConfig, SimRecord, Simulator, TopicNames};
+use meshguard_testkit::{Broker, ProduceRecord, consume_all, create_topics, produce};
+use serde_json::Value;
+
+const PARTITIONS: i32 = 3;
+const FINDINGS: &str = "meshguard.findings.v1";
+const DEADLETTER: &str = "meshguard.deadletter.v1";
+
+async fn setup(broker: &Broker) {
+    let topics: Vec<(&str, i32, bool)> = vec![
+        ("meshguard.messages.v1", PARTITIONS, false),
+        ("meshguard.presence.v1", PARTITIONS, false),
+        ("meshguard.interactions.v1", PARTITIONS, false),
+        ("meshguard.identity-requests.v1", PARTITIONS, false),
+        ("meshguard.registry.v1", PARTITIONS, true),
+        (FINDINGS, PARTITIONS, false),
+        ("meshguard.enforcement.v1", PARTITIONS, true),
+        ("meshguard.notifications.v1", PARTITIONS, false),
+        ("meshguard.identity-results.v1", PARTITIONS, false),
+        (DEADLETTER, PARTITIONS, false),
+    ];
+    create_topics(&broker.bootstrap(), &topics).await.unwrap();
+}
+
+async fn publish(broker: &Broker, records: &[SimRecord]) {
+    let names = TopicNames::default();
+    let mut by_topic: HashMap<&str, Vec<ProduceRecord>> = HashMap::new();
+    for r in records {
+        by_topic.entry(names.name(r.topic)).or_default().push((Some(r.key.clone()), r.payload.clone(), Some(r.timestamp_ms)));
+    }
+    for (topic, recs) in by_topic {
+        produce(&broker.bootstrap(), topic, &recs).await.unwrap();
+    }
+}
+
+fn simulator(seed: u64) -> Simulator {
+    Simulator::new(SimConfig {
+        seed,
+        devices: 300,
+        start_ms: 1_795_539_600_000,
+        rate: 2_000,
+        violation_ratio: 0.05,
+        malformed_ratio: 0.01,
+        topics: TopicNames::default(),
+    })
+}
+
+/// The findings a correct pipeline gives for `records`: `(event id, kind)` per labelled attempt.
+fn expected(records: &[SimRecord]) -> (BTreeSet<(String, String)>, usize) {
+    let mut findings = BTreeSet::new();
+    let mut malformed = 0;
+    for r in records {
+        let kind = match r.label {
+            Some(Label::UnregisteredRequester) => "unregistered_requester",
+            Some(Label::BadCredentials) => "bad_credentials",
+            Some(Label::Malformed) => {
+                malformed += 1;
+                continue;
+            }
+            _ => continue,
+        };
+        let v: Value = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+        findings.insert((v["id"].as_str().unwrap().to_lowercase(), kind.to_owned()));
+    }
+    (findings, malformed)
+}
+
+fn spawn_meshguard(broker: &Broker, state: &Path, group: &str, checkpoint_ms: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
+        // Static membership: the restarted worker takes its partitions back at once (tansu 0.6
+        // never expires a killed member, so without it the partitions would stay with the dead one).
+        .env("MESHGUARD_KAFKA__INSTANCE_ID", format!("{group}-worker-1"))
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_DIR", state)
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", checkpoint_ms.to_string())
+        .env("MESHGUARD_KAFKA__GROUP_ID", group)
+        .env("MESHGUARD_KAFKA__PARTITIONS", PARTITIONS.to_string())
+        .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn terminate(mut child: Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "meshguard exited with {status} after SIGTERM");
+}
+
+/// Every finding as `(event_id, kind)`, asserting the contract's shape on each and that no id repeats.
+fn check_findings(records: &[meshguard_testkit::Record]) -> BTreeSet<(String, String)> {
+    let mut ids = BTreeSet::new();
+    let mut out = BTreeSet::new();
+    for r in records {
+        let v: Value = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+        for field in ["id", "ts", "event_ts", "event_id", "kind", "offender", "target", "action", "rule", "detail", "score", "severity"] {
+            assert!(v.get(field).is_some(), "finding lacks `{field}`: {v}");
+        }
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(ids.insert(id.clone()), "finding {id} published twice");
+        assert_eq!(id, id.to_lowercase());
+        let ts = v["event_ts"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.len() == "2026-11-24T17:00:00.123Z".len(), "time format: {ts}");
+        assert_eq!(r.key.as_deref(), Some(v["offender"].as_str().unwrap().as_bytes()), "keyed by offender");
+        out.insert((v["event_id"].as_str().unwrap().to_owned(), v["kind"].as_str().unwrap().to_owned()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn findings_and_dead_letters_through_a_real_broker() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let mut sim = simulator(7);
+    let mut records = sim.bootstrap();
+    sim.next_batch(6_000, &mut records);
+    let (want, malformed) = expected(&records);
+    assert!(want.len() > 100 && malformed > 10, "the traffic must exercise both kinds and dead letters");
+    publish(&broker, &records).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let child = spawn_meshguard(&broker, state.path(), "e2e-basic", 1_000);
+    let found = consume_all(&broker.bootstrap(), FINDINGS, want.len(), Duration::from_secs(90)).unwrap();
+    let dead = consume_all(&broker.bootstrap(), DEADLETTER, malformed, Duration::from_secs(30)).unwrap();
+    terminate(child);
+
+    let got = check_findings(&found);
+    let missing: Vec<_> = want.difference(&got).take(5).collect();
+    let extra: Vec<_> = got.difference(&want).take(5).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, unexpected {extra:?}");
+    assert_eq!(dead.len(), malformed);
+    for d in &dead {
+        let v: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
+        assert_eq!(v["topic"], "meshguard.messages.v1");
+        assert!(!v["reason"].as_str().unwrap().is_empty() && v["offset"].is_i64(), "{v}");
+    }
+    // Nothing more arrives after the expected set (no late duplicates).
+    let all = meshguard_testkit::consume_available(&broker.bootstrap(), FINDINGS, Duration::from_secs(10)).unwrap();
+    assert_eq!(all.len(), want.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_stream_loses_and_repeats_nothing() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let mut sim = simulator(11);
+    let mut first = sim.bootstrap();
+    sim.next_batch(4_000, &mut first);
+    let mut second = Vec::new();
+    sim.next_batch(4_000, &mut second);
+    let (want_first, _) = expected(&first);
+    let (want_second, _) = expected(&second);
+    publish(&broker, &first).await;
+
+    let state = tempfile::tempdir().unwrap();
+    // A checkpoint interval far longer than the run: everything it emits comes after its last
+    // (initial) checkpoint, the hardest case for a restart.
+    let mut child = spawn_meshguard(&broker, state.path(), "e2e-crash", 3_600_000);
+    let partial = consume_all(&broker.bootstrap(), FINDINGS, want_first.len() / 2, Duration::from_secs(90)).unwrap();
+    assert!(partial.len() >= want_first.len() / 2, "the first run produced findings before the crash");
+    child.kill().unwrap(); // SIGKILL: no final checkpoint, no flush.
+    child.wait().unwrap();
+
+    publish(&broker, &second).await;
+    let child = spawn_meshguard(&broker, state.path(), "e2e-crash", 1_000);
+    let total = want_first.len() + want_second.len();
+    let found = consume_all(&broker.bootstrap(), FINDINGS, total, Duration::from_secs(90)).unwrap();
+    terminate(child);
+    let all = meshguard_testkit::consume_available(&broker.bootstrap(), FINDINGS, Duration::from_secs(10)).unwrap();
+    assert_eq!(all.len(), found.len(), "nothing beyond the expected findings");
+
+    let got = check_findings(&all);
+    let want: BTreeSet<_> = want_first.union(&want_second).cloned().collect();
+    let missing: Vec<_> = want.difference(&got).take(5).collect();
+    assert!(missing.is_empty(), "lost across the crash: {missing:?}");
+    assert_eq!(got.len(), want.len());
+}
+
+#[test]
+fn run_with_no_setup_shows_findings() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--duration", "8", "--rate", "3000"])
+        .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {}: {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("events/s"), "live summary: {stdout}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.contains("unregistered_requester") && last.contains("bad_credentials"), "final summary: {last}");
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[pipeline]\ncheckpoint_interval_ms = 5\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshguard")).args(["run", "--config", file.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pipeline.checkpoint_interval_ms") && stderr.contains("at least 100"), "{stderr}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_meshguard")).args(["run"]).env("MESHGUARD_PIPELINE__BATCH_MAX_RECORDS", "lots").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(stderr.contains("pipeline.batch_max_records") && stderr.contains("lots"), "{stderr}");
+}
