@@ -22,7 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, SimulatorSection};
 use crate::pipeline::{LiveStats, Pipeline};
 use crate::simulate::{self, Plan};
 
@@ -38,6 +38,25 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / USER_HZ)
+}
+
+/// CPU seconds of this process's threads, leaving out the embedded broker's (`rdk:mock…`), which
+/// stands in for the cluster and is not meshguard's work. Threads that ended are not counted, so
+/// measure phases whose threads outlive them.
+fn meshguard_cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return cpu_seconds("self").unwrap_or(0.0) };
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.starts_with("rdk:mock") {
+            continue;
+        }
+        if let Some(id) = path.file_name().and_then(|n| n.to_str()) {
+            total += cpu_seconds(&format!("self/task/{id}")).unwrap_or(0.0);
+        }
+    }
+    total
 }
 
 /// What to measure.
@@ -68,7 +87,7 @@ fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<A
     let stats = Arc::new(LiveStats::default());
     let registry = Registry::new();
     let pipeline = Pipeline::start(cfg, kafka, &registry, stats.clone())?;
-    let cpu0 = cpu_seconds("self").unwrap_or(0.0);
+    let cpu0 = meshguard_cpu_seconds();
     let t0 = Instant::now();
     let watcher_stats = stats.clone();
     let watcher_stop = stop.clone();
@@ -81,9 +100,23 @@ fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<A
             std::thread::park_timeout(Duration::from_millis(2));
         }
     });
+    // Measured before `run` returns, while the pipeline's librdkafka threads still exist.
+    let cpu_at_end = Arc::new(std::sync::Mutex::new(None));
+    let cpu_slot = cpu_at_end.clone();
+    let end_stop = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        while !end_stop.load(Ordering::Relaxed) {
+            std::thread::park_timeout(Duration::from_millis(2));
+        }
+        if let Ok(mut slot) = cpu_slot.lock() {
+            *slot = Some((meshguard_cpu_seconds(), Instant::now()));
+        }
+    });
     pipeline.run(&stop)?;
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds("self").unwrap_or(0.0) - cpu0;
+    let _ = sampler.join();
+    let (cpu_end, t_end) = cpu_at_end.lock().ok().and_then(|s| *s).unwrap_or((meshguard_cpu_seconds(), Instant::now()));
+    let wall = t_end.duration_since(t0).as_secs_f64();
+    let cpu = cpu_end - cpu0;
     let _ = watcher.join();
     Ok((stats, wall, cpu))
 }
@@ -102,11 +135,18 @@ pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
         }
     };
     let kafka = base.kafka.connection(&brokers);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(meshguard_ingest::admin::ensure_topics(&kafka, &topics, base.kafka.partitions))?;
+    if args.brokers.is_some() {
+        // The embedded broker created its topics when it started.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(meshguard_ingest::admin::ensure_topics(&kafka, &topics, base.kafka.partitions))?;
+    }
 
     // Phase 1: publish N events, then consume them all.
-    let plan = Plan { sim: base.simulator.clone(), rate: 100_000, duration: None };
+    // At high rates the simulator needs about rate/8 devices to keep every requester under the
+    // contract's per-requester throttle, i.e. to stay realistic traffic.
+    let rate = 100_000;
+    let sim_cfg = SimulatorSection { devices: base.simulator.devices.max(rate as usize / 8), ..base.simulator.clone() };
+    let plan = Plan { sim: sim_cfg, rate, duration: None };
     let mut sim = Simulator::new(simulate::sim_config(&plan, &topics, chrono::Utc::now().timestamp_millis()));
     let sink = KafkaSink::new(&kafka)?;
     let publish_started = Instant::now();
@@ -190,7 +230,8 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     let pipeline = std::thread::spawn(move || run_pipeline_until(cfg, &kafka_p, u64::MAX, pipeline_stop));
     // Let the pipeline join the group and load the directory before traffic starts.
     std::thread::sleep(Duration::from_secs(3));
-    let plan = Plan { sim: base.simulator.clone(), rate: args.latency_rate, duration: Some(Duration::from_secs(args.latency_seconds)) };
+    let sim_cfg = SimulatorSection { devices: base.simulator.devices.max(args.latency_rate as usize / 8), ..base.simulator.clone() };
+    let plan = Plan { sim: sim_cfg, rate: args.latency_rate, duration: Some(Duration::from_secs(args.latency_seconds)) };
     let sim_stop = Arc::new(AtomicBool::new(false));
     let sent = AtomicU64::new(0);
     simulate::drive(kafka, &topics, &plan, &sim_stop, &sent)?;

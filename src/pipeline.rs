@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, MicroBatch};
+use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent};
 use meshguard_ingest::{IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
 use meshguard_schemas::output::Finding;
@@ -243,7 +243,7 @@ impl Pipeline {
         self.stats.dead_letters.fetch_add(assembled.dead_letters.len() as u64, Ordering::Relaxed);
 
         let findings = self.engine.process(&assembled.batch, now_ms);
-        self.publish(&findings, &assembled.batch, raw, now_ms)?;
+        self.publish(&findings, raw, now_ms)?;
 
         let late = self.engine.stats().late_events;
         self.metrics.late_events.inc_by(late - self.reported_late);
@@ -252,7 +252,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn publish(&mut self, findings: &[Finding], _batch: &MicroBatch, raw: &RawBatch, now_ms: i64) -> anyhow::Result<()> {
+    fn publish(&mut self, findings: &[Finding], raw: &RawBatch, now_ms: i64) -> anyhow::Result<()> {
         if findings.is_empty() {
             return Ok(());
         }

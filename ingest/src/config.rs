@@ -50,10 +50,19 @@ impl KafkaConfig {
 
     /// A librdkafka config with the bootstrap servers and the extra properties.
     pub fn client_config(&self) -> ClientConfig {
+        self.client_config_with(&[])
+    }
+
+    /// A librdkafka config with meshguard's `defaults` for one kind of client, which the extra
+    /// properties of [`KafkaConfig::client`] override.
+    pub fn client_config_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         // Fail fast on a wrong address rather than retrying quietly forever at start.
         c.set("socket.connection.setup.timeout.ms", "10000");
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.client {
             c.set(k, v);
         }

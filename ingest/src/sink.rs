@@ -58,12 +58,11 @@ impl std::fmt::Debug for KafkaSink {
 impl KafkaSink {
     /// An idempotent producer.
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
+        // Defaults; `[kafka.client]` overrides any of them. librdkafka's idempotent producer
+        // busy-polls against tansu 0.6 (librdkafka issue #2565; see BENCHMARKS.md), where
+        // `"enable.idempotence" = "false"` is the workaround: restores read back what a crash left.
         let producer = kafka
-            .client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000")
+            .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext::default())
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Self { producer, kafka: kafka.clone() })

@@ -311,16 +311,24 @@ impl KafkaSource {
                 None => break,
             }
         }
+        // Take what is already fetched without waiting (and without reading the clock per record);
+        // only when the queue runs dry, wait for more until the batch's deadline.
         let deadline = Instant::now() + max_wait;
+        let mut wait = Duration::ZERO;
         while out.len() < max_records {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.group.poll(left) {
-                Some(Ok(m)) => self.push(out, &m),
+            match self.group.poll(wait) {
+                Some(Ok(m)) => {
+                    self.push(out, &m);
+                    wait = Duration::ZERO;
+                }
                 Some(Err(e)) => warn!(message = "Consumer error.", error = %e),
+                None if wait.is_zero() => {
+                    wait = deadline.saturating_duration_since(Instant::now());
+                    if wait.is_zero() {
+                        break;
+                    }
+                }
                 None => break,
-            }
-            if left.is_zero() {
-                break;
             }
         }
     }

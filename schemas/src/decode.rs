@@ -22,7 +22,9 @@ use arrow::compute::filter;
 use arrow::datatypes::{Float64Type, SchemaRef, UInt8Type};
 use arrow::json::ReaderBuilder;
 use arrow::record_batch::RecordBatch;
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::enums::{Action, Auth, InteractionKind};
@@ -99,8 +101,9 @@ impl BatchDecoder {
             None => {
                 // Slow path: find the bad records one by one, then decode the rest.
                 let mut good = Vec::with_capacity(candidates.len());
+                let mut fields = Vec::new();
                 for &i in &candidates {
-                    match self.check_record(i as usize, payloads[i as usize]) {
+                    match self.check_record(i as usize, payloads[i as usize], &mut fields) {
                         Ok(()) => good.push(i),
                         Err(e) => rejected.push(e),
                     }
@@ -184,64 +187,62 @@ impl BatchDecoder {
     }
 
     /// Per-record check of syntax and types, mirroring what arrow-json refuses, with precise errors.
-    fn check_record(&self, index: usize, payload: &[u8]) -> Result<(), RecordError> {
-        let value: Value = serde_json::from_slice(payload)
-            .map_err(|e| RecordError::new(index, None, "one valid JSON object", format!("invalid JSON ({e})")))?;
-        let Value::Object(obj) = &value else {
-            return Err(RecordError::new(index, None, "a JSON object", json_kind(&value)));
-        };
+    fn check_record<'p>(&self, index: usize, payload: &'p [u8], fields: &mut Vec<(Cow<'p, str>, &'p RawValue)>) -> Result<(), RecordError> {
+        // Borrowed scan of the top-level fields: no value is built or copied, so checking a whole
+        // poisoned batch costs about one more parse, not a tree of allocations per record.
+        fields.clear();
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        let scanned = serde::de::DeserializeSeed::deserialize(TopLevel(&mut *fields), &mut de).and_then(|()| de.end());
+        if let Err(e) = scanned {
+            return Err(match serde_json::from_slice::<&RawValue>(payload) {
+                Ok(v) => RecordError::new(index, None, "a JSON object", top_level_kind(v.get())),
+                Err(_) => RecordError::new(index, None, "one valid JSON object", format!("invalid JSON ({e})")),
+            });
+        }
         for spec in self.topic.fields() {
-            let Some(v) = obj.get(spec.name) else {
-                continue;
-            };
-            if v.is_null() {
+            let Some(raw) = fields.iter().rev().find(|(k, _)| k == spec.name).map(|(_, v)| v.get()) else { continue };
+            let first = raw.as_bytes().first().copied().unwrap_or(b'n');
+            if first == b'n' {
                 continue;
             }
-            let err = |found: String| RecordError::new(index, Some(spec.name), spec.expected(), found);
+            let is_number = first == b'-' || first.is_ascii_digit();
             let ok = match spec.ty {
-                FieldType::Uuid | FieldType::Str | FieldType::Action | FieldType::Auth | FieldType::InteractionKind => v.is_string(),
-                FieldType::Time => match v {
-                    Value::Number(_) => true,
-                    Value::String(s) => parse_time_str(s).is_some(),
-                    _ => false,
-                },
-                FieldType::Bool => v.is_boolean(),
-                FieldType::Int | FieldType::Float => v.is_number(),
-                FieldType::Json => v.is_object(),
-                FieldType::UuidList => match v {
-                    Value::Array(items) => {
-                        if let Some((k, item)) = items.iter().enumerate().find(|(_, item)| !item.is_string()) {
-                            return Err(RecordError::new(index, Some(&format!("{}[{k}]", spec.name)), "a UUID", found_text(item)));
+                FieldType::Uuid | FieldType::Str | FieldType::Action | FieldType::Auth | FieldType::InteractionKind => first == b'"',
+                FieldType::Time => {
+                    is_number
+                        || (first == b'"' && serde_json::from_str::<Cow<'_, str>>(raw).ok().is_some_and(|s| parse_time_str(&s).is_some()))
+                }
+                FieldType::Bool => first == b't' || first == b'f',
+                FieldType::Int | FieldType::Float => is_number,
+                FieldType::Json => first == b'{',
+                FieldType::UuidList => match serde_json::from_str::<Vec<&RawValue>>(raw) {
+                    Ok(items) => {
+                        if let Some((k, item)) = items.iter().enumerate().find(|(_, item)| !item.get().starts_with('"')) {
+                            let field = format!("{}[{k}]", spec.name);
+                            return Err(RecordError::new(index, Some(&field), "a UUID", raw_kind(item.get())));
                         }
                         true
                     }
-                    _ => false,
+                    Err(_) => false,
                 },
-                FieldType::Location => match v {
-                    Value::Object(loc) => {
-                        for (key, want_number) in [("lat", true), ("lon", true), ("country", false)] {
-                            match loc.get(key) {
-                                None | Some(Value::Null) => {}
-                                Some(Value::Number(_)) if want_number => {}
-                                Some(Value::String(_)) if !want_number => {}
-                                Some(other) => {
-                                    let expected = if want_number { "a number (degrees)" } else { "a string (ISO 3166 alpha-2)" };
-                                    return Err(RecordError::new(
-                                        index,
-                                        Some(&format!("{}.{key}", spec.name)),
-                                        expected,
-                                        found_text(other),
-                                    ));
-                                }
+                FieldType::Location => match serde_json::from_str::<RawLocation<'_>>(raw) {
+                    Ok(loc) => {
+                        for (key, value, want_number) in [("lat", loc.lat, true), ("lon", loc.lon, true), ("country", loc.country, false)] {
+                            let Some(v) = value.map(RawValue::get) else { continue };
+                            let b = v.as_bytes().first().copied().unwrap_or(b'n');
+                            let fits = b == b'n' || if want_number { b == b'-' || b.is_ascii_digit() } else { b == b'"' };
+                            if !fits {
+                                let expected = if want_number { "a number (degrees)" } else { "a string (ISO 3166 alpha-2)" };
+                                return Err(RecordError::new(index, Some(&format!("{}.{key}", spec.name)), expected, raw_kind(v)));
                             }
                         }
                         true
                     }
-                    _ => false,
+                    Err(_) => false,
                 },
             };
             if !ok {
-                return Err(err(found_text(v)));
+                return Err(RecordError::new(index, Some(spec.name), spec.expected(), raw_kind(raw)));
             }
         }
         Ok(())
@@ -538,21 +539,60 @@ fn false_when_null(col: &BooleanArray) -> BooleanArray {
     }
 }
 
-fn json_kind(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => format!("boolean {b}"),
-        Value::Number(n) => format!("number {n}"),
-        Value::String(s) => format!("string {s:?}"),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
+/// How an offending JSON value is shown in an error: scalars as written (shortened), containers by kind.
+fn raw_kind(raw: &str) -> String {
+    match raw.as_bytes().first() {
+        Some(b'[') => "an array".into(),
+        Some(b'{') => "an object".into(),
+        _ => crate::error::excerpt(raw),
     }
 }
 
-fn found_text(v: &Value) -> String {
-    match v {
-        Value::Array(_) | Value::Object(_) => json_kind(v),
-        other => other.to_string(),
+/// How a top-level value that is not an object is shown: its kind, then the value.
+fn top_level_kind(raw: &str) -> String {
+    match raw.as_bytes().first() {
+        Some(b'"') => format!("string {}", crate::error::excerpt(raw)),
+        Some(b't' | b'f') => format!("boolean {raw}"),
+        Some(b'-' | b'0'..=b'9') => format!("number {}", crate::error::excerpt(raw)),
+        _ => raw_kind(raw),
+    }
+}
+
+/// The fields of a location object, borrowed.
+#[derive(serde::Deserialize)]
+struct RawLocation<'a> {
+    #[serde(borrow, default)]
+    lat: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    lon: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    country: Option<&'a RawValue>,
+}
+
+/// Collects the top-level `(key, raw value)` pairs of a JSON object into a reused buffer.
+struct TopLevel<'v, 'de>(&'v mut Vec<(Cow<'de, str>, &'de RawValue)>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            self.0.push((key, value));
+        }
+        Ok(())
     }
 }
 

@@ -549,27 +549,3 @@ fn tiny_and_degenerate_configurations_work() {
         assert!(sim.pop.entities.len() >= population::MIN_POPULATION);
     }
 }
-
-/// `cargo test -p meshguard-ingest --release -- --ignored generation_throughput --nocapture`
-#[test]
-#[ignore = "a measurement, run in release"]
-fn generation_throughput() {
-    let mut sim = Simulator::new(config(42, 1_000, 0.02, 0.001));
-    let _ = sim.bootstrap();
-    let mut out = Vec::with_capacity(100_000);
-    let started = std::time::Instant::now();
-    let mut bytes = 0;
-    let total = 3_000_000;
-    for _ in 0..total / 100_000 {
-        out.clear();
-        sim.next_batch(100_000, &mut out);
-        bytes += out.iter().map(|r| r.payload.as_ref().map_or(0, Vec::len)).sum::<usize>();
-    }
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "{total} records in {secs:.2} s: {:.2} M records/s, {:.0} MB/s, {} exempt fallbacks",
-        total as f64 / secs / 1e6,
-        bytes as f64 / secs / 1e6,
-        sim.stats().exempt_fallbacks
-    );
-}
