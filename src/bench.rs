@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use meshguard_ingest::simulator::Simulator;
-use meshguard_ingest::{KafkaConfig, KafkaSink};
+use meshguard_ingest::{KafkaConfig, KafkaSink, Topics};
 use prometheus::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -82,6 +82,25 @@ fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::T
     Ok((cfg, dir))
 }
 
+/// Every topic of `topics` with a suffix naming the run and phase: each phase starts from empty
+/// topics, whatever earlier runs left on the broker.
+fn phase_topics(topics: &Topics, tag: &str) -> Topics {
+    let suffix = format!(".bench-{}-{tag}", std::process::id());
+    let t = |name: &String| format!("{name}{suffix}");
+    Topics {
+        messages: t(&topics.messages),
+        presence: t(&topics.presence),
+        interactions: t(&topics.interactions),
+        identity_requests: t(&topics.identity_requests),
+        registry: t(&topics.registry),
+        findings: t(&topics.findings),
+        enforcement: t(&topics.enforcement),
+        notifications: t(&topics.notifications),
+        identity_results: t(&topics.identity_results),
+        deadletter: t(&topics.deadletter),
+    }
+}
+
 /// Runs a pipeline until it has read `target` records (or `stop`), returning (wall, cpu) seconds.
 fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<AtomicBool>) -> anyhow::Result<(Arc<LiveStats>, f64, f64)> {
     let stats = Arc::new(LiveStats::default());
@@ -92,7 +111,12 @@ fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<A
     let watcher_stats = stats.clone();
     let watcher_stop = stop.clone();
     let watcher = std::thread::spawn(move || {
+        let mut last_report = Instant::now();
         while !watcher_stop.load(Ordering::Relaxed) {
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                eprintln!("meshguard bench: consumed {} of {target} records", watcher_stats.records.load(Ordering::Relaxed));
+                last_report = Instant::now();
+            }
             if watcher_stats.records.load(Ordering::Relaxed) >= target {
                 watcher_stop.store(true, Ordering::Relaxed);
                 break;
@@ -123,6 +147,11 @@ fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<A
 
 /// Runs both phases and prints the JSON report.
 pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
+    let mut base = base.clone();
+    if args.brokers.is_some() {
+        base.topics = phase_topics(&base.topics, "throughput");
+    }
+    let base = &base;
     let topics = base.topics.clone();
     let _embedded;
     let brokers = match &args.brokers {
@@ -175,7 +204,17 @@ pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
     let findings: u64 = stats.findings.iter().map(|f| f.load(Ordering::Relaxed)).sum();
 
     // Phase 2: latency at a fixed rate.
-    let latency = if args.latency_rate > 0 { Some(latency_phase(base, &kafka, args)?) } else { None };
+    let latency = if args.latency_rate > 0 {
+        let mut latency_base = base.clone();
+        if args.brokers.is_some() {
+            latency_base.topics = phase_topics(&base.topics, "latency");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(meshguard_ingest::admin::ensure_topics(&kafka, &latency_base.topics, base.kafka.partitions))?;
+        }
+        Some(latency_phase(&latency_base, &kafka, args)?)
+    } else {
+        None
+    };
 
     let report = json!({
         "commit": option_env!("MESHGUARD_COMMIT").unwrap_or("unknown"),

@@ -57,6 +57,10 @@ pub fn drive(kafka: &KafkaConfig, topics: &Topics, plan: &Plan, stop: &AtomicBoo
     send_all(&sink, &sim.config().topics, &bootstrap)?;
     sink.flush(Duration::from_secs(30))?;
     sent.fetch_add(bootstrap.len() as u64, Ordering::Relaxed);
+    // The same seed gives the same directory: start the traffic clock now, after the directory is
+    // published, so every attempt's event time is the moment it is published.
+    let mut sim = Simulator::new(sim_config(plan, topics, chrono::Utc::now().timestamp_millis()));
+    let _ = sim.bootstrap();
 
     let started = Instant::now();
     let mut produced: u64 = 0;
