@@ -153,14 +153,20 @@ pub struct DeadLetter {
 mod tests {
     use super::*;
 
+    /// Every output example of the contract parses into its Rust type and serializes back to the
+    /// same JSON: the types are the contract.
     #[test]
-    fn finding_round_trips_the_contract_example() {
-        let text = include_str!("../tests/fixtures/finding.json");
-        let f: Finding = serde_json::from_str(text).expect("example parses");
-        assert_eq!(f.kind, FindingKind::TimingRestriction);
-        let back: serde_json::Value = serde_json::to_value(&f).expect("serializes");
-        let orig: serde_json::Value = serde_json::from_str(text).expect("json");
-        assert_eq!(back, orig);
+    fn every_output_example_round_trips() {
+        fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(text: &str) {
+            let value: T = serde_json::from_str(text).expect("example parses");
+            let back = serde_json::to_value(&value).expect("serializes");
+            let orig: serde_json::Value = serde_json::from_str(text).expect("json");
+            assert_eq!(back, orig);
+        }
+        round_trip::<Finding>(include_str!("../tests/fixtures/finding.json"));
+        round_trip::<EnforcementState>(include_str!("../tests/fixtures/enforcement.json"));
+        round_trip::<Notification>(include_str!("../tests/fixtures/notification.json"));
+        round_trip::<IdentityResult>(include_str!("../tests/fixtures/identity-result.json"));
     }
 
     #[test]
