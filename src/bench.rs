@@ -176,18 +176,18 @@ pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
     let rate = 100_000;
     let sim_cfg = SimulatorSection { devices: base.simulator.devices.max(rate as usize / 8), ..base.simulator.clone() };
     let plan = Plan { sim: sim_cfg, rate, duration: None };
-    let mut sim = Simulator::new(simulate::sim_config(&plan, &topics, chrono::Utc::now().timestamp_millis()));
+    let mut sim = Simulator::new(simulate::sim_config(&plan, chrono::Utc::now().timestamp_millis()));
     let sink = KafkaSink::new(&kafka)?;
     let publish_started = Instant::now();
     let mut records = sim.bootstrap();
     let mut total = records.len() as u64;
-    simulate::send_all(&sink, &sim.config().topics, &records)?;
+    simulate::send_all(&sink, &topics, &records)?;
     let mut left = args.events;
     while left > 0 {
         let n = left.min(50_000) as usize;
         records.clear();
         sim.next_batch(n, &mut records);
-        simulate::send_all(&sink, &sim.config().topics, &records)?;
+        simulate::send_all(&sink, &topics, &records)?;
         total += records.len() as u64;
         left -= n as u64;
         eprintln!("meshguard bench: published {total} records");

@@ -303,38 +303,16 @@ fn read_back_findings(sink: &KafkaSink, topics: &Topics, positions: &[(String, i
 /// The `field` label of the dead-letter metric: the contract's field names are a closed set, so
 /// the label stays bounded (`route[3]` becomes `route`; anything unexpected becomes `other`).
 fn dead_letter_field(field: Option<&str>) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "id",
-        "ts",
-        "action",
-        "from",
-        "to",
-        "auth",
-        "target_token",
-        "route",
-        "location",
-        "payload_type",
-        "payload",
-        "payload_bytes",
-        "encrypted",
-        "protocol",
-        "broker",
-        "uuid",
-        "online",
-        "reporter",
-        "peer",
-        "kind",
-        "duration_s",
-        "access_point",
-        "device",
-        "resource",
-        "window",
-        "min_verified",
-        "(key)",
-    ];
     let Some(field) = field else { return "record" };
+    if field == "(key)" {
+        return "key";
+    }
     let base = field.split(['[', '.']).next().unwrap_or(field);
-    KNOWN.iter().find(|k| **k == base).copied().unwrap_or("other")
+    InputTopic::ALL.iter().flat_map(|t| t.fields()).map(|f| f.name).find(|name| *name == base).unwrap_or(match base {
+        // Registry records are checked by serde, whose paths name their top-level field first.
+        "uuid" | "kind" | "type" | "manufacturer" | "owner" | "groups" | "country" | "exempt" | "permissions" | "profiles" => "registry",
+        _ => "other",
+    })
 }
 
 /// Findings per kind so far, for summaries.

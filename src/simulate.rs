@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meshguard_ingest::simulator::{SimConfig, SimRecord, Simulator, TopicNames};
+use meshguard_ingest::simulator::{SimConfig, SimRecord, Simulator};
 use meshguard_ingest::{KafkaConfig, KafkaSink, Topics};
 
 use crate::config::SimulatorSection;
@@ -22,7 +22,7 @@ pub struct Plan {
 }
 
 /// The simulator's configuration for `plan`, starting at event time `start_ms`.
-pub fn sim_config(plan: &Plan, topics: &Topics, start_ms: i64) -> SimConfig {
+pub fn sim_config(plan: &Plan, start_ms: i64) -> SimConfig {
     SimConfig {
         seed: plan.sim.seed,
         devices: plan.sim.devices,
@@ -30,20 +30,13 @@ pub fn sim_config(plan: &Plan, topics: &Topics, start_ms: i64) -> SimConfig {
         rate: plan.rate.max(1),
         violation_ratio: plan.sim.violation_ratio,
         malformed_ratio: plan.sim.malformed_ratio,
-        topics: TopicNames {
-            messages: topics.messages.clone(),
-            presence: topics.presence.clone(),
-            registry: topics.registry.clone(),
-            interactions: topics.interactions.clone(),
-            identity_requests: topics.identity_requests.clone(),
-        },
     }
 }
 
 /// Publishes simulated records with their keys and event-time timestamps.
-pub fn send_all(sink: &KafkaSink, topics: &TopicNames, records: &[SimRecord]) -> anyhow::Result<()> {
+pub fn send_all(sink: &KafkaSink, topics: &Topics, records: &[SimRecord]) -> anyhow::Result<()> {
     for r in records {
-        sink.send_record(topics.name(r.topic), &r.key, r.payload.as_deref(), Some(r.timestamp_ms))?;
+        sink.send_record(topics.input(r.topic), &r.key, r.payload.as_deref(), Some(r.timestamp_ms))?;
     }
     Ok(())
 }
@@ -52,14 +45,14 @@ pub fn send_all(sink: &KafkaSink, topics: &TopicNames, records: &[SimRecord]) ->
 /// set. `sent` counts published records as they go. Returns the simulator for its statistics.
 pub fn drive(kafka: &KafkaConfig, topics: &Topics, plan: &Plan, stop: &AtomicBool, sent: &AtomicU64) -> anyhow::Result<Simulator> {
     let sink = KafkaSink::new(kafka)?;
-    let mut sim = Simulator::new(sim_config(plan, topics, chrono::Utc::now().timestamp_millis()));
+    let mut sim = Simulator::new(sim_config(plan, chrono::Utc::now().timestamp_millis()));
     let bootstrap = sim.bootstrap();
-    send_all(&sink, &sim.config().topics, &bootstrap)?;
+    send_all(&sink, topics, &bootstrap)?;
     sink.flush(Duration::from_secs(30))?;
     sent.fetch_add(bootstrap.len() as u64, Ordering::Relaxed);
     // The same seed gives the same directory: start the traffic clock now, after the directory is
     // published, so every attempt's event time is the moment it is published.
-    let mut sim = Simulator::new(sim_config(plan, topics, chrono::Utc::now().timestamp_millis()));
+    let mut sim = Simulator::new(sim_config(plan, chrono::Utc::now().timestamp_millis()));
     let _ = sim.bootstrap();
 
     let started = Instant::now();
@@ -75,7 +68,7 @@ pub fn drive(kafka: &KafkaConfig, topics: &Topics, plan: &Plan, stop: &AtomicBoo
             let n = (due - produced).min(50_000) as usize;
             buf.clear();
             sim.next_batch(n, &mut buf);
-            send_all(&sink, &sim.config().topics, &buf)?;
+            send_all(&sink, topics, &buf)?;
             produced += n as u64;
             sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
         } else {

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use meshguard_ingest::simulator::{Label, SimConfig, SimRecord, Simulator, TopicNames};
+use meshguard_ingest::Topics;
+use meshguard_ingest::simulator::{Label, SimConfig, SimRecord, Simulator};
 use meshguard_testkit::{Broker, ProduceRecord, consume_all, create_topics, produce};
 use serde_json::Value;
 
@@ -35,10 +36,10 @@ async fn setup(broker: &Broker) {
 }
 
 async fn publish(broker: &Broker, records: &[SimRecord]) {
-    let names = TopicNames::default();
+    let names = Topics::default();
     let mut by_topic: HashMap<&str, Vec<ProduceRecord>> = HashMap::new();
     for r in records {
-        by_topic.entry(names.name(r.topic)).or_default().push((Some(r.key.clone()), r.payload.clone(), Some(r.timestamp_ms)));
+        by_topic.entry(names.input(r.topic)).or_default().push((Some(r.key.clone()), r.payload.clone(), Some(r.timestamp_ms)));
     }
     for (topic, recs) in by_topic {
         produce(&broker.bootstrap(), topic, &recs).await.unwrap();
@@ -46,15 +47,7 @@ async fn publish(broker: &Broker, records: &[SimRecord]) {
 }
 
 fn simulator(seed: u64) -> Simulator {
-    Simulator::new(SimConfig {
-        seed,
-        devices: 300,
-        start_ms: 1_795_539_600_000,
-        rate: 2_000,
-        violation_ratio: 0.05,
-        malformed_ratio: 0.01,
-        topics: TopicNames::default(),
-    })
+    Simulator::new(SimConfig { seed, devices: 300, start_ms: 1_795_539_600_000, rate: 2_000, violation_ratio: 0.05, malformed_ratio: 0.01 })
 }
 
 /// The findings a correct pipeline gives for `records`: `(event id, kind)` per labelled attempt.

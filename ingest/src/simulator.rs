@@ -55,7 +55,7 @@ mod population;
 mod tests;
 mod write;
 
-use meshguard_schemas::{Action, Auth};
+use meshguard_schemas::{Action, Auth, InputTopic};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::{Builder, Uuid};
@@ -80,8 +80,6 @@ pub struct SimConfig {
     pub violation_ratio: f64,
     /// Share of traffic records that are malformed message attempts (dead-letter material).
     pub malformed_ratio: f64,
-    /// Topic names, for callers that publish records by name.
-    pub topics: TopicNames,
 }
 
 impl Default for SimConfig {
@@ -94,65 +92,8 @@ impl Default for SimConfig {
             rate: 2_000,
             violation_ratio: 0.02,
             malformed_ratio: 0.0,
-            topics: TopicNames::default(),
         }
     }
-}
-
-/// Names of the input topics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicNames {
-    /// Message attempts; default `meshguard.messages.v1`.
-    pub messages: String,
-    /// Presence changes; default `meshguard.presence.v1`.
-    pub presence: String,
-    /// The device directory (compacted); default `meshguard.registry.v1`.
-    pub registry: String,
-    /// Interaction entries; default `meshguard.interactions.v1`.
-    pub interactions: String,
-    /// Identity requests; default `meshguard.identity-requests.v1`.
-    pub identity_requests: String,
-}
-
-impl Default for TopicNames {
-    /// The contract's default names.
-    fn default() -> Self {
-        Self {
-            messages: "meshguard.messages.v1".into(),
-            presence: "meshguard.presence.v1".into(),
-            registry: "meshguard.registry.v1".into(),
-            interactions: "meshguard.interactions.v1".into(),
-            identity_requests: "meshguard.identity-requests.v1".into(),
-        }
-    }
-}
-
-impl TopicNames {
-    /// The name of `kind`'s topic.
-    pub fn name(&self, kind: TopicKind) -> &str {
-        match kind {
-            TopicKind::Messages => &self.messages,
-            TopicKind::Presence => &self.presence,
-            TopicKind::Interactions => &self.interactions,
-            TopicKind::IdentityRequests => &self.identity_requests,
-            TopicKind::Registry => &self.registry,
-        }
-    }
-}
-
-/// Which input topic a record belongs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TopicKind {
-    /// `meshguard.messages.v1`, keyed by `from`.
-    Messages,
-    /// `meshguard.presence.v1`, keyed by `uuid`.
-    Presence,
-    /// `meshguard.interactions.v1`, keyed by `reporter` (not generated yet).
-    Interactions,
-    /// `meshguard.identity-requests.v1`, keyed by `device` (not generated yet).
-    IdentityRequests,
-    /// `meshguard.registry.v1`, keyed by `uuid`; a `None` payload is a tombstone.
-    Registry,
 }
 
 /// What a correct pipeline must make of a record on the messages topic.
@@ -213,7 +154,7 @@ impl MalformedKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimRecord {
     /// The topic it belongs on.
-    pub topic: TopicKind,
+    pub topic: InputTopic,
     /// The contract's key: `from` exactly as written in the record (lower or upper case) for
     /// messages, `uuid` for presence, the lower-case `uuid` for the registry.
     pub key: Vec<u8>,
@@ -651,7 +592,7 @@ impl Simulator {
             Label::Malformed => self.stats.malformed += 1,
         }
         let (key, payload) = self.write_attempt(&plan, ts, None);
-        SimRecord { topic: TopicKind::Messages, key, payload: Some(payload), timestamp_ms: ts, label: Some(plan.label), malformed: None }
+        SimRecord { topic: InputTopic::Messages, key, payload: Some(payload), timestamp_ms: ts, label: Some(plan.label), malformed: None }
     }
 
     fn benign_plan(action: Action, r: Ix, to: Option<Ix>, token: bool) -> Plan {
@@ -867,7 +808,7 @@ impl Simulator {
         self.stats.malformed += 1;
         self.stats.malformed_by_kind[kind as usize] += 1;
         SimRecord {
-            topic: TopicKind::Messages,
+            topic: InputTopic::Messages,
             key,
             payload: Some(payload),
             timestamp_ms: ts,
@@ -1154,7 +1095,7 @@ impl Simulator {
         buf.extend_from_slice(b",\"online\":");
         buf.extend_from_slice(if online { b"true}" } else { b"false}" });
         self.stats.presence += 1;
-        SimRecord { topic: TopicKind::Presence, key: text.to_vec(), payload: Some(buf), timestamp_ms: ts, label: None, malformed: None }
+        SimRecord { topic: InputTopic::Presence, key: text.to_vec(), payload: Some(buf), timestamp_ms: ts, label: None, malformed: None }
     }
 
     fn presence_change(&mut self, ts: i64) -> SimRecord {
@@ -1169,7 +1110,7 @@ impl Simulator {
     fn registry_record(&mut self, ix: Ix, ts: i64) -> SimRecord {
         self.stats.registry += 1;
         SimRecord {
-            topic: TopicKind::Registry,
+            topic: InputTopic::Registry,
             key: self.pop.entities[ix as usize].lower.to_vec(),
             payload: Some(self.pop.registry_json(ix)),
             timestamp_ms: ts,
@@ -1213,7 +1154,7 @@ impl Simulator {
         self.tombstoned.insert(d);
         self.stats.tombstones += 1;
         SimRecord {
-            topic: TopicKind::Registry,
+            topic: InputTopic::Registry,
             key: self.pop.entities[d as usize].lower.to_vec(),
             payload: None,
             timestamp_ms: ts,

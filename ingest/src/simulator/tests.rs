@@ -124,7 +124,7 @@ fn every_record_follows_the_contract() {
             assert!(r.timestamp_ms < start, "bootstrap before the traffic");
         }
         match r.topic {
-            TopicKind::Messages => {
+            InputTopic::Messages => {
                 let label = r.label.unwrap();
                 if label == Label::Malformed {
                     malformed_at.push(messages.len());
@@ -156,7 +156,7 @@ fn every_record_follows_the_contract() {
                     assert_eq!(serde_json::to_vec(p).unwrap().len() as u64, n.as_u64().unwrap());
                 }
             }
-            TopicKind::Presence => {
+            InputTopic::Presence => {
                 let v = json(r);
                 let obj = v.as_object().unwrap();
                 assert_eq!(obj.len(), 3, "{v}");
@@ -164,7 +164,7 @@ fn every_record_follows_the_contract() {
                 assert_eq!(r.key, v["uuid"].as_str().unwrap().as_bytes());
                 presence.push(r.payload.clone().unwrap());
             }
-            TopicKind::Registry => {
+            InputTopic::Registry => {
                 let Some(payload) = &r.payload else {
                     assert!(Uuid::try_parse_ascii(&r.key).is_ok(), "a tombstone is keyed by uuid");
                     continue;
@@ -181,7 +181,7 @@ fn every_record_follows_the_contract() {
                     assert!(["discover", "send", "receive", "subscribe", "configure"].contains(&level.as_str()));
                 }
             }
-            TopicKind::Interactions | TopicKind::IdentityRequests => panic!("not generated"),
+            InputTopic::Interactions | InputTopic::IdentityRequests => panic!("not generated"),
         }
     }
     assert_eq!(actions.len(), 6, "all six actions: {actions:?}");
@@ -208,7 +208,7 @@ fn the_bootstrap_registers_everyone_once() {
     let boot = sim.bootstrap();
     let registry: Vec<RegistryRecord> = boot
         .iter()
-        .filter(|r| r.topic == TopicKind::Registry)
+        .filter(|r| r.topic == InputTopic::Registry)
         .map(|r| RegistryRecord::from_json(0, r.payload.as_ref().unwrap()).unwrap())
         .collect();
     assert_eq!(registry.len(), 1_000);
@@ -222,7 +222,7 @@ fn the_bootstrap_registers_everyone_once() {
             assert!(uuids.contains(&owner), "owners are registered");
         }
     }
-    let presence = boot.iter().filter(|r| r.topic == TopicKind::Presence).count();
+    let presence = boot.iter().filter(|r| r.topic == InputTopic::Presence).count();
     assert_eq!(presence, 1_000);
     assert_eq!(sim.stats().records, 2_000);
 }
@@ -236,7 +236,7 @@ struct RegistryReplay<'a> {
 
 impl<'a> RegistryReplay<'a> {
     fn new(records: &'a [SimRecord]) -> Self {
-        Self { changes: records.iter().filter(|r| r.topic == TopicKind::Registry).collect(), next: 0 }
+        Self { changes: records.iter().filter(|r| r.topic == InputTopic::Registry).collect(), next: 0 }
     }
 
     /// The registry records that take effect at or before `ts` and were not applied yet.
@@ -267,7 +267,7 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
     let mut ever: HashSet<String> = HashSet::new();
     let mut reregistered: HashSet<String> = HashSet::new();
     let mut counts: HashMap<&str, u64> = HashMap::new();
-    for r in records.iter().filter(|r| r.topic == TopicKind::Messages) {
+    for r in records.iter().filter(|r| r.topic == InputTopic::Messages) {
         for change in replay.until(r.timestamp_ms) {
             let key = String::from_utf8(change.key.clone()).unwrap();
             if change.payload.is_none() {
@@ -342,10 +342,10 @@ fn traffic_stays_under_throttles_and_enforcement() {
     let mut max_short = 0;
     for r in &records {
         match r.topic {
-            TopicKind::Registry if r.payload.is_some() && json(r)["exempt"] == Value::Bool(true) => {
+            InputTopic::Registry if r.payload.is_some() && json(r)["exempt"] == Value::Bool(true) => {
                 exempt.insert(String::from_utf8(r.key.clone()).unwrap());
             }
-            TopicKind::Messages => {
+            InputTopic::Messages => {
                 let v = json(r);
                 let from = lower(&v["from"]);
                 let t = r.timestamp_ms;
@@ -391,7 +391,7 @@ fn benign_attempts_are_permitted() {
     let mut replay = RegistryReplay::new(&records);
     let mut dir: HashMap<Uuid, RegistryRecord> = HashMap::new();
     let mut checked = HashMap::<String, u64>::new();
-    for r in records.iter().filter(|r| r.topic == TopicKind::Messages) {
+    for r in records.iter().filter(|r| r.topic == InputTopic::Messages) {
         for change in replay.until(r.timestamp_ms) {
             match &change.payload {
                 None => {
@@ -456,7 +456,7 @@ fn benign_attempts_are_permitted() {
 fn both_time_forms_and_both_cases_appear() {
     let (records, sim) = run(config(2, 1_000, 0.02, 0.0), 50_000);
     let (mut epoch, mut text, mut upper_from, mut upper_key) = (0, 0, 0, 0);
-    for r in records.iter().filter(|r| r.topic == TopicKind::Messages) {
+    for r in records.iter().filter(|r| r.topic == InputTopic::Messages) {
         let v = json(r);
         match &v["ts"] {
             Value::Number(_) => epoch += 1,
