@@ -125,8 +125,11 @@ impl Pipeline {
         let mut global_positions = Vec::new();
         let mut sink_positions = Vec::new();
         if let Some(cp) = checkpoint {
-            info!(message = "Restoring from checkpoint.", dir = %store.dir().display(), partitions = cp.partitions.len());
-            engine.restore(cp).context("restoring the checkpoint")?;
+            info!(message = "Restoring the global tables from checkpoint.", dir = %store.dir().display());
+            // Only the global tables now. A partition's state is loaded when the group assigns it
+            // to this worker (see `apply_rebalance`): the directory may be shared with other
+            // workers, and adopting their partitions would save and commit stale offsets.
+            engine.restore_global(cp.global).context("restoring the checkpoint")?;
             global_positions = engine.global_positions().into_iter().map(|p| (p.topic, p.partition, p.next_offset)).collect();
             sink_positions = engine.sink_positions.clone();
         }

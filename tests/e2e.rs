@@ -214,3 +214,49 @@ fn a_bad_configuration_is_refused_with_the_field() {
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(stderr.contains("pipeline.batch_max_records") && stderr.contains("lots"), "{stderr}");
 }
+
+/// Two workers in one group, sharing the checkpoint directory (one machine): the second joins
+/// mid-stream, the group rebalances, partitions and their state move, and every finding is still
+/// published exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_one_group_publish_each_finding_once() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let mut sim = simulator(23);
+    let mut first = sim.bootstrap();
+    sim.next_batch(4_000, &mut first);
+    let mut second = Vec::new();
+    sim.next_batch(4_000, &mut second);
+    let (want_first, _) = expected(&first);
+    let (want_second, _) = expected(&second);
+    publish(&broker, &first).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let worker = |n: u32| {
+        Command::new(env!("CARGO_BIN_EXE_meshguard"))
+            .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
+            .env("MESHGUARD_PIPELINE__CHECKPOINT_DIR", state.path())
+            .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", "500")
+            .env("MESHGUARD_KAFKA__GROUP_ID", "e2e-two")
+            .env("MESHGUARD_KAFKA__INSTANCE_ID", format!("e2e-two-worker-{n}"))
+            .env("MESHGUARD_HTTP__LISTEN", "")
+            .env("MESHGUARD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let a = worker(1);
+    consume_all(&broker.bootstrap(), FINDINGS, want_first.len(), Duration::from_secs(90)).unwrap();
+    let b = worker(2);
+    publish(&broker, &second).await;
+    let total = want_first.len() + want_second.len();
+    let found = consume_all(&broker.bootstrap(), FINDINGS, total, Duration::from_secs(90)).unwrap();
+    terminate(a);
+    terminate(b);
+    let all = meshguard_testkit::consume_available(&broker.bootstrap(), FINDINGS, Duration::from_secs(10)).unwrap();
+    assert_eq!(all.len(), found.len(), "nothing beyond the expected findings");
+    let got = check_findings(&all);
+    let want: BTreeSet<_> = want_first.union(&want_second).cloned().collect();
+    assert_eq!(got, want);
+}

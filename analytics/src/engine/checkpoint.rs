@@ -121,7 +121,9 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     /// Writes a checkpoint durably (every file fsynced before returning).
     fn save(&self, cp: &Checkpoint) -> Result<()>;
     /// Reads the latest checkpoint of every partition and the global tables; `None` when there is
-    /// none yet (a fresh start).
+    /// none yet (a fresh start). In a directory shared by several workers this includes partitions
+    /// other workers own: a worker restores the global part and loads partitions as it is assigned
+    /// them ([`CheckpointStore::load_partition`]).
     fn load(&self) -> Result<Option<Checkpoint>>;
     /// Reads one partition's latest state (for a partition this worker just took over).
     fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>>;
