@@ -238,18 +238,8 @@ impl Engine {
 
         // Watermarks first, with each row's lateness judged against the watermark before it.
         let lateness = self.cfg.allowed_lateness_ms;
-        let mut current: Option<(i32, &mut PartitionState)> = None;
         for (row, &partition) in rows.partition.iter().enumerate().take(n) {
-            let state = match &mut current {
-                Some((p, s)) if *p == partition => s,
-                _ => {
-                    current = Some((partition, self.partitions.entry((InputTopic::Messages, partition)).or_default()));
-                    match &mut current {
-                        Some((_, s)) => s,
-                        None => continue,
-                    }
-                }
-            };
+            let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
             let ts = view.ts.value(row);
             if ts < state.watermark(lateness) {
                 self.stats.late_events += 1;
