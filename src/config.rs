@@ -157,7 +157,7 @@ impl Default for HttpSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimulatorSection {
-    /// Message attempts per second.
+    /// Records per second (about 98% of them message attempts).
     pub rate: u64,
     /// Registered UUIDs.
     pub devices: usize,

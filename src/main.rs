@@ -58,7 +58,7 @@ struct BenchCli {
     /// Events published for the throughput phase.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    /// Attempts per second in the latency phase (0 skips it).
+    /// Simulated records per second in the latency phase (0 skips it).
     #[arg(long, default_value_t = 0)]
     latency_rate: u64,
     /// Seconds of the latency phase.
@@ -77,7 +77,7 @@ struct RunArgs {
     /// Stop after this many seconds (default: run until interrupted).
     #[arg(long)]
     duration: Option<u64>,
-    /// Embedded mode only: simulated attempts per second.
+    /// Embedded mode only: simulated records per second (about 98% message attempts).
     #[arg(long)]
     rate: Option<u64>,
     /// Do not print the live summary.
@@ -90,7 +90,7 @@ struct SimulateArgs {
     /// Kafka bootstrap servers, `host:port[,host:port]`.
     #[arg(long)]
     brokers: Option<String>,
-    /// Attempts per second.
+    /// Records per second (about 98% message attempts).
     #[arg(long)]
     rate: Option<u64>,
     /// Stop after this many seconds (default: until interrupted).

@@ -15,7 +15,7 @@ use crate::config::SimulatorSection;
 pub struct Plan {
     /// Simulator settings.
     pub sim: SimulatorSection,
-    /// Attempts per second.
+    /// Records per second.
     pub rate: u64,
     /// Stop after this long; `None`: until stopped.
     pub duration: Option<Duration>,
