@@ -102,10 +102,19 @@ fn phase_topics(topics: &Topics, tag: &str) -> Topics {
 }
 
 /// Runs a pipeline until it has read `target` records (or `stop`), returning (wall, cpu) seconds.
-fn run_pipeline_until(cfg: Config, kafka: &KafkaConfig, target: u64, stop: Arc<AtomicBool>) -> anyhow::Result<(Arc<LiveStats>, f64, f64)> {
+fn run_pipeline_until(
+    cfg: Config,
+    kafka: &KafkaConfig,
+    target: u64,
+    stop: Arc<AtomicBool>,
+    ready: Option<std::sync::mpsc::Sender<()>>,
+) -> anyhow::Result<(Arc<LiveStats>, f64, f64)> {
     let stats = Arc::new(LiveStats::default());
     let registry = Registry::new();
     let pipeline = Pipeline::start(cfg, kafka, &registry, stats.clone())?;
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
     let cpu0 = meshguard_cpu_seconds();
     let t0 = Instant::now();
     let watcher_stats = stats.clone();
@@ -198,7 +207,7 @@ pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
     let broker_cpu0 = args.broker_pid.as_deref().and_then(cpu_seconds);
 
     let (cfg, _dir) = fresh_config(base, "throughput")?;
-    let (stats, wall, cpu) = run_pipeline_until(cfg, &kafka, total, Arc::new(AtomicBool::new(false)))?;
+    let (stats, wall, cpu) = run_pipeline_until(cfg, &kafka, total, Arc::new(AtomicBool::new(false)), None)?;
     let broker_cpu = broker_cpu0.and_then(|c0| args.broker_pid.as_deref().and_then(cpu_seconds).map(|c1| c1 - c0));
     let read = stats.records.load(Ordering::Relaxed);
     let findings: u64 = stats.findings.iter().map(|f| f.load(Ordering::Relaxed)).sum();
@@ -266,9 +275,16 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
 
     let kafka_p = kafka.clone();
     let pipeline_stop = stop.clone();
-    let pipeline = std::thread::spawn(move || run_pipeline_until(cfg, &kafka_p, u64::MAX, pipeline_stop));
-    // Let the pipeline join the group and load the directory before traffic starts.
-    std::thread::sleep(Duration::from_secs(3));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let pipeline = std::thread::spawn(move || run_pipeline_until(cfg, &kafka_p, u64::MAX, pipeline_stop, Some(ready_tx)));
+    // Traffic starts once the pipeline has loaded the directory and is about to poll.
+    if ready_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        stop.store(true, Ordering::Relaxed);
+        return match pipeline.join() {
+            Ok(Err(e)) => Err(e.context("starting the latency-phase pipeline")),
+            _ => Err(anyhow::anyhow!("the latency-phase pipeline did not start within 120 s")),
+        };
+    }
     let sim_cfg = SimulatorSection { devices: base.simulator.devices.max(args.latency_rate as usize / 8), ..base.simulator.clone() };
     let plan = Plan { sim: sim_cfg, rate: args.latency_rate, duration: Some(Duration::from_secs(args.latency_seconds)) };
     let sim_stop = Arc::new(AtomicBool::new(false));
