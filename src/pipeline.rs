@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore};
-use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent};
+use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
 use meshguard_ingest::{IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
 use meshguard_schemas::output::Finding;
 use meshguard_schemas::{BatchDecoder, FindingKind, InputTopic};
@@ -96,7 +96,7 @@ impl PipelineMetrics {
 pub struct Pipeline {
     cfg: Config,
     source: KafkaSource,
-    sink: KafkaSink,
+    sink: Arc<KafkaSink>,
     engine: Engine,
     store: LocalCheckpointStore,
     decoders: [BatchDecoder; 4],
@@ -105,6 +105,8 @@ pub struct Pipeline {
     metrics: PipelineMetrics,
     stats: Arc<LiveStats>,
     reported_late: u64,
+    /// Partitions of the keyed topics the group has assigned to this worker.
+    owned: std::collections::HashSet<(InputTopic, i32)>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -140,8 +142,16 @@ impl Pipeline {
         let resolver: OffsetResolver = Arc::new(move |topic, partition| {
             resolver_store.load_partition(&(topic, partition)).ok().flatten().map(|s| s.next_offset).filter(|o| *o > 0)
         });
-        let source = KafkaSource::new(kafka, topics.clone(), resolver)?;
-        let sink = KafkaSink::new(kafka)?;
+        let sink = Arc::new(KafkaSink::new(kafka)?);
+        // Before the group hands our partitions to another worker, every finding we produced must
+        // be on the topic, so the next owner's read-back sees it and does not repeat it.
+        let revoke_sink = sink.clone();
+        let on_revoke: RevokeHook = Arc::new(move || {
+            if let Err(e) = revoke_sink.flush(KAFKA_TIMEOUT) {
+                warn!(message = "Flushing outputs before a rebalance failed; the next owner may repeat some.", error = %e);
+            }
+        });
+        let source = KafkaSource::new(kafka, topics.clone(), resolver, on_revoke)?;
 
         // Findings written after the checkpoint by a run that crashed: the replay must not repeat them.
         if !sink_positions.is_empty() {
@@ -153,7 +163,20 @@ impl Pipeline {
             .map(|t| BatchDecoder::new(t).with_max_record_bytes(cfg.pipeline.max_record_bytes));
         let ingest_metrics = IngestMetrics::new(registry)?;
         let metrics = PipelineMetrics::new(registry)?;
-        let mut pipeline = Self { cfg, source, sink, engine, store, decoders, topics, ingest_metrics, metrics, stats, reported_late: 0 };
+        let mut pipeline = Self {
+            cfg,
+            source,
+            sink,
+            engine,
+            store,
+            decoders,
+            topics,
+            ingest_metrics,
+            metrics,
+            stats,
+            reported_late: 0,
+            owned: Default::default(),
+        };
 
         pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
         let mut raw = RawBatch::default();
@@ -178,6 +201,10 @@ impl Pipeline {
             raw.clear();
             self.source.poll(&mut raw, max_records, max_wait);
             self.apply_rebalance();
+            for topic in [InputTopic::Messages, InputTopic::Interactions, InputTopic::IdentityRequests] {
+                let owned = &self.owned;
+                raw.retain_partitions(topic, |p| owned.contains(&(topic, p)));
+            }
             if !raw.is_empty() {
                 self.handle(&raw)?;
             }
@@ -198,6 +225,7 @@ impl Pipeline {
         for event in self.source.take_rebalance_events() {
             match event {
                 RebalanceEvent::Assigned(partitions) => {
+                    self.owned.extend(partitions.iter().copied());
                     for id in partitions {
                         if self.engine.partition(&id).is_none() {
                             match self.store.load_partition(&id) {
@@ -218,6 +246,7 @@ impl Pipeline {
                 }
                 RebalanceEvent::Revoked(partitions) => {
                     for id in partitions {
+                        self.owned.remove(&id);
                         self.engine.drop_partition(&id);
                     }
                 }
@@ -283,7 +312,12 @@ impl Pipeline {
         let cp = self.engine.checkpoint();
         self.store.save(&cp).context("saving a checkpoint")?;
         let offsets: Vec<_> = cp.partitions.iter().filter(|(_, s)| s.next_offset > 0).map(|((t, p), s)| (*t, *p, s.next_offset)).collect();
-        self.source.commit(&offsets)?;
+        // The checkpoint is durable and says where each partition resumes; the committed offset
+        // only mirrors it (for lag and for tools). A commit refused during a rebalance is retried
+        // by the next checkpoint, not a reason to stop.
+        if let Err(e) = self.source.commit(&offsets) {
+            warn!(message = "Committing offsets failed; the checkpoint stands.", error = %e);
+        }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())

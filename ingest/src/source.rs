@@ -28,6 +28,11 @@ use crate::error::{Error, Result};
 /// group's committed offset (or the beginning).
 pub type OffsetResolver = Arc<dyn Fn(InputTopic, i32) -> Option<i64> + Send + Sync>;
 
+/// Called when partitions are about to be revoked, before the group can hand them to another
+/// worker: the place to make this worker's outputs durable (flush the producer), so that the next
+/// owner's read-back sees them.
+pub type RevokeHook = Arc<dyn Fn() + Send + Sync>;
+
 /// A change of the partitions this worker owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebalanceEvent {
@@ -93,6 +98,26 @@ impl TopicBuf {
         self.partition.is_empty()
     }
 
+    /// Keeps only the records whose partition `keep` accepts (their bytes stay in the arena).
+    fn retain_partitions(&mut self, keep: impl Fn(i32) -> bool) {
+        let mut w = 0;
+        for r in 0..self.partition.len() {
+            if keep(self.partition[r]) {
+                self.payload.swap(w, r);
+                self.key.swap(w, r);
+                self.partition.swap(w, r);
+                self.offset.swap(w, r);
+                self.timestamp_ms.swap(w, r);
+                w += 1;
+            }
+        }
+        self.payload.truncate(w);
+        self.key.truncate(w);
+        self.partition.truncate(w);
+        self.offset.truncate(w);
+        self.timestamp_ms.truncate(w);
+    }
+
     fn clear(&mut self) {
         self.data.clear();
         self.payload.clear();
@@ -125,6 +150,12 @@ impl RawBatch {
         self.len() == 0
     }
 
+    /// Drops the records of `topic` whose partition `keep` rejects: after a rebalance, records
+    /// already fetched from partitions another worker now owns are that worker's to process.
+    pub fn retain_partitions(&mut self, topic: InputTopic, keep: impl Fn(i32) -> bool) {
+        self.topics[topic as usize].retain_partitions(keep);
+    }
+
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.topics.iter_mut().for_each(TopicBuf::clear);
@@ -134,12 +165,19 @@ impl RawBatch {
 struct GroupContext {
     topics: Topics,
     resolver: OffsetResolver,
+    on_revoke: RevokeHook,
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
 }
 
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Revoke(_)) {
+            (self.on_revoke)();
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let (tpl, assigned) = match rebalance {
             Rebalance::Assign(tpl) => (*tpl, true),
@@ -198,9 +236,9 @@ impl std::fmt::Debug for KafkaSource {
 
 impl KafkaSource {
     /// Connects both consumers and subscribes the group consumer to the keyed topics.
-    pub fn new(kafka: &KafkaConfig, topics: Topics, resolver: OffsetResolver) -> Result<Self> {
+    pub fn new(kafka: &KafkaConfig, topics: Topics, resolver: OffsetResolver, on_revoke: RevokeHook) -> Result<Self> {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let context = GroupContext { topics: topics.clone(), resolver, events: events.clone() };
+        let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone() };
         let mut config = kafka.client_config();
         if let Some(id) = &kafka.instance_id {
             config.set("group.instance.id", id);
