@@ -142,3 +142,78 @@ fn dead_letter(
     };
     (buf.key(i).map(<[u8]>::to_vec).unwrap_or_default(), record)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use meshguard_analytics::Position;
+    use meshguard_schemas::{BatchDecoder, InputTopic};
+
+    use super::*;
+
+    const A: &str = "c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f";
+    const SEND: &str = r#"{"id":"5f0c9f2e-8d1a-4c3b-9a77-2b1d3c4e5f60","ts":"2026-11-24T17:00:00.123Z","action":"send","from":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f","auth":"valid"}"#;
+
+    fn decoders() -> [BatchDecoder; 4] {
+        [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests].map(BatchDecoder::new)
+    }
+
+    fn run(raw: &RawBatch) -> Assembled {
+        assemble(raw, &mut decoders(), &Topics::default(), 1 << 20, 42)
+    }
+
+    #[test]
+    fn registry_records_tombstones_and_bad_keys() {
+        let mut raw = RawBatch::default();
+        let reg = raw.topic_mut(InputTopic::Registry);
+        let record = format!(r#"{{"uuid":"{A}","kind":"device"}}"#);
+        reg.push_parts(Some(A.as_bytes()), Some(record.as_bytes()), 0, 10, 1_000);
+        reg.push_parts(Some(A.to_uppercase().as_bytes()), None, 0, 11, 2_000);
+        reg.push_parts(Some(b"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c"), Some(record.as_bytes()), 1, 5, 3_000);
+        reg.push_parts(Some(b"not-a-uuid"), None, 1, 6, 4_000);
+        let out = run(&raw);
+
+        let changes: Vec<_> = out.batch.registry.iter().map(|c| (c.uuid.to_string(), c.record.is_some(), c.effective_ms)).collect();
+        assert_eq!(changes, vec![(A.to_owned(), true, 1_000), (A.to_owned(), false, 2_000)], "a tombstone's key may be upper case");
+        let reasons: Vec<_> = out.dead_letters.iter().map(|(_, d)| (d.offset, d.field.clone().unwrap_or_default())).collect();
+        assert_eq!(reasons, vec![(5, "uuid".to_owned()), (6, "(key)".to_owned())]);
+        assert!(out.dead_letters[0].1.reason.contains("the key's UUID"), "{}", out.dead_letters[0].1.reason);
+        assert_eq!(out.dead_letters[1].0, b"not-a-uuid", "dead letters keep the input key");
+    }
+
+    #[test]
+    fn tombstones_on_keyed_topics_are_dead_lettered_and_positions_count_every_record() {
+        let mut raw = RawBatch::default();
+        let msgs = raw.topic_mut(InputTopic::Messages);
+        msgs.push_parts(Some(b"k"), Some(SEND.as_bytes()), 2, 100, 0);
+        msgs.push_parts(Some(b"k"), None, 2, 101, 0);
+        msgs.push_parts(Some(b"k"), Some(b"{nope"), 2, 102, 0);
+        let out = run(&raw);
+        assert_eq!(out.batch.messages.as_ref().unwrap().batch.num_rows(), 1);
+        assert_eq!(out.batch.messages.as_ref().unwrap().partition, vec![2]);
+        let offsets: Vec<_> = out.dead_letters.iter().map(|(_, d)| d.offset).collect();
+        assert_eq!(offsets, vec![101, 102]);
+        assert!(out.dead_letters[0].1.found.contains("tombstone"));
+        assert_eq!(out.dead_letters[1].1.payload.as_deref(), Some("{nope"), "the original text, for replay");
+        assert!(out.dead_letters[1].1.reason.starts_with("offset 102:"), "{}", out.dead_letters[1].1.reason);
+        assert_eq!(
+            out.batch.positions,
+            vec![Position { topic: InputTopic::Messages, partition: 2, next_offset: 103 }],
+            "rejected records are consumed too"
+        );
+    }
+
+    #[test]
+    fn records_of_revoked_partitions_can_be_dropped_before_assembly() {
+        let mut raw = RawBatch::default();
+        let msgs = raw.topic_mut(InputTopic::Messages);
+        msgs.push_parts(Some(b"k"), Some(SEND.as_bytes()), 0, 1, 0);
+        msgs.push_parts(Some(b"k"), Some(SEND.as_bytes()), 1, 1, 0);
+        msgs.push_parts(Some(b"k"), Some(SEND.as_bytes()), 0, 2, 0);
+        raw.retain_partitions(InputTopic::Messages, |p| p == 0);
+        let out = run(&raw);
+        assert_eq!(out.batch.messages.as_ref().unwrap().partition, vec![0, 0]);
+        assert_eq!(out.batch.positions, vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 3 }]);
+    }
+}

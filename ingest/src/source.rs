@@ -58,6 +58,11 @@ pub struct TopicBuf {
 
 impl TopicBuf {
     fn push(&mut self, m: &BorrowedMessage<'_>) {
+        self.push_parts(m.key(), m.payload(), m.partition(), m.offset(), m.timestamp().to_millis().unwrap_or(0));
+    }
+
+    /// Appends one record from its parts (what [`KafkaSource::poll`] does for every message).
+    pub fn push_parts(&mut self, key: Option<&[u8]>, payload: Option<&[u8]>, partition: i32, offset: i64, timestamp_ms: i64) {
         let mut span = |bytes: Option<&[u8]>| {
             bytes.map(|b| {
                 let start = self.data.len() as u32;
@@ -65,13 +70,13 @@ impl TopicBuf {
                 (start, b.len() as u32)
             })
         };
-        let payload = span(m.payload());
-        let key = span(m.key());
+        let payload = span(payload);
+        let key = span(key);
         self.payload.push(payload);
         self.key.push(key);
-        self.partition.push(m.partition());
-        self.offset.push(m.offset());
-        self.timestamp_ms.push(m.timestamp().to_millis().unwrap_or(0));
+        self.partition.push(partition);
+        self.offset.push(offset);
+        self.timestamp_ms.push(timestamp_ms);
     }
 
     fn slice(&self, span: Option<(u32, u32)>) -> Option<&[u8]> {
@@ -138,6 +143,11 @@ impl RawBatch {
     /// The records of one topic.
     pub fn topic(&self, t: InputTopic) -> &TopicBuf {
         &self.topics[t as usize]
+    }
+
+    /// The records of one topic, to append to.
+    pub fn topic_mut(&mut self, t: InputTopic) -> &mut TopicBuf {
+        &mut self.topics[t as usize]
     }
 
     /// Total records.
