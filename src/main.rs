@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use meshguard_ingest::EmbeddedBroker;
-use meshguard_ingest::admin::ensure_topics;
+use meshguard_ingest::admin::{check_reachable, ensure_topics};
 use prometheus::Registry;
 use tracing::info;
 
@@ -172,7 +172,8 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     let brokers = match brokers {
         Some(b) => {
             let kafka = cfg.kafka.connection(&b);
-            let created = ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await.context("creating topics")?;
+            check_reachable(&kafka, Duration::from_secs(10))?;
+            let created = ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await?;
             if !created.is_empty() {
                 info!(message = "Created topics.", topics = ?created);
             }
@@ -239,7 +240,8 @@ async fn simulate(cfg: Config, args: SimulateArgs) -> anyhow::Result<()> {
     let brokers =
         args.brokers.or_else(|| cfg.kafka.brokers.clone()).context("`meshguard simulate` needs --brokers HOST:PORT (or kafka.brokers)")?;
     let kafka = cfg.kafka.connection(&brokers);
-    ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await.context("creating topics")?;
+    check_reachable(&kafka, Duration::from_secs(10))?;
+    ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await?;
     let mut sim = cfg.simulator.clone();
     if let Some(seed) = args.seed {
         sim.seed = seed;

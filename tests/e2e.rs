@@ -259,3 +259,16 @@ async fn two_workers_in_one_group_publish_each_finding_once() {
     terminate(b);
     assert_topic_holds_exactly(&t.broker, &t.want);
 }
+
+#[test]
+fn an_unreachable_broker_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--brokers", "127.0.0.1:1"])
+        .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach Kafka at 127.0.0.1:1 (kafka.brokers / --brokers)"), "{stderr}");
+}

@@ -9,6 +9,15 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::{KafkaConfig, Topics};
 use crate::error::{Error, Result};
 
+/// Fails with [`Error::Unreachable`] unless a broker at `kafka.brokers` answers a metadata request
+/// within `timeout`: a wrong address is reported as such, not as a later timeout of something else.
+pub fn check_reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<()> {
+    let probe: rdkafka::consumer::BaseConsumer = kafka.client_config().create().map_err(Error::kafka("creating a client"))?;
+    rdkafka::consumer::Consumer::fetch_metadata(&probe, None, timeout)
+        .map(|_| ())
+        .map_err(|cause| Error::Unreachable { brokers: kafka.brokers.clone(), cause })
+}
+
 /// Creates every topic of `topics` that does not exist yet, with `partitions` partitions (the
 /// registry and enforcement topics compacted). Existing topics are left as they are.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics, partitions: i32) -> Result<Vec<String>> {
@@ -29,7 +38,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &Topics, partitions: i32
             Ok(name) => created.push(name),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(Error::Kafka { context: format!("creating topic {name}"), source: rdkafka::error::KafkaError::AdminOp(code) });
+                return Err(Error::Kafka { context: format!("creating topic {name}"), cause: rdkafka::error::KafkaError::AdminOp(code) });
             }
         }
     }

@@ -6,12 +6,22 @@ use rdkafka::error::KafkaError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kafka client call failed.
-    #[error("kafka: {context}: {source}")]
+    #[error("kafka: {context}: {cause}")]
     Kafka {
         /// What meshguard was doing.
         context: String,
-        /// The client's error.
-        source: KafkaError,
+        /// The client's error (not a `source`: the message already says it, and the client's
+        /// error repeats its own code in its chain).
+        cause: KafkaError,
+    },
+    /// No broker answered at the configured address.
+    #[error("cannot reach Kafka at {brokers} (kafka.brokers / --brokers): {cause}")]
+    Unreachable {
+        /// The bootstrap servers tried.
+        brokers: String,
+        /// The client's error (not a `source`: the message already says it, and the client's
+        /// error repeats its own code in its chain).
+        cause: KafkaError,
     },
     /// A record could not be delivered to an output topic.
     #[error("delivery to {topic} failed for {failed} record(s): {last_error}")]
@@ -36,7 +46,7 @@ pub enum Error {
 impl Error {
     pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
         let context = context.into();
-        move |source| Error::Kafka { context, source }
+        move |cause| Error::Kafka { context, cause }
     }
 }
 

@@ -93,7 +93,7 @@ impl KafkaSink {
                     let _ = self.producer.flush(Duration::from_millis(100));
                 }
                 Err((e, _)) => {
-                    return Err(Error::Kafka { context: format!("sending to {topic}"), source: e });
+                    return Err(Error::Kafka { context: format!("sending to {topic}"), cause: e });
                 }
             }
         }
