@@ -46,8 +46,10 @@ pub struct DecodedBatch {
     pub rejected: Vec<RecordError>,
 }
 
-/// Rows the reused arrow-json decoder holds at once; larger inputs are decoded in chunks.
-const CHUNK_ROWS: usize = 16_384;
+/// Rows per arrow-json pass; larger inputs are decoded in chunks and concatenated. Small enough for
+/// the tape and its strings to stay in cache: on the 2-core bench machine a 10,000-record batch
+/// decodes 29% faster in chunks of 1,024 than of 16,384 (512 is no better).
+const CHUNK_ROWS: usize = 1_024;
 
 /// Decodes batches of one input topic. Keeps one arrow-json decoder whose buffers are reused from
 /// batch to batch (a fresh one per batch spends a fifth of the time in page faults and copies).
