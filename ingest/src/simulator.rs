@@ -361,6 +361,19 @@ impl Corruption {
     }
 }
 
+/// Writes the string field `"name":"value"`, with `bad`'s broken value instead when it aims at
+/// `field`, or nothing when `bad` omits it.
+fn string_field(buf: &mut Vec<u8>, bad: Option<Corruption>, field: Field, name: &str, value: &[u8]) {
+    if Corruption::omits(bad, field) {
+        return;
+    }
+    key(buf, name);
+    match Corruption::replaces(bad, field) {
+        Some(c) => c.write_value(buf, value),
+        None => write::quoted(buf, value),
+    }
+}
+
 /// Writes `"name":`, preceded by a comma unless it is the object's first field.
 fn key(buf: &mut Vec<u8>, name: &str) {
     if buf.last() != Some(&b'{') {
@@ -825,13 +838,7 @@ impl Simulator {
 
         let id = Builder::from_random_bytes(self.rng.random()).into_uuid();
         let id_text = write::uuid_text(&id, self.rng.random_bool(0.03));
-        if !Corruption::omits(bad, Field::Id) {
-            key(&mut buf, "id");
-            match Corruption::replaces(bad, Field::Id) {
-                Some(c) => c.write_value(&mut buf, &id_text),
-                None => write::quoted(&mut buf, &id_text),
-            }
-        }
+        string_field(&mut buf, bad, Field::Id, "id", &id_text);
 
         if !Corruption::omits(bad, Field::Ts) {
             key(&mut buf, "ts");
@@ -849,13 +856,7 @@ impl Simulator {
             }
         }
 
-        if !Corruption::omits(bad, Field::Action) {
-            key(&mut buf, "action");
-            match Corruption::replaces(bad, Field::Action) {
-                Some(c) => c.write_value(&mut buf, p.action.as_str().as_bytes()),
-                None => write::quoted(&mut buf, p.action.as_str().as_bytes()),
-            }
-        }
+        string_field(&mut buf, bad, Field::Action, "action", p.action.as_str().as_bytes());
 
         let upper = self.upper();
         let (from_text, country) = match p.from {
@@ -889,20 +890,10 @@ impl Simulator {
         {
             let upper = self.upper();
             let text = *self.pop.entities[t as usize].text(upper);
-            key(&mut buf, "to");
-            match Corruption::replaces(bad, Field::To) {
-                Some(c) => c.write_value(&mut buf, &text),
-                None => write::quoted(&mut buf, &text),
-            }
+            string_field(&mut buf, bad, Field::To, "to", &text);
         }
 
-        if !Corruption::omits(bad, Field::Auth) {
-            key(&mut buf, "auth");
-            match Corruption::replaces(bad, Field::Auth) {
-                Some(c) => c.write_value(&mut buf, p.auth.as_str().as_bytes()),
-                None => write::quoted(&mut buf, p.auth.as_str().as_bytes()),
-            }
-        }
+        string_field(&mut buf, bad, Field::Auth, "auth", p.auth.as_str().as_bytes());
 
         if let Some(c) = Corruption::replaces(bad, Field::TargetToken) {
             key(&mut buf, "target_token");
