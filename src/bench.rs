@@ -117,6 +117,8 @@ fn run_pipeline_until(
     }
     let cpu0 = meshguard_cpu_seconds();
     let t0 = Instant::now();
+    // One watcher stops the pipeline at `target` and, whatever stopped it, samples the CPU time
+    // at that moment, while the pipeline's librdkafka threads still exist.
     let watcher_stats = stats.clone();
     let watcher_stop = stop.clone();
     let watcher = std::thread::spawn(move || {
@@ -132,25 +134,12 @@ fn run_pipeline_until(
             }
             std::thread::park_timeout(Duration::from_millis(2));
         }
-    });
-    // Measured before `run` returns, while the pipeline's librdkafka threads still exist.
-    let cpu_at_end = Arc::new(std::sync::Mutex::new(None));
-    let cpu_slot = cpu_at_end.clone();
-    let end_stop = stop.clone();
-    let sampler = std::thread::spawn(move || {
-        while !end_stop.load(Ordering::Relaxed) {
-            std::thread::park_timeout(Duration::from_millis(2));
-        }
-        if let Ok(mut slot) = cpu_slot.lock() {
-            *slot = Some((meshguard_cpu_seconds(), Instant::now()));
-        }
+        (meshguard_cpu_seconds(), Instant::now())
     });
     pipeline.run(&stop)?;
-    let _ = sampler.join();
-    let (cpu_end, t_end) = cpu_at_end.lock().ok().and_then(|s| *s).unwrap_or((meshguard_cpu_seconds(), Instant::now()));
+    let (cpu_end, t_end) = watcher.join().map_err(|_| anyhow::anyhow!("the bench watcher panicked"))?;
     let wall = t_end.duration_since(t0).as_secs_f64();
     let cpu = cpu_end - cpu0;
-    let _ = watcher.join();
     Ok((stats, wall, cpu))
 }
 
