@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore};
+use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
 use meshguard_ingest::{IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
 use meshguard_schemas::output::Finding;
@@ -123,16 +123,16 @@ impl Pipeline {
         let store = LocalCheckpointStore::open(&cfg.pipeline.checkpoint_dir)
             .with_context(|| format!("opening the checkpoint directory {}", cfg.pipeline.checkpoint_dir.display()))?;
         let mut engine = Engine::new(cfg.engine());
-        let checkpoint = store.load().context("reading the last checkpoint")?;
+        let checkpoint = store.load_global().context("reading the last checkpoint")?;
         let mut global_positions = Vec::new();
         let mut sink_positions = Vec::new();
-        if let Some(cp) = checkpoint {
+        if let Some(global) = checkpoint {
             info!(message = "Restoring the global tables from checkpoint.", dir = %store.dir().display());
             // Only the global tables now. A partition's state is loaded when the group assigns it
             // to this worker (see `apply_rebalance`): the directory may be shared with other
             // workers, and adopting their partitions would save and commit stale offsets.
-            engine.restore_global(cp.global).context("restoring the checkpoint")?;
-            global_positions = engine.global_positions().into_iter().map(|p| (p.topic, p.partition, p.next_offset)).collect();
+            engine.restore_global(global).context("restoring the checkpoint")?;
+            global_positions = engine.global_positions();
             sink_positions = engine.sink_positions.clone();
         }
 
@@ -311,7 +311,12 @@ impl Pipeline {
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
         let cp = self.engine.checkpoint();
         self.store.save(&cp).context("saving a checkpoint")?;
-        let offsets: Vec<_> = cp.partitions.iter().filter(|(_, s)| s.next_offset > 0).map(|((t, p), s)| (*t, *p, s.next_offset)).collect();
+        let offsets: Vec<Position> = cp
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.next_offset > 0)
+            .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
+            .collect();
         // The checkpoint is durable and says where each partition resumes; the committed offset
         // only mirrors it (for lag and for tools). A commit refused during a rebalance is retried
         // by the next checkpoint, not a reason to stop.

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use meshguard_analytics::Position;
 use meshguard_schemas::InputTopic;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -281,7 +282,7 @@ impl KafkaSource {
 
     /// Assigns every partition of the global topics, each from `positions` (next offsets from the
     /// checkpoint) or from the beginning.
-    pub fn start_globals(&self, positions: &[(InputTopic, i32, i64)], timeout: Duration) -> Result<()> {
+    pub fn start_globals(&self, positions: &[Position], timeout: Duration) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for topic in [InputTopic::Registry, InputTopic::Presence] {
             let name = self.topics.input(topic);
@@ -290,8 +291,8 @@ impl KafkaSource {
                 for p in t.partitions() {
                     let offset = positions
                         .iter()
-                        .find(|(tt, pp, _)| *tt == topic && *pp == p.id())
-                        .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(*o));
+                        .find(|pos| pos.topic == topic && pos.partition == p.id())
+                        .map_or(Offset::Beginning, |pos| Offset::Offset(pos.next_offset));
                     tpl.add_partition_offset(name, p.id(), offset).map_err(Error::kafka("building the global assignment"))?;
                 }
             }
@@ -388,13 +389,13 @@ impl KafkaSource {
 
     /// Commits next offsets of the keyed topics' partitions to the group (synchronously). Call only
     /// after the checkpoint holding the same offsets is durable.
-    pub fn commit(&self, positions: &[(InputTopic, i32, i64)]) -> Result<()> {
+    pub fn commit(&self, positions: &[Position]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition, next) in positions {
-            if matches!(topic, InputTopic::Registry | InputTopic::Presence) {
+        for p in positions {
+            if matches!(p.topic, InputTopic::Registry | InputTopic::Presence) {
                 continue;
             }
-            tpl.add_partition_offset(self.topics.input(*topic), *partition, Offset::Offset(*next))
+            tpl.add_partition_offset(self.topics.input(p.topic), p.partition, Offset::Offset(p.next_offset))
                 .map_err(Error::kafka("building the commit"))?;
         }
         if tpl.count() == 0 {

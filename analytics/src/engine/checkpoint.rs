@@ -125,6 +125,8 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     /// other workers own: a worker restores the global part and loads partitions as it is assigned
     /// them ([`CheckpointStore::load_partition`]).
     fn load(&self) -> Result<Option<Checkpoint>>;
+    /// Reads only the global part of the latest checkpoint (what a worker restores at start).
+    fn load_global(&self) -> Result<Option<GlobalSnapshot>>;
     /// Reads one partition's latest state (for a partition this worker just took over).
     fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>>;
 }
@@ -192,7 +194,7 @@ impl CheckpointStore for LocalCheckpointStore {
     }
 
     fn load(&self) -> Result<Option<Checkpoint>> {
-        let Some(global) = self.read::<GlobalSnapshot>(&self.dir.join("global.ckpt"))? else {
+        let Some(global) = self.load_global()? else {
             return Ok(None);
         };
         let mut partitions = Vec::new();
@@ -209,6 +211,10 @@ impl CheckpointStore for LocalCheckpointStore {
         }
         partitions.sort_by_key(|(k, _)| *k);
         Ok(Some(Checkpoint { partitions, global }))
+    }
+
+    fn load_global(&self) -> Result<Option<GlobalSnapshot>> {
+        self.read(&self.dir.join("global.ckpt"))
     }
 
     fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>> {
