@@ -5,8 +5,19 @@ use arrow::datatypes::{TimestampMillisecondType, UInt8Type};
 
 use super::*;
 
+/// The contract's input examples, embedded at compile time: a test binary never depends on the
+/// path of the checkout it was built in.
+const FIXTURES: &[(&str, &[u8])] = &[
+    ("message-send.json", include_bytes!("../../tests/fixtures/message-send.json")),
+    ("message-connect.json", include_bytes!("../../tests/fixtures/message-connect.json")),
+    ("presence.json", include_bytes!("../../tests/fixtures/presence.json")),
+    ("interaction.json", include_bytes!("../../tests/fixtures/interaction.json")),
+    ("identity-request.json", include_bytes!("../../tests/fixtures/identity-request.json")),
+    ("registry-lighting.json", include_bytes!("../../tests/fixtures/registry-lighting.json")),
+];
+
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    FIXTURES.iter().find(|(n, _)| *n == name).map(|(_, bytes)| bytes.to_vec()).unwrap_or_else(|| panic!("no fixture {name}"))
 }
 
 fn decode(topic: InputTopic, records: &[&[u8]]) -> DecodedBatch {
