@@ -160,7 +160,10 @@ impl LocalCheckpointStore {
         let mut bytes = MAGIC.to_vec();
         bytes = postcard::to_extend(value, bytes)
             .map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
-        let tmp = path.with_extension("tmp");
+        // A temporary name of this process's own: workers sharing the directory write the same
+        // files (`global.ckpt`, a partition's file around a rebalance), and a shared temporary name
+        // would let one worker rename away the other's half-written file.
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
