@@ -31,6 +31,7 @@
 pub mod engine;
 mod error;
 pub mod jobs;
+pub mod policy;
 pub mod tables;
 
 pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};

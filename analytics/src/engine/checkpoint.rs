@@ -23,10 +23,11 @@ use uuid::Uuid;
 
 use super::{Engine, PartitionId, PartitionState, Position};
 use crate::error::{Error, Result};
+use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT01";
+const MAGIC: &[u8; 8] = b"MGCKPT02";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,6 +49,8 @@ pub struct GlobalSnapshot {
     pub registry: Vec<(Uuid, Vec<RegistryVersion>)>,
     /// Presence versions.
     pub presence: TableSnapshot<Uuid, bool>,
+    /// Latest known locations, as this worker learned them from its partitions' attempts.
+    pub locations: TableSnapshot<Uuid, Location>,
     /// Consumed positions of the global topics.
     pub positions: Vec<Position>,
     /// The caller's sink positions at the checkpoint.
@@ -68,12 +71,14 @@ impl Engine {
             .iter()
             .map(|(uuid, versions)| {
                 let versions =
-                    versions.iter().map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.as_ref()).ok()))).collect();
+                    versions.iter().map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.record.as_ref()).ok()))).collect();
                 (*uuid, versions)
             })
             .collect();
         let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
-        let global = GlobalSnapshot { registry, presence, positions: self.global_positions(), sink_positions: self.sink_positions.clone() };
+        let locations = TableSnapshot { entries: self.locations.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
+        let global =
+            GlobalSnapshot { registry, presence, locations, positions: self.global_positions(), sink_positions: self.sink_positions.clone() };
         Checkpoint { partitions, global }
     }
 
@@ -98,13 +103,19 @@ impl Engine {
                             Error::CheckpointFormat { name: "global".into(), reason: format!("registry record {uuid}: {e}") }
                         })?)),
                     };
-                self.registry.insert(uuid, t, record);
+                self.apply_registry(uuid, t, record);
             }
         }
         self.presence = Default::default();
         for (uuid, versions) in g.presence.entries {
             for (t, online) in versions {
                 self.presence.insert(uuid, t, online);
+            }
+        }
+        self.locations = Default::default();
+        for (uuid, versions) in g.locations.entries {
+            for (t, loc) in versions {
+                self.locations.insert(uuid, t, loc);
             }
         }
         self.global_positions.clear();

@@ -23,6 +23,7 @@ pub mod checkpoint;
 
 use std::sync::Arc;
 
+use arrow::array::Array;
 use arrow::record_batch::RecordBatch;
 use meshguard_schemas::output::Finding;
 use meshguard_schemas::registry::RegistryRecord;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::jobs::{self, Job, JobContext, MessagesView};
+use crate::policy::{CompiledRecord, GroupInterner, Location};
 use crate::tables::{FastMap, VersionedTable};
 
 /// Engine settings.
@@ -139,8 +141,10 @@ impl PartitionState {
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
-    registry: VersionedTable<Uuid, Option<Arc<RegistryRecord>>>,
+    registry: VersionedTable<Uuid, Option<Arc<CompiledRecord>>>,
+    groups: GroupInterner,
     presence: VersionedTable<Uuid, bool>,
+    locations: VersionedTable<Uuid, Location>,
     partitions: FastMap<PartitionId, PartitionState>,
     global_positions: FastMap<(InputTopic, i32), i64>,
     /// Ids of findings found on the output topic at restore, which a replay must not repeat.
@@ -158,7 +162,9 @@ impl Engine {
         Self {
             cfg,
             registry: VersionedTable::default(),
+            groups: GroupInterner::default(),
             presence: VersionedTable::default(),
+            locations: VersionedTable::default(),
             partitions: FastMap::default(),
             global_positions: FastMap::default(),
             restored_outputs: FastMap::default(),
@@ -183,7 +189,7 @@ impl Engine {
     /// detection time written into findings.
     pub fn process(&mut self, mb: &MicroBatch, now_ms: i64) -> Vec<Finding> {
         for change in &mb.registry {
-            self.registry.insert(change.uuid, change.effective_ms, change.record.clone());
+            self.apply_registry(change.uuid, change.effective_ms, change.record.clone());
         }
         self.stats.rows[InputTopic::Registry as usize] += mb.registry.len() as u64;
         if let Some(presence) = &mb.presence {
@@ -209,6 +215,13 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Compiles and installs one registry change: only that record is compiled, whatever the size
+    /// of the directory.
+    pub(crate) fn apply_registry(&mut self, uuid: Uuid, effective_ms: i64, record: Option<Arc<RegistryRecord>>) {
+        let compiled = record.map(|r| Arc::new(CompiledRecord::compile(r, &mut self.groups)));
+        self.registry.insert(uuid, effective_ms, compiled);
     }
 
     fn apply_presence(&mut self, rows: &RowsBatch) {
@@ -247,7 +260,20 @@ impl Engine {
             state.max_event_ms = state.max_event_ms.max(ts);
         }
 
-        let ctx = JobContext { registry: &self.registry, presence: &self.presence, now_ms };
+        // The requesters' latest locations, before any attempt of the batch is judged: a target's
+        // location is the latest by event time, whichever partition or batch position it came in.
+        // Only attempts with valid credentials tell where a UUID is (an impostor's do not).
+        let valid = meshguard_schemas::Auth::Valid.code();
+        for row in 0..n {
+            if view.location.is_valid(row) && view.auth.value(row) == valid {
+                let loc = view.location(row);
+                if let (false, Some(from)) = (loc.is_unknown(), MessagesView::uuid(view.from, row)) {
+                    self.locations.insert(from, view.ts.value(row), loc);
+                }
+            }
+        }
+
+        let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         let mut found = std::mem::take(&mut self.scratch);
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);
@@ -290,6 +316,7 @@ impl Engine {
             // see the version current at the watermark, a documented approximation).
             self.registry.prune(oldest_watermark);
             self.presence.prune(oldest_watermark);
+            self.locations.prune(oldest_watermark);
         }
     }
 

@@ -81,7 +81,7 @@ fn registry_changes_apply_from_their_timestamp_whatever_the_arrival_order() {
     let mut e = Engine::new(EngineConfig::default());
     // The tombstone arrives before attempts that happened earlier than it.
     let mb = batch(
-        vec![registered(A, T0), tombstone(A, T0 + 10_000)],
+        vec![registered(A, T0), tombstone(A, T0 + 10_000), registered(B, T0 - 10_000)],
         &[
             attempt(1, T0 - 1, A, "valid"),
             attempt(2, T0, A, "valid"),
@@ -117,7 +117,7 @@ fn checkpoint_restore_resumes_state_and_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalCheckpointStore::open(dir.path()).unwrap();
     let mut e = Engine::new(EngineConfig::default());
-    let mut mb = batch(vec![registered(A, T0 - 1)], &[attempt(1, T0, STRANGER, "valid"), attempt(2, T0, A, "invalid")]);
+    let mut mb = batch(vec![registered(A, T0 - 1), registered(B, T0 - 1)], &[attempt(1, T0, STRANGER, "valid"), attempt(2, T0, A, "invalid")]);
     mb.positions = vec![
         Position { topic: InputTopic::Messages, partition: 0, next_offset: 2 },
         Position { topic: InputTopic::Registry, partition: 0, next_offset: 1 },
