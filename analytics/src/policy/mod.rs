@@ -32,6 +32,10 @@ pub mod compile;
 pub mod eval;
 pub mod geo;
 pub mod restrictions;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
 
 pub use compile::{CompiledRecord, GroupInterner, Level};
 pub use eval::{Attempt, Lookups, Route, Violation, evaluate};
