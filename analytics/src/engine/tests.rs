@@ -92,7 +92,8 @@ fn registry_changes_apply_from_their_timestamp_whatever_the_arrival_order() {
     let found = e.process(&mb, T0);
     let ids: Vec<_> = found.iter().map(|f| f.event_id.unwrap().as_u128() & 0xffff).collect();
     assert_eq!(ids, vec![1, 4], "before registration and at/after the tombstone");
-    assert_eq!(found[0].detail["why"], "unregistered (tombstoned)");
+    assert_eq!(found[0].detail["why"], "registered only after this attempt");
+    assert_eq!(found[1].detail["why"], "unregistered (tombstoned)");
 }
 
 #[test]

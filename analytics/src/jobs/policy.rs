@@ -54,7 +54,7 @@ impl Job for PolicyCheck {
             };
 
             let Some(requester) = ctx.record(&from, ts) else {
-                let detail = json!({ "registered": false, "why": unregistered_why(ctx, &from) });
+                let detail = json!({ "registered": false, "why": unregistered_why(ctx, &from, ts) });
                 out.push((row as u32, finding(FindingKind::UnregisteredRequester, "registry:unregistered".into(), detail, Severity::Medium)));
                 continue;
             };
@@ -71,7 +71,7 @@ impl Job for PolicyCheck {
                 continue;
             };
             let Some(target) = ctx.record(&to, ts) else {
-                let detail = json!({ "registered": false, "why": unregistered_why(ctx, &to) });
+                let detail = json!({ "registered": false, "why": unregistered_why(ctx, &to, ts) });
                 out.push((row as u32, finding(FindingKind::PermissionDenied, "target:unregistered".into(), detail, Severity::Medium)));
                 continue;
             };
@@ -97,11 +97,11 @@ impl Job for PolicyCheck {
 }
 
 /// Why a UUID is not registered as of an attempt, for the finding's `detail`.
-fn unregistered_why(ctx: &JobContext<'_>, uuid: &Uuid) -> &'static str {
-    match ctx.registry.latest(uuid) {
+fn unregistered_why(ctx: &JobContext<'_>, uuid: &Uuid, ts: i64) -> &'static str {
+    match (ctx.registry.get(uuid, ts), ctx.registry.latest(uuid)) {
+        (Some(None), _) => "unregistered (tombstoned)",
         // Known to the directory, but not as of this attempt.
-        Some(Some(_)) => "registered only after this attempt",
-        Some(None) => "unregistered (tombstoned)",
-        None => "never registered",
+        (None, Some(_)) => "registered only after this attempt",
+        _ => "never registered",
     }
 }

@@ -65,7 +65,10 @@ pub fn location(r: &LocationRestriction, requester: &Location, target: Option<&L
         let unknown = Location::default();
         let loc = loc.unwrap_or(&unknown);
         let verdict = if !r.allow.is_empty() && !r.allow.iter().any(|a| geo::contains(a, loc) == Some(true)) {
-            Some((if loc.is_unknown() { "location unknown" } else { "outside every allowed area" }, None))
+            // Unknown when no allowed area could be judged (a country area and a location with
+            // coordinates only, say); outside when at least one could.
+            let judged = r.allow.iter().any(|a| geo::contains(a, loc).is_some());
+            Some((if judged { "outside every allowed area" } else { "location unknown" }, None))
         } else {
             r.deny.iter().find(|a| geo::contains(a, loc) == Some(true)).map(|a| ("inside a denied area", Some(a)))
         };
