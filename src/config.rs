@@ -106,6 +106,11 @@ pub struct PipelineSection {
     /// Directory of checkpoints (state and offsets). Workers of one group on one machine may share
     /// it. `meshguard run` without `--brokers` uses a fresh temporary directory instead.
     pub checkpoint_dir: PathBuf,
+    /// Before judging a micro-batch of attempts, read the registry and presence topics up to where
+    /// they end at that moment (one `ListOffsets` request), so a change published before the
+    /// attempts is applied to them. Costs a round trip to the broker per micro-batch; `false`
+    /// applies global-table records as they happen to be fetched.
+    pub align_global_tables: bool,
 }
 
 impl Default for PipelineSection {
@@ -117,6 +122,7 @@ impl Default for PipelineSection {
             max_record_bytes: meshguard_schemas::DEFAULT_MAX_RECORD_BYTES,
             checkpoint_interval_ms: 5_000,
             checkpoint_dir: PathBuf::from(".meshguard/checkpoints"),
+            align_global_tables: true,
         }
     }
 }

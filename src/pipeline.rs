@@ -30,6 +30,8 @@ use crate::config::Config;
 
 /// How long Kafka admin and flush calls may take before the worker gives up.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait to read the global tables to their end before judging a micro-batch.
+const GLOBAL_ALIGN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters shared with the live summary printer.
 #[derive(Debug, Default)]
@@ -204,6 +206,12 @@ impl Pipeline {
             for topic in [InputTopic::Messages, InputTopic::Interactions, InputTopic::IdentityRequests] {
                 let owned = &self.owned;
                 raw.retain_partitions(topic, |p| owned.contains(&(topic, p)));
+            }
+            if self.cfg.pipeline.align_global_tables && !raw.topic(InputTopic::Messages).is_empty() {
+                // Registry and presence records already on the broker apply to these attempts.
+                if let Err(e) = self.source.catch_up_globals(&mut raw, GLOBAL_ALIGN_TIMEOUT) {
+                    warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e);
+                }
             }
             if !raw.is_empty() {
                 self.handle(&raw)?;

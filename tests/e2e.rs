@@ -272,3 +272,87 @@ fn an_unreachable_broker_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach Kafka at 127.0.0.1:1 (kafka.brokers / --brokers)"), "{stderr}");
 }
+
+/// A registry change published while meshguard runs applies to every attempt at or after its
+/// Kafka timestamp, with no restart: a new profile that denies the requester, and a tombstone of
+/// another requester. An attempt from before the change that arrives after it is judged by the
+/// old record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_change_takes_effect_mid_stream() {
+    const T0: i64 = 1_795_539_600_000;
+    let (r, r2, t, stranger) = (
+        "a1000000-0000-4000-8000-000000000001",
+        "a1000000-0000-4000-8000-000000000002",
+        "b1000000-0000-4000-8000-000000000001",
+        "eeeeeeee-0000-4000-8000-0000000000e1",
+    );
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let names = Topics::default();
+    let record = |key: &str, value: Option<Value>, ts: i64| -> ProduceRecord {
+        (Some(key.as_bytes().to_vec()), value.map(|v| v.to_string().into_bytes()), Some(ts))
+    };
+    let device = |uuid: &str| serde_json::json!({"uuid": uuid, "kind": "device"});
+    let mut n = 0u32;
+    let mut attempt = |from: &str, ts: i64| -> ProduceRecord {
+        n += 1;
+        let id = format!("00000000-0000-4000-8000-{n:012}");
+        record(from, Some(serde_json::json!({"id": id, "ts": ts, "action": "send", "from": from, "to": t, "auth": "valid"})), ts)
+    };
+    let registry = names.input(InputTopic::Registry);
+    let messages = names.input(InputTopic::Messages);
+    produce(
+        &broker.bootstrap(),
+        registry,
+        &[
+            record(r, Some(device(r)), T0 - 3_600_000),
+            record(r2, Some(device(r2)), T0 - 3_600_000),
+            record(t, Some(device(t)), T0 - 3_600_000),
+        ],
+    )
+    .await
+    .unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let child = spawn_meshguard(&broker, state.path(), "e2e-registry", 1, 1_000);
+
+    // Before the change: allowed. The stranger's attempt is a sentinel: once its finding is out,
+    // the first batch has been judged.
+    let mut before: Vec<ProduceRecord> = (0..20).map(|i| attempt(r, T0 + i * 1_000)).collect();
+    before.push(attempt(stranger, T0 + 20_000));
+    produce(&broker.bootstrap(), messages, &before).await.unwrap();
+    let first = consume_all(&broker.bootstrap(), FINDINGS, 1, Duration::from_secs(90)).unwrap();
+    assert_eq!(check_findings(&first).into_iter().map(|(_, k)| k).collect::<Vec<_>>(), vec!["unregistered_requester"]);
+
+    // The change, effective at T0 + 60 s: t gets a profile denying r's sends; r2 is unregistered.
+    let lockdown = serde_json::json!({"uuid": t, "kind": "device",
+        "profiles": [{"name": "lockdown", "applies_to": [r], "permissions": {"send": {"deny": [r]}}}]});
+    produce(&broker.bootstrap(), registry, &[record(t, Some(lockdown), T0 + 60_000), record(r2, None, T0 + 60_000)]).await.unwrap();
+
+    // Attempts after it, and one from before it that arrives late.
+    let mut after: Vec<ProduceRecord> = (0..10).map(|i| attempt(r, T0 + 60_000 + i * 1_000)).collect();
+    after.extend((0..5).map(|i| attempt(r2, T0 + 60_000 + i)));
+    let late_but_before = attempt(r, T0 + 59_999);
+    let late_id = serde_json::from_slice::<Value>(late_but_before.1.as_ref().unwrap()).unwrap()["id"].as_str().unwrap().to_owned();
+    let mut second = after.clone();
+    second.push(late_but_before);
+    produce(&broker.bootstrap(), messages, &second).await.unwrap();
+
+    let want = 1 + after.len();
+    let found = consume_all(&broker.bootstrap(), FINDINGS, want, Duration::from_secs(90)).unwrap();
+    terminate(child);
+    let all = meshguard_testkit::consume_available(&broker.bootstrap(), FINDINGS, Duration::from_secs(5)).unwrap();
+    assert_eq!(all.len(), found.len(), "nothing beyond the expected findings");
+    let mut kinds: HashMap<String, usize> = HashMap::new();
+    for r in &all {
+        let v: Value = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+        assert_ne!(v["event_id"].as_str(), Some(late_id.as_str()), "an attempt before the change is judged by the old record");
+        *kinds.entry(format!("{}/{}", v["kind"].as_str().unwrap(), v["rule"].as_str().unwrap())).or_default() += 1;
+    }
+    let expected: HashMap<String, usize> = [
+        ("unregistered_requester/registry:unregistered".to_owned(), 1 + 5),
+        ("permission_denied/profile:lockdown/permissions:send/deny".to_owned(), 10),
+    ]
+    .into();
+    assert_eq!(kinds, expected);
+}

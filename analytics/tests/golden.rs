@@ -112,7 +112,8 @@ fn run(path: &Path) -> Result<(), String> {
         std::fs::write(&golden, &text).unwrap();
         return Ok(());
     }
-    let want = std::fs::read_to_string(&golden).map_err(|e| format!("{}: {e} (run with MESHGUARD_BLESS=1 to create it)", golden.display()))?;
+    let want =
+        std::fs::read_to_string(&golden).map_err(|e| format!("{}: {e} (run with MESHGUARD_BLESS=1 to create it)", golden.display()))?;
     if want != text {
         let first = want.lines().zip(text.lines()).position(|(a, b)| a != b).unwrap_or(want.lines().count().min(text.lines().count()));
         return Err(format!(

@@ -300,30 +300,47 @@ impl KafkaSource {
         self.global.assign(&tpl).map_err(Error::kafka("assigning the global topics"))
     }
 
-    /// Reads the global topics up to their current end into `out` (the bootstrap of global
-    /// tables: detection must not judge attempts against a half-read directory).
-    pub fn catch_up_globals(&self, out: &mut RawBatch, timeout: Duration) -> Result<()> {
+    /// Reads the global topics up to where they end now into `out`; returns how many records it
+    /// read. At start this is the bootstrap of the global tables (detection must not judge
+    /// attempts against a half-read directory); during the run the pipeline calls it after each
+    /// poll that fetched attempts, so a registry change or presence record the platform published
+    /// before those attempts is applied before they are judged, even though the two consumers fetch
+    /// independently (Kafka Streams' timestamp synchronisation solves the same problem by waiting;
+    /// here one `ListOffsets` request for all global partitions tells how far to read).
+    pub fn catch_up_globals(&self, out: &mut RawBatch, timeout: Duration) -> Result<usize> {
         let deadline = Instant::now() + timeout;
         let assignment = self.global.assignment().map_err(Error::kafka("reading the global assignment"))?;
-        let mut targets = Vec::new();
+        let mut query = TopicPartitionList::new();
         for e in assignment.elements() {
-            let (_, high) = self
-                .global
-                .fetch_watermarks(e.topic(), e.partition(), timeout)
-                .map_err(Error::kafka(format!("reading the end of {}", e.topic())))?;
-            targets.push((e.topic().to_owned(), e.partition(), high));
+            query.add_partition_offset(e.topic(), e.partition(), Offset::End).map_err(Error::kafka("building the end-offset query"))?;
         }
-        let mut reached = vec![false; targets.len()];
-        let mut next = vec![0i64; targets.len()];
-        loop {
-            for (i, (topic, partition, high)) in targets.iter().enumerate() {
-                if !reached[i] {
-                    let start = assignment.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).unwrap_or(0).max(0);
-                    reached[i] = next[i].max(start) >= *high;
-                }
+        // A timestamp of -1 (`Offset::End`) asks for the latest offset: one request per broker for
+        // every partition, where `fetch_watermarks` costs two per partition.
+        let ends = self.global.offsets_for_times(query, timeout).map_err(Error::kafka("reading the end of the global topics"))?;
+        let mut targets = Vec::new();
+        for e in ends.elements() {
+            let end = e.offset().to_raw().unwrap_or(0);
+            if end <= 0 {
+                continue;
             }
-            if reached.iter().all(|r| *r) {
-                return Ok(());
+            // Where reading starts when nothing was consumed yet: the assigned offset, or for
+            // `Beginning` the log start (which compaction and retention move past 0).
+            let start = match assignment.find_partition(e.topic(), e.partition()).map(|a| a.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => self.global.fetch_watermarks(e.topic(), e.partition(), timeout).map(|(low, _)| low).unwrap_or(0),
+            };
+            targets.push((e.topic().to_owned(), e.partition(), start, end));
+        }
+        let mut read = 0;
+        loop {
+            let positions = self.global.position().map_err(Error::kafka("reading the global positions"))?;
+            let behind = targets.iter().any(|(topic, partition, start, end)| {
+                let at =
+                    positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).unwrap_or(*start);
+                at < *end
+            });
+            if !behind {
+                return Ok(read);
             }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
@@ -333,10 +350,8 @@ impl KafkaSource {
             }
             match self.global.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    if let Some(i) = targets.iter().position(|(t, p, _)| t == m.topic() && *p == m.partition()) {
-                        next[i] = m.offset() + 1;
-                    }
                     self.push(out, &m);
+                    read += 1;
                 }
                 Some(Err(e)) => warn!(message = "Global-table consumer error.", error = %e),
                 None => {}

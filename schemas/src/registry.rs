@@ -397,7 +397,8 @@ impl Serialize for Country {
 impl<'de> Deserialize<'de> for Country {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        Country::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("expected an ISO 3166 alpha-2 country code such as \"DE\", found {s:?}")))
+        Country::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("expected an ISO 3166 alpha-2 country code such as \"DE\", found {s:?}")))
     }
 }
 
@@ -586,7 +587,9 @@ mod tests {
         let a: Vec<Area> = serde_json::from_str(r#"[{"country":"de"},{"lat":52.5,"lon":13.4,"radius_m":1000}]"#).expect("valid areas");
         assert_eq!(a[0], Area::Country { country: Country::parse("DE").expect("code") });
         assert!(matches!(a[1], Area::Circle { radius_m: 1000.0, .. }));
-        for bad in [r#"{"country":"Germany"}"#, r#"{"lat":95,"lon":0,"radius_m":1}"#, r#"{"lat":1,"lon":0}"#, r#"{"lat":1,"lon":0,"radius_m":-1}"#] {
+        for bad in
+            [r#"{"country":"Germany"}"#, r#"{"lat":95,"lon":0,"radius_m":1}"#, r#"{"lat":1,"lon":0}"#, r#"{"lat":1,"lon":0,"radius_m":-1}"#]
+        {
             assert!(serde_json::from_str::<Area>(bad).is_err(), "{bad} must be refused");
         }
     }

@@ -70,15 +70,22 @@ impl Engine {
             .registry
             .iter()
             .map(|(uuid, versions)| {
-                let versions =
-                    versions.iter().map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.record.as_ref()).ok()))).collect();
+                let versions = versions
+                    .iter()
+                    .map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.record.as_ref()).ok())))
+                    .collect();
                 (*uuid, versions)
             })
             .collect();
         let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
         let locations = TableSnapshot { entries: self.locations.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
-        let global =
-            GlobalSnapshot { registry, presence, locations, positions: self.global_positions(), sink_positions: self.sink_positions.clone() };
+        let global = GlobalSnapshot {
+            registry,
+            presence,
+            locations,
+            positions: self.global_positions(),
+            sink_positions: self.sink_positions.clone(),
+        };
         Checkpoint { partitions, global }
     }
 

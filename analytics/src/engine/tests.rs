@@ -118,7 +118,8 @@ fn checkpoint_restore_resumes_state_and_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalCheckpointStore::open(dir.path()).unwrap();
     let mut e = Engine::new(EngineConfig::default());
-    let mut mb = batch(vec![registered(A, T0 - 1), registered(B, T0 - 1)], &[attempt(1, T0, STRANGER, "valid"), attempt(2, T0, A, "invalid")]);
+    let mut mb =
+        batch(vec![registered(A, T0 - 1), registered(B, T0 - 1)], &[attempt(1, T0, STRANGER, "valid"), attempt(2, T0, A, "invalid")]);
     mb.positions = vec![
         Position { topic: InputTopic::Messages, partition: 0, next_offset: 2 },
         Position { topic: InputTopic::Registry, partition: 0, next_offset: 1 },

@@ -6,7 +6,9 @@
 
 mod policy;
 
-use arrow::array::{Array, AsArray, BooleanArray, FixedSizeBinaryArray, Float64Array, ListArray, PrimitiveArray, StringArray, StructArray, UInt8Array};
+use arrow::array::{
+    Array, AsArray, BooleanArray, FixedSizeBinaryArray, Float64Array, ListArray, PrimitiveArray, StringArray, StructArray, UInt8Array,
+};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType, UInt8Type};
 use arrow::record_batch::RecordBatch;
 use meshguard_schemas::output::Finding;

@@ -55,7 +55,10 @@ impl Job for PolicyCheck {
 
             let Some(requester) = ctx.record(&from, ts) else {
                 let detail = json!({ "registered": false, "why": unregistered_why(ctx, &from, ts) });
-                out.push((row as u32, finding(FindingKind::UnregisteredRequester, "registry:unregistered".into(), detail, Severity::Medium)));
+                out.push((
+                    row as u32,
+                    finding(FindingKind::UnregisteredRequester, "registry:unregistered".into(), detail, Severity::Medium),
+                ));
                 continue;
             };
             let auth = v.auth.value(row);

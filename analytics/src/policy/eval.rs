@@ -253,7 +253,8 @@ fn permissions(a: &Attempt<'_>, level: Level, req: &CompiledRecord, tgt: &Compil
             ListVerdict::NotAllowed => (list_rule("allow", None), "not allowed", None),
         };
         let side_name = if side.is_empty() { "target" } else { "sender" };
-        let mut detail = json!({ "level": level.as_str(), "side": side_name, "record": rec.uuid(), "principal": principal, "reason": reason });
+        let mut detail =
+            json!({ "level": level.as_str(), "side": side_name, "record": rec.uuid(), "principal": principal, "reason": reason });
         if let Some(p) = profile {
             detail["profile"] = json!(rec.record.profiles[p].name);
         }
@@ -266,7 +267,12 @@ fn permissions(a: &Attempt<'_>, level: Level, req: &CompiledRecord, tgt: &Compil
     }
     if level.needs_token() && !a.target_token {
         let detail = json!({ "level": level.as_str(), "side": "target", "record": tgt.uuid(), "principal": a.from, "reason": "target token missing" });
-        return Some(Violation { kind: FindingKind::PermissionDenied, rule: format!("permissions:{}/target_token", level.as_str()), detail, severity });
+        return Some(Violation {
+            kind: FindingKind::PermissionDenied,
+            rule: format!("permissions:{}/target_token", level.as_str()),
+            detail,
+            severity,
+        });
     }
     if level == Level::Send && !req.is_self_or_owner(&a.to) {
         let sender_side = judge(req, Level::Receive, &a.to, &tgt.groups);

@@ -89,6 +89,9 @@ mod tests {
         assert_eq!(contains(&Area::Country { country: de }, &Location::default()), None);
         // The edge belongs to the circle.
         let edge = distance_m(0.0, 0.0, 0.0, 1.0);
-        assert_eq!(contains(&Area::Circle { lat: 0.0, lon: 0.0, radius_m: edge }, &Location { lat: Some(0.0), lon: Some(1.0), country: None }), Some(true));
+        assert_eq!(
+            contains(&Area::Circle { lat: 0.0, lon: 0.0, radius_m: edge }, &Location { lat: Some(0.0), lon: Some(1.0), country: None }),
+            Some(true)
+        );
     }
 }

@@ -9,8 +9,8 @@ use meshguard_schemas::registry::{
     Area, EnvelopeRestriction, FieldRule, LocationRestriction, LocationSubject, PathRestriction, PresenceRestriction, TimingWindow,
 };
 use meshguard_schemas::time::format_ms;
-use serde_json::{Value, json};
 use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::eval::{Attempt, Lookups};
@@ -44,8 +44,7 @@ pub fn in_window(w: &TimingWindow, ts: i64) -> bool {
             } else {
                 // Crosses midnight: the evening part on a listed day, the morning part on the day
                 // after one. `start == end` is the empty window `[s, s)`: nothing to cross.
-                start_ms != end_ms
-                    && ((days.contains(day) && ms_of_day >= start_ms) || (days.contains(day.pred()) && ms_of_day < end_ms))
+                start_ms != end_ms && ((days.contains(day) && ms_of_day >= start_ms) || (days.contains(day.pred()) && ms_of_day < end_ms))
             }
         }
     }

@@ -94,7 +94,9 @@ fn token_levels_need_an_allow_entry_and_the_token() {
     assert!(d.judge(&attempt(Action::Discover, uuid(BAD), bulb, 0)).is_empty());
 
     let mut d = Directory::default();
-    let cam = d.add(&format!(r#"{{"uuid":"00000000-0000-4000-8000-0000000000ca","kind":"device","permissions":{{"configure":{{"allow":["{GUEST}"]}}}}}}"#));
+    let cam = d.add(&format!(
+        r#"{{"uuid":"00000000-0000-4000-8000-0000000000ca","kind":"device","permissions":{{"configure":{{"allow":["{GUEST}"]}}}}}}"#
+    ));
     d.add(&format!(r#"{{"uuid":"{GUEST}","kind":"person"}}"#));
     let mut a = attempt(Action::Configure, uuid(GUEST), cam, 0);
     let v = d.judge(&a);
@@ -138,7 +140,10 @@ fn profiles_grant_exactly_what_they_name_and_their_denials_win() {
             "profiles":[{{"name":"kid","applies_to":["{r}"],"permissions":{{"send":{{"deny":["*"]}},"configure":{{"allow":[]}}}}}},
                         {{"name":"everyone","applies_to":["*"],"permissions":{{"configure":{{"allow":["group:fam"]}}}}}}]}}"#
     ));
-    assert_eq!(kinds(&d.judge(&attempt(Action::Send, r, t, 0))), vec![(FindingKind::PermissionDenied, "profile:kid/permissions:send/deny")]);
+    assert_eq!(
+        kinds(&d.judge(&attempt(Action::Send, r, t, 0))),
+        vec![(FindingKind::PermissionDenied, "profile:kid/permissions:send/deny")]
+    );
     assert!(d.judge(&attempt(Action::Send, other, t, 0)).is_empty(), "the kid profile does not apply to others");
     let mut cfg = attempt(Action::Configure, other, t, 0);
     cfg.target_token = true;
@@ -166,9 +171,8 @@ fn list() -> impl Strategy<Value = Option<AccessList>> {
 }
 
 fn permissions() -> impl Strategy<Value = serde_json::Value> {
-    (list(), list(), list(), list(), list()).prop_map(|(d, s, r, sub, c)| {
-        json!({"discover": d, "send": s, "receive": r, "subscribe": sub, "configure": c})
-    })
+    (list(), list(), list(), list(), list())
+        .prop_map(|(d, s, r, sub, c)| json!({"discover": d, "send": s, "receive": r, "subscribe": sub, "configure": c}))
 }
 
 fn record(i: u128) -> impl Strategy<Value = serde_json::Value> {

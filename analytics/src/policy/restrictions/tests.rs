@@ -24,7 +24,10 @@ fn absolute_windows_are_half_open() {
     assert!(!inside(&w, "2026-12-28T00:00:00Z"), "until is outside");
     // The finding's detail, as in the contract's example.
     let d = timing(&w, at("2026-11-24T17:00:00.123Z")).unwrap();
-    assert_eq!(d, json!({"windows": [{"from": "2026-12-23T00:00:00.000Z", "until": "2026-12-28T00:00:00.000Z"}], "at": "2026-11-24T17:00:00.123Z"}));
+    assert_eq!(
+        d,
+        json!({"windows": [{"from": "2026-12-23T00:00:00.000Z", "until": "2026-12-28T00:00:00.000Z"}], "at": "2026-11-24T17:00:00.123Z"})
+    );
     assert!(timing(&[], at("2026-12-24T00:00:00Z")).is_some(), "no window to fall inside");
 }
 
@@ -134,7 +137,9 @@ fn rules_broken(d: Option<serde_json::Value>) -> Vec<String> {
 fn envelope_rules() {
     let (a, b) = (u(1), u(2));
     let mut m = attempt(Action::Send, a, b, 0);
-    let r = env(json!({"payload_types": ["command"], "max_bytes": 20, "fields": {"command": {"in": ["on", "off"]}, "level": {"min": 0, "max": 100}}}));
+    let r = env(
+        json!({"payload_types": ["command"], "max_bytes": 20, "fields": {"command": {"in": ["on", "off"]}, "level": {"min": 0, "max": 100}}}),
+    );
 
     m.payload_type = Some("command");
     m.payload = Some(r#"{"command":"on","level":40}"#);
@@ -159,7 +164,11 @@ fn envelope_rules() {
 
     m.encrypted = true;
     m.payload_bytes = Some(21);
-    assert_eq!(rules_broken(envelope(&r, &m)), vec!["max_bytes", "fields.command", "fields.level"], "encrypted: fields unreadable, size still judged");
+    assert_eq!(
+        rules_broken(envelope(&r, &m)),
+        vec!["max_bytes", "fields.command", "fields.level"],
+        "encrypted: fields unreadable, size still judged"
+    );
     m.encrypted = false;
     m.payload = None;
     m.payload_bytes = None;
@@ -190,7 +199,8 @@ fn path_rules() {
     let xx_hop = dir.add(r#"{"uuid":"00000000-0000-4000-8000-0000000000d2","kind":"gateway","country":"XX"}"#);
     let no_country = dir.add(r#"{"uuid":"00000000-0000-4000-8000-0000000000d3","kind":"gateway"}"#);
     let stranger = u(0xdead);
-    let r: PathRestriction = serde_json::from_value(json!({"deny": [stranger], "require": [de_hop], "deny_countries": ["xx"], "max_hops": 3})).unwrap();
+    let r: PathRestriction =
+        serde_json::from_value(json!({"deny": [stranger], "require": [de_hop], "deny_countries": ["xx"], "max_hops": 3})).unwrap();
     let judge = |route_: &[uuid::Uuid]| {
         let col = hops(route_);
         let mut m = attempt(Action::Send, a, b, 0);

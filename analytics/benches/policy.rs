@@ -1,0 +1,170 @@
+//! The policy check's speed: attempts judged per second on one core against a directory of
+//! 1,000,000 registered UUIDs, 10 % of them with three security profiles (issue 3's setting).
+//!
+//! The directory: every UUID in one or two of 1,000 home groups and one of 50 company groups;
+//! half the records with open lists, half with a group-only `send` list and a two-entry deny list;
+//! the profiled tenth with `renter` (one UUID), `utility` (a company group: recurring Berlin
+//! office hours, country allow list) and `everyone` (`"*"`: payload types). Attempts are 65,536
+//! sends, discovers and subscribes from random requesters to random targets, judged in one
+//! batch; `uniform` draws both from the whole directory (every lookup a cache miss), `hot` from
+//! 10,000 active UUIDs.
+//!
+//! `cargo bench -p meshguard-analytics --bench policy`
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use meshguard_analytics::jobs::{Job, JobContext, MessagesView, PolicyCheck};
+use meshguard_analytics::policy::{CompiledRecord, GroupInterner, Location};
+use meshguard_analytics::tables::VersionedTable;
+use meshguard_schemas::registry::{
+    AccessList, Area, Country, EnvelopeRestriction, LocationRestriction, LocationSubject, Permissions, Principal, Profile, RegistryRecord,
+    Restrictions, TimingWindow,
+};
+use meshguard_schemas::{BatchDecoder, InputTopic, RegistryKind};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use uuid::Uuid;
+
+const DIRECTORY: u32 = 1_000_000;
+/// Under `cargo test` (no `--bench` argument) the bench runs once as a smoke test, on a directory
+/// small enough to build in a debug build.
+const SMOKE_DIRECTORY: u32 = 20_000;
+const ATTEMPTS: usize = 65_536;
+const T0: i64 = 1_795_539_600_000;
+
+fn uuid(i: u32) -> Uuid {
+    Uuid::from_u128(0x1000_0000_0000_4000_8000_0000_0000_0000 | u128::from(i))
+}
+
+fn record(rng: &mut SmallRng, i: u32, size: u32) -> RegistryRecord {
+    let home = format!("home:{}", rng.random_range(0..1_000));
+    let company = format!("company:{}", rng.random_range(0..50));
+    let mut groups = vec![home.clone(), company.clone()];
+    if rng.random_bool(0.5) {
+        groups.pop();
+    }
+    let mut permissions = Permissions::default();
+    if rng.random_bool(0.5) {
+        permissions.send = Some(AccessList {
+            allow: vec![Principal::Group(home)],
+            deny: vec![Principal::Uuid(uuid(rng.random_range(0..size))), Principal::Uuid(uuid(rng.random_range(0..size)))],
+        });
+        permissions.subscribe = Some(AccessList { allow: vec![Principal::Uuid(uuid(rng.random_range(0..size)))], deny: vec![] });
+    }
+    let profiles = if i % 10 == 0 {
+        let office: TimingWindow =
+            serde_json::from_str(r#"{"days":["mon","tue","wed","thu","fri"],"start":"08:00","end":"18:00","tz":"Europe/Berlin"}"#).unwrap();
+        vec![
+            Profile {
+                name: "renter".into(),
+                applies_to: vec![Principal::Uuid(uuid(rng.random_range(0..size)))],
+                permissions: Some(Permissions {
+                    send: Some(AccessList { allow: vec![Principal::Any], deny: vec![] }),
+                    ..Default::default()
+                }),
+                restrictions: Restrictions::default(),
+            },
+            Profile {
+                name: "utility".into(),
+                applies_to: vec![Principal::Group(company)],
+                permissions: None,
+                restrictions: Restrictions {
+                    timing: Some(vec![office]),
+                    location: Some(LocationRestriction {
+                        subject: LocationSubject::Requester,
+                        allow: vec![Area::Country { country: Country::parse("DE").unwrap() }],
+                        deny: vec![],
+                    }),
+                    ..Default::default()
+                },
+            },
+            Profile {
+                name: "everyone".into(),
+                applies_to: vec![Principal::Any],
+                permissions: None,
+                restrictions: Restrictions {
+                    envelope: Some(EnvelopeRestriction { payload_types: Some(vec!["command".into()]), ..Default::default() }),
+                    ..Default::default()
+                },
+            },
+        ]
+    } else {
+        Vec::new()
+    };
+    RegistryRecord {
+        uuid: uuid(i),
+        kind: RegistryKind::Device,
+        device_type: None,
+        manufacturer: None,
+        owner: None,
+        groups,
+        country: Some("DE".into()),
+        exempt: false,
+        permissions,
+        profiles,
+    }
+}
+
+fn directory(size: u32) -> VersionedTable<Uuid, Option<Arc<CompiledRecord>>> {
+    let mut rng = SmallRng::seed_from_u64(3);
+    let mut interner = GroupInterner::default();
+    let mut table = VersionedTable::default();
+    for i in 0..size {
+        let rec = record(&mut rng, i, size);
+        table.insert(rec.uuid, T0 - 86_400_000, Some(Arc::new(CompiledRecord::compile(Arc::new(rec), &mut interner))));
+    }
+    table
+}
+
+fn attempts(active: u32) -> arrow::record_batch::RecordBatch {
+    let mut rng = SmallRng::seed_from_u64(5);
+    let texts: Vec<String> = (0..ATTEMPTS)
+        .map(|n| {
+            let (from, to) = (uuid(rng.random_range(0..active)), uuid(rng.random_range(0..active)));
+            let action = ["send", "send", "send", "discover", "subscribe"][n % 5];
+            format!(
+                r#"{{"id":"{}","ts":{},"action":"{action}","from":"{from}","to":"{to}","auth":"valid","payload_type":"command","location":{{"country":"DE"}}}}"#,
+                Uuid::from_u128(n as u128),
+                T0 + (n as i64) * 3_600
+            )
+        })
+        .collect();
+    let slices: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+    let out = BatchDecoder::new(InputTopic::Messages).decode(&slices);
+    assert!(out.rejected.is_empty());
+    out.batch
+}
+
+fn bench(c: &mut Criterion) {
+    let size = if std::env::args().any(|a| a == "--bench") { DIRECTORY } else { SMOKE_DIRECTORY };
+    let registry = directory(size);
+    let presence = VersionedTable::<Uuid, bool>::default();
+    let locations = VersionedTable::<Uuid, Location>::default();
+    let ctx = JobContext { registry: &registry, presence: &presence, locations: &locations, now_ms: T0 };
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Elements(ATTEMPTS as u64));
+    g.sample_size(20);
+    for (name, active) in [("uniform", size), ("hot_10k", 10_000)] {
+        let batch = attempts(active);
+        let view = MessagesView::new(&batch).unwrap();
+        let mut job = PolicyCheck::default();
+        let mut out = Vec::with_capacity(ATTEMPTS);
+        job.on_messages(&view, &ctx, &mut out);
+        eprintln!("{name}: {} findings per {ATTEMPTS} attempts", out.len());
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                job.on_messages(black_box(&view), &ctx, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,47 @@
+//! The Kafka source against a real broker (tansu on loopback; `bash scripts/install-broker.sh`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshguard_ingest::{KafkaConfig, KafkaSource, RawBatch, Topics};
+use meshguard_schemas::InputTopic;
+use meshguard_testkit::{Broker, create_topics, produce};
+
+/// What the global tables must hold before a batch of attempts is judged: every registry and
+/// presence record already on the broker, whether or not the global consumer has fetched it yet,
+/// on the first call (the bootstrap) and on every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_reads_the_global_topics_to_where_they_end_now() {
+    let broker = Broker::start().unwrap();
+    let topics = Topics::default();
+    let (registry, presence) = (topics.input(InputTopic::Registry).to_owned(), topics.input(InputTopic::Presence).to_owned());
+    create_topics(
+        &broker.bootstrap(),
+        &[(registry.as_str(), 1, true), (presence.as_str(), 3, false), (topics.messages.as_str(), 1, false)],
+    )
+    .await
+    .unwrap();
+    let record = |key: &str| (Some(key.as_bytes().to_vec()), Some(b"{}".to_vec()), Some(1_795_539_600_000));
+    produce(&broker.bootstrap(), &registry, &[record("a"), record("b")]).await.unwrap();
+
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let source = KafkaSource::new(&kafka, topics.clone(), Arc::new(|_, _| None), Arc::new(|| {})).unwrap();
+    source.start_globals(&[], Duration::from_secs(10)).unwrap();
+    let mut raw = RawBatch::default();
+    assert_eq!(source.catch_up_globals(&mut raw, Duration::from_secs(30)).unwrap(), 2, "the bootstrap");
+    assert_eq!(raw.topic(InputTopic::Registry).len(), 2);
+
+    // Published after the bootstrap: the next catch-up has them all, across partitions.
+    produce(&broker.bootstrap(), &registry, &[record("c")]).await.unwrap();
+    produce(&broker.bootstrap(), &presence, &[record("x"), record("y"), record("z"), record("w")]).await.unwrap();
+    let mut raw = RawBatch::default();
+    assert_eq!(source.catch_up_globals(&mut raw, Duration::from_secs(30)).unwrap(), 5);
+    assert_eq!((raw.topic(InputTopic::Registry).len(), raw.topic(InputTopic::Presence).len()), (1, 4));
+
+    // Nothing new: returns at once with nothing.
+    let mut raw = RawBatch::default();
+    assert_eq!(source.catch_up_globals(&mut raw, Duration::from_secs(30)).unwrap(), 0);
+    assert!(raw.is_empty());
+}
