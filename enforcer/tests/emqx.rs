@@ -127,9 +127,10 @@ fn answer(emqx: &mut Emqx, method: Method, uri: Uri, headers: HeaderMap, body: B
 }
 
 fn target(url: &str, secret: &str, extra: &str) -> Box<dyn EnforcementTarget> {
-    let config: TargetConfig =
-        toml::from_str(&format!("type = \"emqx\"\nurl = \"{url}\"\napi_key = \"{API_KEY}\"\napi_secret = \"{secret}\"\ntimeout_ms = 5000\n{extra}"))
-            .expect("configuration parses");
+    let config: TargetConfig = toml::from_str(&format!(
+        "type = \"emqx\"\nurl = \"{url}\"\napi_key = \"{API_KEY}\"\napi_secret = \"{secret}\"\ntimeout_ms = 5000\n{extra}"
+    ))
+    .expect("configuration parses");
     targets::build(&config, &TargetContext { dead_letters: Arc::new(MemoryDeadLetters::new()) }).expect("target builds")
 }
 
@@ -234,7 +235,10 @@ async fn error_answers_are_failed_actions() {
         Err(error @ Error::Refused { .. }) => {
             assert!(!error.is_transient());
             let text = error.to_string();
-            assert!(text.contains("HTTP 400") && text.contains("Cannot create expired banned") && text.contains(&block.id().to_string()), "{text}");
+            assert!(
+                text.contains("HTTP 400") && text.contains("Cannot create expired banned") && text.contains(&block.id().to_string()),
+                "{text}"
+            );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

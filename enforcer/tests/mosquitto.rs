@@ -61,7 +61,9 @@ async fn publish_as_device(broker: &Mosquitto, payload: &str) -> Result<(), Conn
         loop {
             match eventloop.poll().await? {
                 Event::Incoming(Packet::ConnAck(_)) => {
-                    client.try_publish(format!("devices/{username}/telemetry"), QoS::AtLeastOnce, false, payload.as_bytes().to_vec()).expect("queued");
+                    client
+                        .try_publish(format!("devices/{username}/telemetry"), QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+                        .expect("queued");
                 }
                 Event::Incoming(Packet::PubAck(_)) => {
                     client.try_disconnect().expect("queued");

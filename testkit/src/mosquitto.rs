@@ -95,7 +95,8 @@ impl Mosquitto {
     /// One attempt; the error's flag says whether it lost a port race (worth retrying).
     fn start_once(install: &Install) -> Result<Mosquitto, (bool, anyhow::Error)> {
         let fatal = |e: anyhow::Error| (false, e);
-        let dir = tempfile::Builder::new().prefix("meshguard-mosquitto-").tempdir().context("creating a temporary directory").map_err(fatal)?;
+        let dir =
+            tempfile::Builder::new().prefix("meshguard-mosquitto-").tempdir().context("creating a temporary directory").map_err(fatal)?;
         let admin_password = uuid::Uuid::new_v4().simple().to_string();
         let dynsec = dir.path().join("dynamic-security.json");
         let init = Command::new(&install.ctrl)
@@ -204,7 +205,13 @@ impl Mosquitto {
             .chain(stdout.lines())
             .filter(|line| line.contains("Error"))
             .collect();
-        ensure!(output.status.success() && errors.is_empty(), "mosquitto_ctrl dynsec {}: {} {}", args.join(" "), output.status, errors.join("; "));
+        ensure!(
+            output.status.success() && errors.is_empty(),
+            "mosquitto_ctrl dynsec {}: {} {}",
+            args.join(" "),
+            output.status,
+            errors.join("; ")
+        );
         Ok(stdout)
     }
 
@@ -243,7 +250,9 @@ fn installation() -> anyhow::Result<Install> {
     let ctrl = locate(var(MOSQUITTO_CTRL_ENV), "mosquitto_ctrl", path.as_ref(), &["/usr/bin/mosquitto_ctrl"]);
     let plugin = var(MOSQUITTO_DYNSEC_ENV).map(PathBuf::from).or_else(|| PLUGIN_CANDIDATES.iter().map(PathBuf::from).find(|p| p.is_file()));
     match (broker, plugin, ctrl) {
-        (Some(broker), Some(plugin), Some(ctrl)) if broker.is_file() && plugin.is_file() && ctrl.is_file() => Ok(Install { broker, plugin, ctrl }),
+        (Some(broker), Some(plugin), Some(ctrl)) if broker.is_file() && plugin.is_file() && ctrl.is_file() => {
+            Ok(Install { broker, plugin, ctrl })
+        }
         (broker, plugin, ctrl) => bail!(
             "Mosquitto 2 with its dynamic-security plugin is not installed (found: mosquitto {}, plugin {}, mosquitto_ctrl {}); {INSTALL_HINT}",
             shown(broker.as_deref()),

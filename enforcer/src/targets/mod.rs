@@ -8,7 +8,7 @@
 //!
 //! Adding a target: write `targets/<name>.rs` with a configuration type that implements
 //! [`BuildTarget`] and a type that implements [`EnforcementTarget`], then add one line to the
-//! [`registry!`] invocation below.
+//! `registry!` invocation below.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -149,8 +149,9 @@ mod tests {
     fn unknown_types_and_fields_are_refused() {
         let error = toml::from_str::<TargetConfig>("type = \"smtp\"").expect_err("unknown type");
         assert!(error.to_string().contains("unknown variant `smtp`"), "{error}");
-        let error = toml::from_str::<TargetConfig>("type = \"webhook\"\nurl = \"http://127.0.0.1/\"\nsecret = \"whsec_AAAA\"\nretries = 3\n")
-            .expect_err("unknown field");
+        let error =
+            toml::from_str::<TargetConfig>("type = \"webhook\"\nurl = \"http://127.0.0.1/\"\nsecret = \"whsec_AAAA\"\nretries = 3\n")
+                .expect_err("unknown field");
         assert!(error.to_string().contains("unknown field `retries`"), "{error}");
     }
 
