@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command, locally and in CI: installs what the build needs (Debian packages
-# only if missing, the tansu broker into the cache), then formatting, lints and every test against
-# a real broker. Needs only rustup's cargo, gcc, make and python3 to begin with.
+# only if missing, the tansu broker into the cache, Mosquitto from Debian), then formatting, lints
+# and every test against real brokers. Needs only rustup's cargo, gcc, make and python3 to begin with.
 #
 #   bash scripts/test.sh
 #
@@ -57,6 +57,12 @@ else
 fi
 export MESHGUARD_TANSU_BIN
 "$MESHGUARD_TANSU_BIN" --version
+
+section "MQTT broker (Mosquitto 2 with dynamic security)"
+# The enforcer's Mosquitto target is tested against the real plugin (Debian package, if missing).
+eval "$(bash scripts/install-mosquitto.sh)"
+export MESHGUARD_MOSQUITTO_BIN MESHGUARD_MOSQUITTO_DYNSEC MESHGUARD_MOSQUITTO_CTRL
+echo "$MESHGUARD_MOSQUITTO_BIN, $MESHGUARD_MOSQUITTO_DYNSEC, $MESHGUARD_MOSQUITTO_CTRL"
 
 section "Format (cargo fmt --check)"
 cargo fmt --all --check

@@ -1,5 +1,6 @@
 //! Test-only helpers: a real Kafka-protocol broker on loopback, and the few client calls tests
-//! need around it (create topics, produce, read a topic back).
+//! need around it (create topics, produce, read a topic back); and a real Mosquitto 2 with its
+//! dynamic-security plugin ([`Mosquitto`], in `mosquitto.rs`) for the enforcer's tests.
 //!
 //! This crate owns the lifecycle of one [`tansu`](https://github.com/tansu-io/tansu) broker
 //! process per [`Broker`], each with its own throw-away storage and its own free port on
@@ -47,6 +48,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
+
+mod mosquitto;
+pub use mosquitto::{MOSQUITTO_BIN_ENV, MOSQUITTO_CTRL_ENV, MOSQUITTO_DYNSEC_ENV, Mosquitto};
 
 /// Environment variable naming the tansu binary; overrides the cache location.
 pub const TANSU_BIN_ENV: &str = "MESHGUARD_TANSU_BIN";

@@ -1,0 +1,74 @@
+//! The one error type of the crate.
+//!
+//! An error names the target, the action and what went wrong; it never carries a secret
+//! (credentials, signing keys) nor a whole request or response body, only short excerpts of what a
+//! remote side answered.
+
+use uuid::Uuid;
+
+use crate::action::ActionKind;
+
+/// Errors of the enforcer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A target's configuration is invalid; found when the target is built, before any action.
+    #[error("invalid configuration of enforcement target `{target}`: {message}")]
+    Config {
+        /// The target's name.
+        target: String,
+        /// What is wrong, e.g. "`url` must start with http:// or https://, found \"ftp://x\"".
+        message: String,
+    },
+
+    /// The target answered and refused the action (an error in a Mosquitto dynamic-security
+    /// response, an HTTP status that means failure). Repeating the same action will most likely
+    /// get the same answer.
+    #[error("enforcement target `{target}` refused {action} {action_id}: {reason}")]
+    Refused {
+        /// The target's name.
+        target: String,
+        /// What was asked.
+        action: ActionKind,
+        /// The action's deterministic id.
+        action_id: Uuid,
+        /// What the target said, e.g. `Client not found` or `HTTP 400: {"code":"BAD_REQUEST",...}`.
+        reason: String,
+    },
+
+    /// The target could not be asked or did not answer (connection refused, timeout, broker
+    /// connection lost). The action may or may not have taken effect; repeating it is safe, since
+    /// every action is idempotent.
+    #[error("enforcement target `{target}` is unavailable for {action} {action_id}: {reason}")]
+    Unavailable {
+        /// The target's name.
+        target: String,
+        /// What was asked.
+        action: ActionKind,
+        /// The action's deterministic id.
+        action_id: Uuid,
+        /// Why, e.g. `no response within 5s`.
+        reason: String,
+    },
+
+    /// An action could not be delivered and could not be stored in the dead-letter sink either.
+    #[error("dead-letter sink `{sink}` could not store {action_id}: {reason}")]
+    DeadLetter {
+        /// The sink's name.
+        sink: String,
+        /// The action's deterministic id.
+        action_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether repeating the action later may succeed without anything being changed: true for
+    /// an unavailable target or dead-letter sink, false for a refusal or a configuration error.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::DeadLetter { .. })
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
