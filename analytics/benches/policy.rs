@@ -1,13 +1,14 @@
 //! The policy check's speed: attempts judged per second on one core against a directory of
 //! 1,000,000 registered UUIDs, 10 % of them with three security profiles (issue 3's setting).
+//! T0 is 2026-11-24T17:00Z, a Tuesday.
 //!
 //! The directory: every UUID in one or two of 1,000 home groups and one of 50 company groups;
 //! half the records with open lists, half with a group-only `send` list and a two-entry deny list;
 //! the profiled tenth with `renter` (one UUID), `utility` (a company group: recurring Berlin
 //! office hours, country allow list) and `everyone` (`"*"`: payload types). Attempts are 65,536
-//! sends, discovers and subscribes from random requesters to random targets, judged in one
-//! batch; `uniform` draws both from the whole directory (every lookup a cache miss), `hot` from
-//! 10,000 active UUIDs.
+//! sends, discovers and receives, judged in one batch (see [`attempts`] for the mix); `uniform`
+//! draws targets from the whole directory (every lookup a cache miss), `hot_10k` from 10,000
+//! active UUIDs.
 //!
 //! `cargo bench -p meshguard-analytics --bench policy`
 
@@ -55,7 +56,7 @@ fn record(rng: &mut SmallRng, i: u32, size: u32) -> RegistryRecord {
         });
         permissions.subscribe = Some(AccessList { allow: vec![Principal::Uuid(uuid(rng.random_range(0..size)))], deny: vec![] });
     }
-    let profiles = if i % 10 == 0 {
+    let profiles = if i.is_multiple_of(10) {
         let office: TimingWindow =
             serde_json::from_str(r#"{"days":["mon","tue","wed","thu","fri"],"start":"08:00","end":"18:00","tz":"Europe/Berlin"}"#).unwrap();
         vec![
@@ -109,27 +110,56 @@ fn record(rng: &mut SmallRng, i: u32, size: u32) -> RegistryRecord {
     }
 }
 
-fn directory(size: u32) -> VersionedTable<Uuid, Option<Arc<CompiledRecord>>> {
+/// The directory, and for each UUID the home group whose members its group-only `send` list
+/// admits (`None`: open lists).
+struct Directory {
+    table: VersionedTable<Uuid, Option<Arc<CompiledRecord>>>,
+    restricted_to: Vec<Option<u32>>,
+    home_members: Vec<Vec<u32>>,
+}
+
+fn directory(size: u32) -> Directory {
     let mut rng = SmallRng::seed_from_u64(3);
     let mut interner = GroupInterner::default();
     let mut table = VersionedTable::default();
+    let mut restricted_to = Vec::with_capacity(size as usize);
+    let mut home_members = vec![Vec::new(); 1_000];
     for i in 0..size {
         let rec = record(&mut rng, i, size);
+        let home: u32 = rec.groups[0].trim_start_matches("home:").parse().unwrap();
+        home_members[home as usize].push(i);
+        restricted_to.push(rec.permissions.send.is_some().then_some(home));
         table.insert(rec.uuid, T0 - 86_400_000, Some(Arc::new(CompiledRecord::compile(Arc::new(rec), &mut interner))));
     }
-    table
+    Directory { table, restricted_to, home_members }
 }
 
-fn attempts(active: u32) -> arrow::record_batch::RecordBatch {
+/// Traffic as a platform sees it: a target drawn from the active UUIDs, a requester its lists
+/// admit (a member of its home group when its `send` list is group-only), during Berlin office
+/// hours with a `command` payload and a German location; 1 % from unregistered UUIDs and 1 % from
+/// requesters the target's lists do not admit.
+fn attempts(dir: &Directory, active: u32) -> arrow::record_batch::RecordBatch {
     let mut rng = SmallRng::seed_from_u64(5);
     let texts: Vec<String> = (0..ATTEMPTS)
         .map(|n| {
-            let (from, to) = (uuid(rng.random_range(0..active)), uuid(rng.random_range(0..active)));
-            let action = ["send", "send", "send", "discover", "subscribe"][n % 5];
+            let to = rng.random_range(0..active);
+            let roll = rng.random_range(0..100);
+            let from = match dir.restricted_to[to as usize] {
+                _ if roll == 0 => uuid(u32::MAX - n as u32),
+                _ if roll == 1 => uuid(rng.random_range(0..active)),
+                Some(home) => {
+                    let members = &dir.home_members[home as usize];
+                    uuid(members[rng.random_range(0..members.len())])
+                }
+                None => uuid(rng.random_range(0..active)),
+            };
+            let to = uuid(to);
+            let action = ["send", "send", "send", "discover", "receive"][n % 5];
+            // From 09:00 UTC (10:00 in Berlin) on Tuesday 2026-11-24, 10 ms apart.
             format!(
                 r#"{{"id":"{}","ts":{},"action":"{action}","from":"{from}","to":"{to}","auth":"valid","payload_type":"command","location":{{"country":"DE"}}}}"#,
                 Uuid::from_u128(n as u128),
-                T0 + (n as i64) * 3_600
+                T0 - 8 * 3_600_000 + (n as i64) * 10
             )
         })
         .collect();
@@ -141,15 +171,16 @@ fn attempts(active: u32) -> arrow::record_batch::RecordBatch {
 
 fn bench(c: &mut Criterion) {
     let size = if std::env::args().any(|a| a == "--bench") { DIRECTORY } else { SMOKE_DIRECTORY };
-    let registry = directory(size);
+    let dir = directory(size);
+    let registry = &dir.table;
     let presence = VersionedTable::<Uuid, bool>::default();
     let locations = VersionedTable::<Uuid, Location>::default();
-    let ctx = JobContext { registry: &registry, presence: &presence, locations: &locations, now_ms: T0 };
+    let ctx = JobContext { registry, presence: &presence, locations: &locations, now_ms: T0 };
     let mut g = c.benchmark_group("policy");
     g.throughput(Throughput::Elements(ATTEMPTS as u64));
     g.sample_size(20);
     for (name, active) in [("uniform", size), ("hot_10k", 10_000)] {
-        let batch = attempts(active);
+        let batch = attempts(&dir, active);
         let view = MessagesView::new(&batch).unwrap();
         let mut job = PolicyCheck::default();
         let mut out = Vec::with_capacity(ATTEMPTS);
