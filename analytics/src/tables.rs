@@ -16,7 +16,17 @@ pub(crate) type FastMap<K, V> = hashbrown::HashMap<K, V>;
 /// A table of `K → V` where every value has the event time from which it holds.
 #[derive(Debug, Clone)]
 pub struct VersionedTable<K, V> {
-    map: FastMap<K, Vec<(i64, V)>>,
+    map: FastMap<K, Versions<V>>,
+}
+
+/// The versions of one key. The newest is held inline, so the usual lookup (one version, or the
+/// newest) reads the map's bucket and nothing else: on a directory of a million UUIDs every extra
+/// pointer is a cache miss per attempt.
+#[derive(Debug, Clone)]
+struct Versions<V> {
+    newest: (i64, V),
+    /// Older versions, oldest first, all before `newest`.
+    older: Vec<(i64, V)>,
 }
 
 impl<K, V> Default for VersionedTable<K, V> {
@@ -26,39 +36,56 @@ impl<K, V> Default for VersionedTable<K, V> {
 }
 
 impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
-    /// Records that `key` is `value` from `from_ms` on. Versions stay sorted by time; a second
-    /// version at the same time replaces the first (the later record wins, as in a compacted topic).
+    /// Records that `key` is `value` from `from_ms` on. A second version at the same time replaces
+    /// the first (the later record wins, as in a compacted topic).
     pub fn insert(&mut self, key: K, from_ms: i64, value: V) {
-        let versions = self.map.entry(key).or_default();
-        match versions.binary_search_by_key(&from_ms, |(t, _)| *t) {
-            Ok(i) => versions[i].1 = value,
-            Err(i) => versions.insert(i, (from_ms, value)),
+        use hashbrown::hash_map::Entry;
+        let v = match self.map.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert(Versions { newest: (from_ms, value), older: Vec::new() });
+                return;
+            }
+            Entry::Occupied(e) => e.into_mut(),
+        };
+        match from_ms.cmp(&v.newest.0) {
+            std::cmp::Ordering::Greater => {
+                let previous = std::mem::replace(&mut v.newest, (from_ms, value));
+                v.older.push(previous);
+            }
+            std::cmp::Ordering::Equal => v.newest.1 = value,
+            std::cmp::Ordering::Less => match v.older.binary_search_by_key(&from_ms, |(t, _)| *t) {
+                Ok(i) => v.older[i].1 = value,
+                Err(i) => v.older.insert(i, (from_ms, value)),
+            },
         }
     }
 
     /// The value of `key` as of `at_ms`: the latest version from at or before `at_ms`.
     #[inline]
     pub fn get(&self, key: &K, at_ms: i64) -> Option<&V> {
-        let versions = self.map.get(key)?;
-        // Usually one version: check the newest first.
-        match versions.last() {
-            Some((t, v)) if *t <= at_ms => Some(v),
-            _ => versions.iter().rev().find(|(t, _)| *t <= at_ms).map(|(_, v)| v),
+        let v = self.map.get(key)?;
+        if v.newest.0 <= at_ms {
+            return Some(&v.newest.1);
         }
+        v.older.iter().rev().find(|(t, _)| *t <= at_ms).map(|(_, v)| v)
     }
 
     /// The newest value of `key`, whatever its time.
     pub fn latest(&self, key: &K) -> Option<&V> {
-        self.map.get(key).and_then(|v| v.last()).map(|(_, v)| v)
+        self.map.get(key).map(|v| &v.newest.1)
     }
 
     /// Drops versions that no lookup at or after `horizon_ms` can see: for each key, every version
     /// older than the newest one at or before the horizon.
     pub fn prune(&mut self, horizon_ms: i64) {
-        for versions in self.map.values_mut() {
-            if versions.len() > 1 {
-                let keep_from = versions.iter().rposition(|(t, _)| *t <= horizon_ms).unwrap_or(0);
-                versions.drain(..keep_from);
+        for v in self.map.values_mut() {
+            if v.older.is_empty() {
+                continue;
+            }
+            if v.newest.0 <= horizon_ms {
+                v.older.clear();
+            } else if let Some(keep_from) = v.older.iter().rposition(|(t, _)| *t <= horizon_ms) {
+                v.older.drain(..keep_from);
             }
         }
     }
@@ -73,9 +100,9 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         self.map.is_empty()
     }
 
-    /// Every key with its versions, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &[(i64, V)])> {
-        self.map.iter().map(|(k, v)| (k, v.as_slice()))
+    /// Every key with its versions, oldest first, for snapshots.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, Vec<(i64, V)>)> {
+        self.map.iter().map(|(k, v)| (k, v.older.iter().chain(std::iter::once(&v.newest)).cloned().collect()))
     }
 }
 
@@ -117,5 +144,9 @@ mod tests {
         assert_eq!(t.get(&7, 15), None, "pruned");
         t.prune(5);
         assert_eq!(t.get(&7, 25), Some(&2), "pruning before every version keeps them all");
+        t.prune(100);
+        assert_eq!(t.get(&7, 30), Some(&3));
+        assert_eq!(t.get(&7, 25), None, "only the newest is left");
+        assert_eq!(t.iter().map(|(_, v)| v).collect::<Vec<_>>(), vec![vec![(30, 3)]]);
     }
 }

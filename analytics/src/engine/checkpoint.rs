@@ -77,8 +77,8 @@ impl Engine {
                 (*uuid, versions)
             })
             .collect();
-        let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
-        let locations = TableSnapshot { entries: self.locations.iter().map(|(k, v)| (*k, v.to_vec())).collect() };
+        let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v)).collect() };
+        let locations = TableSnapshot { entries: self.locations.iter().map(|(k, v)| (*k, v)).collect() };
         let global = GlobalSnapshot {
             registry,
             presence,

@@ -109,12 +109,67 @@ impl Level {
     }
 }
 
+/// A short sorted set held inline, or a longer one on the heap. Lists in permissions records are
+/// usually a handful of entries; inline, checking one costs no pointer chase (a cache miss per
+/// hop on a directory of a million records).
+#[derive(Debug, Clone)]
+pub enum Small<T, const N: usize> {
+    /// Up to `N` values; the first `len` are set.
+    Inline {
+        /// How many are set.
+        len: u8,
+        /// The values.
+        values: [T; N],
+    },
+    /// More than `N` values.
+    Heap(Box<[T]>),
+}
+
+impl<T: Copy + Default, const N: usize> Default for Small<T, N> {
+    fn default() -> Self {
+        Small::Inline { len: 0, values: [T::default(); N] }
+    }
+}
+
+impl<T: Copy + Default + Ord, const N: usize> Small<T, N> {
+    /// Sorts, dedups and stores `v`.
+    fn from_vec(mut v: Vec<T>) -> Self {
+        v.sort_unstable();
+        v.dedup();
+        if v.len() <= N {
+            let mut values = [T::default(); N];
+            values[..v.len()].copy_from_slice(&v);
+            Small::Inline { len: v.len() as u8, values }
+        } else {
+            Small::Heap(v.into())
+        }
+    }
+
+    /// The values, sorted.
+    #[inline]
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            Small::Inline { len, values } => &values[..usize::from(*len)],
+            Small::Heap(v) => v,
+        }
+    }
+
+    /// Whether `x` is in the set.
+    #[inline]
+    pub fn contains(&self, x: &T) -> bool {
+        match self {
+            Small::Inline { len, values } => values[..usize::from(*len)].contains(x),
+            Small::Heap(v) => v.binary_search(x).is_ok(),
+        }
+    }
+}
+
 /// A list of principals (`"*"`, UUIDs, `group:NAME`) compiled for membership tests.
 #[derive(Debug, Clone, Default)]
 pub struct Matcher {
     any: bool,
-    uuids: Box<[Uuid]>,
-    groups: Box<[GroupId]>,
+    uuids: Small<Uuid, 2>,
+    groups: Small<GroupId, 3>,
 }
 
 impl Matcher {
@@ -130,25 +185,19 @@ impl Matcher {
                 Principal::Group(g) => groups.push(interner.intern(g)),
             }
         }
-        uuids.sort_unstable();
-        uuids.dedup();
-        groups.sort_unstable();
-        groups.dedup();
-        Self { any, uuids: uuids.into(), groups: groups.into() }
+        Self { any, uuids: Small::from_vec(uuids), groups: Small::from_vec(groups) }
     }
 
     /// Whether the list names nobody.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        !self.any && self.uuids.is_empty() && self.groups.is_empty()
+        !self.any && self.uuids.as_slice().is_empty() && self.groups.as_slice().is_empty()
     }
 
-    /// Whether the list admits `who`, a member of `who_groups` (sorted interned ids).
+    /// Whether the list admits `who`, a member of `who_groups` (interned ids).
     #[inline]
     pub fn admits(&self, who: &Uuid, who_groups: &[GroupId]) -> bool {
-        self.any
-            || (!self.uuids.is_empty() && self.uuids.binary_search(who).is_ok())
-            || (!self.groups.is_empty() && who_groups.iter().any(|g| self.groups.binary_search(g).is_ok()))
+        self.any || self.uuids.contains(who) || (!self.groups.as_slice().is_empty() && who_groups.iter().any(|g| self.groups.contains(g)))
     }
 }
 
@@ -195,14 +244,18 @@ pub struct CompiledProfile {
 /// A registry record compiled for the policy checks.
 #[derive(Debug, Clone)]
 pub struct CompiledRecord {
+    /// The registered UUID (copied out of the record: the hot checks read no further than here).
+    uuid: Uuid,
+    /// The owner, likewise.
+    owner: Option<Uuid>,
     /// The record as registered (for restrictions, `rule` names and `detail` values).
     pub record: Arc<RegistryRecord>,
     /// Groups the UUID belongs to, interned, sorted.
-    pub groups: Box<[GroupId]>,
+    pub groups: Small<GroupId, 4>,
     /// Where the UUID is registered, when the record says so in ISO 3166 alpha-2.
     pub country: Option<Country>,
-    /// The base permissions record.
-    pub base: CompiledPermissions,
+    /// The base permissions record (boxed: most records are checked only through `open`).
+    pub base: Box<CompiledPermissions>,
     /// Security profiles, in record order.
     pub profiles: Box<[CompiledProfile]>,
     /// Bit `level` set: at that level the record admits every registered requester and has no
@@ -213,10 +266,8 @@ pub struct CompiledRecord {
 impl CompiledRecord {
     /// Compiles a record, interning its group names.
     pub fn compile(record: Arc<RegistryRecord>, interner: &mut GroupInterner) -> Self {
-        let mut groups: Vec<GroupId> = record.groups.iter().map(|g| interner.intern(g)).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let base = CompiledPermissions::compile(&record.permissions, interner);
+        let groups = Small::from_vec(record.groups.iter().map(|g| interner.intern(g)).collect());
+        let base = Box::new(CompiledPermissions::compile(&record.permissions, interner));
         let profiles: Box<[CompiledProfile]> = record
             .profiles
             .iter()
@@ -237,19 +288,19 @@ impl CompiledRecord {
             }
         }
         let country = record.country.as_deref().and_then(Country::parse);
-        Self { record, groups: groups.into(), country, base, profiles, open }
+        Self { uuid: record.uuid, owner: record.owner, record, groups, country, base, profiles, open }
     }
 
     /// The registered UUID.
     #[inline]
     pub fn uuid(&self) -> Uuid {
-        self.record.uuid
+        self.uuid
     }
 
     /// The owner, if any.
     #[inline]
     pub fn owner(&self) -> Option<Uuid> {
-        self.record.owner
+        self.owner
     }
 
     /// Whether any registered requester passes this record at `level` without a token (no
@@ -262,7 +313,7 @@ impl CompiledRecord {
     /// Whether `who` passes every list and restriction of this record: itself or its owner.
     #[inline]
     pub fn is_self_or_owner(&self, who: &Uuid) -> bool {
-        self.record.uuid == *who || self.record.owner == Some(*who)
+        self.uuid == *who || self.owner == Some(*who)
     }
 }
 

@@ -115,21 +115,30 @@ const RESTRICTIONS: [FindingKind; 5] = [
     FindingKind::PresenceRestriction,
 ];
 
+/// Whether an attempt passes every list and restriction without looking at it further: the
+/// requester is the target or its owner, or neither side has anything to check (no profile, no
+/// deny list, an open allow list, no token needed). Most attempts stop here, before the caller
+/// reads the rest of the row.
+#[inline]
+pub fn passes_at_once(action: Action, from: &Uuid, to: &Uuid, req: &CompiledRecord, tgt: &CompiledRecord) -> bool {
+    let Some(level) = Level::of(action) else {
+        return true;
+    };
+    // Self and owner pass every list and every profile restriction of the target, with no token.
+    tgt.is_self_or_owner(from)
+        || (tgt.open_at(level) && !level.needs_token() && (level != Level::Send || req.open_at(Level::Receive) || req.is_self_or_owner(to)))
+}
+
 /// Judges `a` (requester `req`, target `tgt`, both registered as of `a.ts`, credentials valid) and
 /// appends at most one violation per finding kind to `out`, in kind order.
 pub fn evaluate(a: &Attempt<'_>, req: &CompiledRecord, tgt: &CompiledRecord, look: &impl Lookups, out: &mut Vec<Violation>) {
     let Some(level) = Level::of(a.action) else {
         return;
     };
-    // Self and owner pass every list and every profile restriction of the target, with no token.
-    if tgt.is_self_or_owner(&a.from) {
+    if passes_at_once(a.action, &a.from, &a.to, req, tgt) {
         return;
     }
     let sending = level == Level::Send;
-    // The fast path: nothing on either side to check (no profile, no deny, an open allow).
-    if tgt.open_at(level) && !level.needs_token() && (!sending || req.open_at(Level::Receive) || req.is_self_or_owner(&a.to)) {
-        return;
-    }
 
     if let Some(v) = permissions(a, level, req, tgt) {
         out.push(v);
@@ -138,12 +147,12 @@ pub fn evaluate(a: &Attempt<'_>, req: &CompiledRecord, tgt: &CompiledRecord, loo
     // Restrictions of every profile of the target that governs the requester; for a `send`, also
     // the path restrictions of the sender's own profiles that apply to the target.
     let mut broken: [Option<(String, Value)>; 5] = Default::default();
-    for p in applicable(tgt, &a.from, &req.groups) {
+    for p in applicable(tgt, &a.from, req.groups.as_slice()) {
         let profile = &tgt.record.profiles[p];
         restrict(a, profile, look, &mut broken);
     }
     if sending && !req.is_self_or_owner(&a.to) {
-        for p in applicable(req, &a.to, &tgt.groups) {
+        for p in applicable(req, &a.to, tgt.groups.as_slice()) {
             let profile = &req.record.profiles[p];
             if let Some(r) = &profile.restrictions.path
                 && broken[3].is_none()
@@ -216,6 +225,10 @@ enum ListVerdict {
 /// the base list (open when empty at `discover`, `send`, `receive`) or any applicable profile's
 /// list admits it, and no applicable deny list does.
 fn judge(rec: &CompiledRecord, level: Level, who: &Uuid, who_groups: &[GroupId]) -> ListVerdict {
+    if rec.open_at(level) {
+        // No profile, no deny, an open allow: decided without reading the lists.
+        return ListVerdict::Allowed;
+    }
     let base = rec.base.level(level);
     if base.deny.admits(who, who_groups) {
         return ListVerdict::Denied(None);
@@ -261,7 +274,7 @@ fn permissions(a: &Attempt<'_>, level: Level, req: &CompiledRecord, tgt: &Compil
         Some(Violation { kind: FindingKind::PermissionDenied, rule, detail, severity })
     };
 
-    let target_side = judge(tgt, level, &a.from, &req.groups);
+    let target_side = judge(tgt, level, &a.from, req.groups.as_slice());
     if let Some(v) = denied("", tgt, level, target_side, a.from) {
         return Some(v);
     }
@@ -275,7 +288,7 @@ fn permissions(a: &Attempt<'_>, level: Level, req: &CompiledRecord, tgt: &Compil
         });
     }
     if level == Level::Send && !req.is_self_or_owner(&a.to) {
-        let sender_side = judge(req, Level::Receive, &a.to, &tgt.groups);
+        let sender_side = judge(req, Level::Receive, &a.to, tgt.groups.as_slice());
         return denied("sender:", req, Level::Receive, sender_side, a.to);
     }
     None

@@ -38,5 +38,5 @@ mod testing;
 mod tests;
 
 pub use compile::{CompiledRecord, GroupInterner, Level};
-pub use eval::{Attempt, Lookups, Route, Violation, evaluate};
+pub use eval::{Attempt, Lookups, Route, Violation, evaluate, passes_at_once};
 pub use geo::Location;
