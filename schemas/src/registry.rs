@@ -583,6 +583,15 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_restriction_is_refused_naming_its_field() {
+        let bad = br#"{"uuid":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f","kind":"device","profiles":[{"name":"a","applies_to":["*"]},
+            {"name":"b","applies_to":["*"],"restrictions":{"timing":[{"days":["mon"],"start":"08:00","end":"09:00","tz":"Europe/Berln"}]}}]}"#;
+        let e = RegistryRecord::from_json(0, bad).expect_err("must fail");
+        assert_eq!(e.field.as_deref(), Some("profiles[1].restrictions.timing[0].tz"));
+        assert!(e.found.contains("Europe/Berln"), "{e}");
+    }
+
+    #[test]
     fn areas_and_countries_are_checked() {
         let a: Vec<Area> = serde_json::from_str(r#"[{"country":"de"},{"lat":52.5,"lon":13.4,"radius_m":1000}]"#).expect("valid areas");
         assert_eq!(a[0], Area::Country { country: Country::parse("DE").expect("code") });
