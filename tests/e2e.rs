@@ -65,6 +65,7 @@ fn expected(records: &[SimRecord]) -> (BTreeSet<(String, String)>, usize) {
         let kind = match r.label {
             Some(Label::UnregisteredRequester) => "unregistered_requester",
             Some(Label::BadCredentials) => "bad_credentials",
+            Some(Label::PermissionDenied) => "permission_denied",
             Some(Label::Malformed) => {
                 malformed += 1;
                 continue;
@@ -131,7 +132,10 @@ async fn findings_and_dead_letters_through_a_real_broker() {
     let mut records = sim.bootstrap();
     sim.next_batch(6_000, &mut records);
     let (want, malformed) = expected(&records);
-    assert!(want.len() > 100 && malformed > 10, "the traffic must exercise both kinds and dead letters");
+    assert!(want.len() > 100 && malformed > 10, "the traffic must exercise findings and dead letters");
+    for kind in ["unregistered_requester", "bad_credentials", "permission_denied"] {
+        assert!(want.iter().any(|(_, k)| k == kind), "the traffic must exercise {kind}");
+    }
     publish(&broker, &records).await;
 
     let state = tempfile::tempdir().unwrap();

@@ -24,7 +24,9 @@
 //! change always opens a new millisecond, so no attempt generated before it shares that
 //! timestamp) with the contract's precedence: a requester that is not registered is
 //! [`Label::UnregisteredRequester`] whatever its `auth`; a registered one whose `auth` is not
-//! `valid` is [`Label::BadCredentials`]; everything else is [`Label::Benign`].
+//! `valid` is [`Label::BadCredentials`]; a `subscribe` or `configure` without the target's token
+//! by a registered requester that does not own the target (and that no profile of the target
+//! governs) is [`Label::PermissionDenied`]; everything else is [`Label::Benign`].
 //!
 //! Benign attempts are generated so that they break no other rule of the contract either: the
 //! target is registered and its permissions record admits the requester (judged conservatively,
@@ -104,6 +106,10 @@ pub enum Label {
     UnregisteredRequester,
     /// Exactly one `bad_credentials` finding: a registered requester with `auth` not `valid`.
     BadCredentials,
+    /// Exactly one `permission_denied` finding: a registered requester with valid credentials
+    /// subscribes to or configures a registered device it does not own, without the device's token
+    /// (those levels always need it), and no profile of the device applies to it.
+    PermissionDenied,
     /// Not a valid record: it goes to the dead-letter topic and gives no finding.
     Malformed,
     /// No finding at all.
@@ -116,6 +122,7 @@ impl Label {
         match self {
             Label::UnregisteredRequester => Some("unregistered_requester"),
             Label::BadCredentials => Some("bad_credentials"),
+            Label::PermissionDenied => Some("permission_denied"),
             Label::Malformed | Label::Benign => None,
         }
     }
@@ -183,6 +190,8 @@ pub struct SimStats {
     pub tombstoned_requester: u64,
     /// Attempts labelled [`Label::BadCredentials`].
     pub bad_credentials: u64,
+    /// Attempts labelled [`Label::PermissionDenied`].
+    pub permission_denied: u64,
     /// Records labelled [`Label::Malformed`].
     pub malformed: u64,
     /// Malformed records per kind, in [`MalformedKind::ALL`] order.
@@ -204,7 +213,7 @@ impl SimStats {
     /// The findings a correct pipeline with default settings gives for the traffic so far: one per
     /// labelled violation.
     pub const fn expected_finding_count(&self) -> u64 {
-        self.unregistered_requester + self.bad_credentials
+        self.unregistered_requester + self.bad_credentials + self.permission_denied
     }
 
     /// Attempts (or malformed records) generated with `label`.
@@ -212,6 +221,7 @@ impl SimStats {
         match label {
             Label::UnregisteredRequester => self.unregistered_requester,
             Label::BadCredentials => self.bad_credentials,
+            Label::PermissionDenied => self.permission_denied,
             Label::Malformed => self.malformed,
             Label::Benign => self.benign,
         }
@@ -601,6 +611,7 @@ impl Simulator {
         match plan.label {
             Label::UnregisteredRequester => self.stats.unregistered_requester += 1,
             Label::BadCredentials => self.stats.bad_credentials += 1,
+            Label::PermissionDenied => self.stats.permission_denied += 1,
             Label::Benign => self.stats.benign += 1,
             Label::Malformed => self.stats.malformed += 1,
         }
@@ -733,6 +744,30 @@ impl Simulator {
                     self.stats.tombstoned_requester += 1;
                     let auth = unregistered_auth(&mut self.rng);
                     return plan(Requester::Entity(r), auth, Label::UnregisteredRequester);
+                }
+            }
+        } else if roll < 75 {
+            let action = if self.rng.random_bool(0.5) { Action::Subscribe } else { Action::Configure };
+            for _ in 0..8 {
+                let (Some(r), Some(t)) = (self.requesters.pick(&mut self.rng), self.devices.pick(&mut self.rng)) else {
+                    break;
+                };
+                let (registered, owner) =
+                    (self.pop.registered[r as usize] && self.pop.registered[t as usize], self.pop.entities[t as usize].owner);
+                if registered
+                    && r != t
+                    && owner != Some(r)
+                    && !self.pop.profile_applies(t, r)
+                    && self.budgets[r as usize].may_offend(action, ts)
+                {
+                    return Plan {
+                        action,
+                        from: Requester::Entity(r),
+                        to: Some(t),
+                        auth: Auth::Valid,
+                        token: false,
+                        label: Label::PermissionDenied,
+                    };
                 }
             }
         }

@@ -534,7 +534,7 @@ impl Population {
         list.allow.iter().any(|p| self.matches(p, who))
     }
 
-    fn profile_applies(&self, of: Ix, to: Ix) -> bool {
+    pub(super) fn profile_applies(&self, of: Ix, to: Ix) -> bool {
         self.entities[of as usize].profiles.iter().any(|p| p.applies_to.iter().any(|a| self.matches(a, to)))
     }
 

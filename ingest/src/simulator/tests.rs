@@ -264,6 +264,7 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
     let (records, sim) = run(cfg, n);
     let mut replay = RegistryReplay::new(&records);
     let mut registered: HashSet<String> = HashSet::new();
+    let mut owners: HashMap<String, String> = HashMap::new();
     let mut ever: HashSet<String> = HashSet::new();
     let mut reregistered: HashSet<String> = HashSet::new();
     let mut counts: HashMap<&str, u64> = HashMap::new();
@@ -278,6 +279,11 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
                     reregistered.insert(key.clone());
                     *counts.entry("reregistration").or_default() += 1;
                 }
+                let record: serde_json::Value = serde_json::from_slice(change.payload.as_ref().unwrap()).unwrap();
+                match record["owner"].as_str() {
+                    Some(owner) => owners.insert(key.clone(), owner.to_lowercase()),
+                    None => owners.remove(&key),
+                };
                 registered.insert(key.clone());
                 ever.insert(key);
             }
@@ -295,6 +301,13 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
             Label::UnregisteredRequester
         } else if auth != "valid" {
             Label::BadCredentials
+        } else if matches!(v["action"].as_str(), Some("subscribe" | "configure"))
+            && v["target_token"].as_bool() != Some(true)
+            && lower(&v["to"]) != from
+            && owners.get(&lower(&v["to"])) != Some(&from)
+        {
+            *counts.entry("token level without the token").or_default() += 1;
+            Label::PermissionDenied
         } else {
             if reregistered.contains(&from) {
                 *counts.entry("benign after re-registration").or_default() += 1;
@@ -303,18 +316,25 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
         };
         assert_eq!(r.label, Some(want), "{v}");
     }
-    let cases = ["tombstone", "reregistration", "tombstoned requester", "unregistered with bad auth", "benign after re-registration"];
+    let cases = [
+        "tombstone",
+        "reregistration",
+        "tombstoned requester",
+        "unregistered with bad auth",
+        "benign after re-registration",
+        "token level without the token",
+    ];
     for what in cases.iter().filter(|_| variety) {
         assert!(counts.get(what).copied().unwrap_or(0) > 0, "no {what}: {counts:?}");
     }
     let labelled = records.iter().filter(|r| r.label.and_then(Label::finding_kind).is_some()).count() as u64;
     assert_eq!(sim.expected_finding_count(), labelled);
     let s = sim.stats();
-    assert!(s.unregistered_requester > 0 && s.bad_credentials > 0);
+    assert!(s.unregistered_requester > 0 && s.bad_credentials > 0 && s.permission_denied > 0);
     assert_eq!(s.tombstoned_requester, counts.get("tombstoned requester").copied().unwrap_or(0));
-    assert_eq!(s.attempts, s.benign + s.unregistered_requester + s.bad_credentials);
+    assert_eq!(s.attempts, s.benign + s.unregistered_requester + s.bad_credentials + s.permission_denied);
     assert_eq!(s.records, records.len() as u64);
-    let ratio = (s.unregistered_requester + s.bad_credentials) as f64 / s.attempts as f64;
+    let ratio = (s.unregistered_requester + s.bad_credentials + s.permission_denied) as f64 / s.attempts as f64;
     let want = sim.config().violation_ratio;
     assert!((want * 0.9..want * 1.1).contains(&ratio), "violation ratio {ratio}");
 }
