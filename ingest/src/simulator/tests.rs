@@ -271,21 +271,21 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
     for r in records.iter().filter(|r| r.topic == InputTopic::Messages) {
         for change in replay.until(r.timestamp_ms) {
             let key = String::from_utf8(change.key.clone()).unwrap();
-            if change.payload.is_none() {
-                assert!(registered.remove(&key), "tombstone of a registered uuid");
-                *counts.entry("tombstone").or_default() += 1;
-            } else {
+            if let Some(payload) = &change.payload {
                 if !registered.contains(&key) && ever.contains(&key) {
                     reregistered.insert(key.clone());
                     *counts.entry("reregistration").or_default() += 1;
                 }
-                let record: serde_json::Value = serde_json::from_slice(change.payload.as_ref().unwrap()).unwrap();
+                let record: serde_json::Value = serde_json::from_slice(payload).unwrap();
                 match record["owner"].as_str() {
                     Some(owner) => owners.insert(key.clone(), owner.to_lowercase()),
                     None => owners.remove(&key),
                 };
                 registered.insert(key.clone());
                 ever.insert(key);
+            } else {
+                assert!(registered.remove(&key), "tombstone of a registered uuid");
+                *counts.entry("tombstone").or_default() += 1;
             }
         }
         let v = json(r);
