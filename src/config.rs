@@ -26,6 +26,8 @@ pub struct Config {
     pub pipeline: PipelineSection,
     /// Event time and state retention.
     pub engine: EngineSection,
+    /// Throttle limits (contract defaults: 10 attempts and 2 `connect`s per requester per second).
+    pub throttles: meshguard_analytics::throttle::ThrottleConfig,
     /// The HTTP listener (metrics).
     pub http: HttpSection,
     /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
@@ -235,12 +237,19 @@ impl Config {
         {
             bail!("invalid configuration: `kafka.brokers` is empty");
         }
+        if let Err((field, reason)) = self.throttles.validate() {
+            bail!("invalid configuration: `{field}` {reason}");
+        }
         Ok(())
     }
 
     /// The engine's settings.
     pub fn engine(&self) -> EngineConfig {
-        EngineConfig { allowed_lateness_ms: self.engine.allowed_lateness_ms, dedup_horizon_ms: self.engine.dedup_horizon_ms }
+        EngineConfig {
+            allowed_lateness_ms: self.engine.allowed_lateness_ms,
+            dedup_horizon_ms: self.engine.dedup_horizon_ms,
+            throttles: self.throttles.clone(),
+        }
     }
 }
 
@@ -269,6 +278,36 @@ mod tests {
         std::fs::write(&f, "[pipeline]\nbatch_max_records = \"many\"\n").unwrap();
         let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
         assert!(err.contains("batch_max_records") && err.contains("many"), "{err}");
+    }
+
+    /// The configuration reference in the README is a file meshguard accepts, with the defaults.
+    #[test]
+    fn the_readme_configuration_reference_loads_and_matches_the_defaults() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n[kafka]").expect("the README's configuration block") + "```toml\n".len();
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("readme.toml");
+        std::fs::write(&f, block).unwrap();
+        let cfg = Config::load(Some(&f)).unwrap();
+        assert_eq!(cfg.throttles, meshguard_analytics::throttle::ThrottleConfig::default());
+        assert_eq!(cfg.pipeline.batch_max_records, PipelineSection::default().batch_max_records);
+        assert!(cfg.pipeline.align_global_tables);
+    }
+
+    #[test]
+    fn bad_throttles_are_refused_by_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(
+            &f,
+            "[throttles.by_type]
+meter = { max = 0, per_s = 40 }
+",
+        )
+        .unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("throttles.by_type.meter.max") && err.contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub struct PipelineMetrics {
     latency_seconds: Histogram,
     checkpoint_seconds: Histogram,
     late_events: IntCounter,
+    throttle_tightenings: IntCounter,
     consumer_lag: IntGauge,
 }
 
@@ -77,20 +78,25 @@ impl PipelineMetrics {
             HistogramOpts::new("meshguard_checkpoint_duration_seconds", "Time to flush, save and commit one checkpoint.").buckets(buckets),
         )?;
         let late_events = IntCounter::new("meshguard_late_events_total", "Events older than their partition's watermark on arrival.")?;
+        let throttle_tightenings = IntCounter::new(
+            "meshguard_throttle_tightenings_total",
+            "Times a requester's throttle limits were tightened after a breach (throttles.tightening).",
+        )?;
         let consumer_lag =
             IntGauge::new("meshguard_consumer_lag_records", "Records of the keyed input topics not yet consumed by this worker.")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
             Box::new(checkpoint_seconds.clone()),
             Box::new(late_events.clone()),
+            Box::new(throttle_tightenings.clone()),
             Box::new(consumer_lag.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
         }
-        Ok(Self { findings, batch_seconds, latency_seconds, checkpoint_seconds, late_events, consumer_lag })
+        Ok(Self { findings, batch_seconds, latency_seconds, checkpoint_seconds, late_events, throttle_tightenings, consumer_lag })
     }
 }
 
@@ -107,6 +113,7 @@ pub struct Pipeline {
     metrics: PipelineMetrics,
     stats: Arc<LiveStats>,
     reported_late: u64,
+    reported_tightenings: u64,
     /// Partitions of the keyed topics the group has assigned to this worker.
     owned: std::collections::HashSet<(InputTopic, i32)>,
 }
@@ -177,6 +184,7 @@ impl Pipeline {
             metrics,
             stats,
             reported_late: 0,
+            reported_tightenings: 0,
             owned: Default::default(),
         };
 
@@ -288,6 +296,9 @@ impl Pipeline {
         let late = self.engine.stats().late_events;
         self.metrics.late_events.inc_by(late - self.reported_late);
         self.reported_late = late;
+        let tightenings = self.engine.stats().tightenings;
+        self.metrics.throttle_tightenings.inc_by(tightenings - self.reported_tightenings);
+        self.reported_tightenings = tightenings;
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }

@@ -33,6 +33,7 @@ mod error;
 pub mod jobs;
 pub mod policy;
 pub mod tables;
+pub mod throttle;
 
 pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};
 pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};

@@ -8,7 +8,8 @@
 //!   "registry": [ {"at": "...", "record": {...}}, {"at": "...", "tombstone": "uuid"} ],
 //!   "presence": [ {presence record}, ... ],
 //!   "messages": [ {message attempt}, ... ],
-//!   "expect":   { "<message id>": ["kind", ...], ... } }  // every other message: no finding
+//!   "expect":   { "<message id>": ["kind", ...], ... },  // every other message: no finding
+//!   "throttles": { ... } }                                 // optional `[throttles]` settings
 //! ```
 //!
 //! The test runs the case through the engine as one micro-batch (registry changes apply from their
@@ -23,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use meshguard_analytics::throttle::ThrottleConfig;
 use meshguard_analytics::{Engine, EngineConfig, MicroBatch, RegistryChange, RowsBatch};
 use meshguard_schemas::registry::RegistryRecord;
 use meshguard_schemas::time::parse_time_str;
@@ -43,6 +45,9 @@ struct Case {
     presence: Vec<Value>,
     messages: Vec<Value>,
     expect: BTreeMap<Uuid, Vec<String>>,
+    /// `[throttles]` settings, when the case needs other than the defaults.
+    #[serde(default)]
+    throttles: Option<ThrottleConfig>,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +98,7 @@ fn run(path: &Path) -> Result<(), String> {
         messages: rows(InputTopic::Messages, &case.messages),
         ..Default::default()
     };
-    let mut engine = Engine::new(EngineConfig::default());
+    let mut engine = Engine::new(EngineConfig { throttles: case.throttles.clone().unwrap_or_default(), ..EngineConfig::default() });
     let findings = engine.process(&mb, time(&case.now));
 
     // The intent, written by hand.
@@ -163,6 +168,7 @@ fn every_finding_kind_of_the_policy_check_has_a_golden_case() {
         "envelope_restriction",
         "path_restriction",
         "presence_restriction",
+        "throttle_exceeded",
     ] {
         assert!(seen.contains(kind), "no golden case expects {kind}");
     }

@@ -53,6 +53,19 @@ impl Finding {
     }
 }
 
+impl Finding {
+    /// The deterministic id of a finding about event `event_id` of kind `kind` by rule `rule`, for
+    /// kinds where one attempt can give several findings of the kind under different rules (a
+    /// throttle episode of the requester limit and of a pair limit, say).
+    pub fn evidence_id_for_rule(kind: FindingKind, event_id: &Uuid, rule: &str) -> Uuid {
+        let mut name = Vec::with_capacity(17 + rule.len());
+        name.push(kind.code());
+        name.extend_from_slice(event_id.as_bytes());
+        name.extend_from_slice(rule.as_bytes());
+        Uuid::new_v5(&ID_NAMESPACE, &name)
+    }
+}
+
 /// The current enforcement state of a UUID (`meshguard.enforcement.v1`, compacted, keyed by `uuid`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnforcementState {

@@ -20,6 +20,7 @@
 //! reads them from the findings topic on restore.
 
 pub mod checkpoint;
+mod throttle;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ use uuid::Uuid;
 use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location};
 use crate::tables::{FastMap, VersionedTable};
+use crate::throttle::{ThrottleConfig, ThrottleState};
 
 /// Engine settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,11 +45,14 @@ pub struct EngineConfig {
     pub allowed_lateness_ms: i64,
     /// How long (event time) a partition remembers emitted finding ids to drop repeats, in ms.
     pub dedup_horizon_ms: i64,
+    /// Throttle limits.
+    #[serde(default)]
+    pub throttles: ThrottleConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { allowed_lateness_ms: 30_000, dedup_horizon_ms: 600_000 }
+        Self { allowed_lateness_ms: 30_000, dedup_horizon_ms: 600_000, throttles: ThrottleConfig::default() }
     }
 }
 
@@ -113,6 +118,8 @@ pub struct EngineStats {
     pub findings: [u64; 12],
     /// Findings dropped as repeats of one already emitted.
     pub duplicates: u64,
+    /// Times a requester's limits were tightened after a breach.
+    pub tightenings: u64,
 }
 
 /// State of one input partition.
@@ -128,6 +135,8 @@ pub struct PartitionState {
     /// partition over reads outputs back from here, so it does not repeat what the previous owner
     /// wrote after that checkpoint.
     pub sink_positions: Vec<(String, i32, i64)>,
+    /// Throttle windows of the requesters this partition owns.
+    pub throttles: ThrottleState,
 }
 
 impl PartitionState {
@@ -251,11 +260,13 @@ impl Engine {
 
         // Watermarks first, with each row's lateness judged against the watermark before it.
         let lateness = self.cfg.allowed_lateness_ms;
+        let mut late = vec![false; n];
         for (row, &partition) in rows.partition.iter().enumerate().take(n) {
             let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
             let ts = view.ts.value(row);
             if ts < state.watermark(lateness) {
                 self.stats.late_events += 1;
+                late[row] = true;
             }
             state.max_event_ms = state.max_event_ms.max(ts);
         }
@@ -273,8 +284,9 @@ impl Engine {
             }
         }
 
-        let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         let mut found = std::mem::take(&mut self.scratch);
+        self.throttle_rows(&view, rows, &late, now_ms, &mut found);
+        let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);
         }
@@ -307,6 +319,7 @@ impl Engine {
         for state in self.partitions.values_mut() {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
             state.emitted.retain(|_, ts| *ts >= keep_after);
+            state.throttles.prune(state.watermark(self.cfg.allowed_lateness_ms));
             oldest_watermark = oldest_watermark.min(state.watermark(self.cfg.allowed_lateness_ms));
         }
         if oldest_watermark != i64::MAX {

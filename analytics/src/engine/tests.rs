@@ -156,3 +156,107 @@ fn corrupt_checkpoints_are_refused_with_the_file_named() {
     let err = store.load().unwrap_err().to_string();
     assert!(err.contains("global.ckpt") && err.contains("bad magic"), "{err}");
 }
+
+// ---- throttles --------------------------------------------------------------------------------
+
+fn throttled(limit: u32, tightening: bool) -> Engine {
+    let mut cfg = EngineConfig { allowed_lateness_ms: 1_000, ..Default::default() };
+    cfg.throttles.requester = crate::throttle::Limit { max: limit, per_s: 1.0 };
+    cfg.throttles.tightening = crate::throttle::Tightening { enabled: tightening, factor: 0.5, cooldown_s: 60.0 };
+    let mut e = Engine::new(cfg);
+    e.process(&batch(vec![registered(A, T0 - 60_000), registered(B, T0 - 60_000)], &[]), T0);
+    e
+}
+
+fn sends(first: u32, times: &[i64]) -> Vec<String> {
+    times.iter().enumerate().map(|(i, t)| attempt(first + i as u32, *t, A, "valid")).collect()
+}
+
+fn throttle_findings(found: &[Finding]) -> Vec<(u128, String, i64)> {
+    found
+        .iter()
+        .filter(|f| f.kind == FindingKind::ThrottleExceeded)
+        // The attempt number, as `attempt` writes it in the id's last twelve digits.
+        .map(|f| (f.event_id.unwrap().simple().to_string()[20..].parse().unwrap(), f.rule.clone(), f.detail["limit"].as_i64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_restart_in_the_middle_of_a_window_continues_its_count_and_repeats_no_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    let mut e = throttled(5, false);
+    assert!(e.process(&batch(vec![], &sends(1, &[T0, T0 + 100, T0 + 200, T0 + 300])), T0).is_empty());
+    store.save(&e.checkpoint()).unwrap();
+
+    let second = batch(vec![], &sends(5, &[T0 + 400, T0 + 500, T0 + 600]));
+    let mut restored = Engine::new(e.cfg.clone());
+    restored.restore(store.load().unwrap().unwrap()).unwrap();
+    let found = restored.process(&second, T0);
+    assert_eq!(
+        throttle_findings(&found),
+        vec![(6, "throttle:requester".to_owned(), 5)],
+        "the sixth in the window, counted across the restart"
+    );
+    assert_eq!(found[0].detail["count"], 6);
+    assert_eq!(found[0].detail["window_start"], "2026-11-24T16:59:59.500Z");
+    assert_eq!(found[0].detail["window_end"], "2026-11-24T17:00:00.500Z");
+
+    // A crash after publishing it: restore again, read the finding back, replay the same events.
+    let mut again = Engine::new(e.cfg.clone());
+    again.restore(store.load().unwrap().unwrap()).unwrap();
+    again.mark_emitted(found[0].id, found[0].event_ts);
+    assert!(again.process(&second, T0).is_empty());
+}
+
+#[test]
+fn late_attempts_beyond_the_allowed_lateness_are_not_counted() {
+    let mut e = throttled(5, false);
+    e.process(&batch(vec![], &sends(1, &[T0 + 10_000])), T0);
+    let found = e.process(&batch(vec![], &sends(2, &[T0, T0 + 1, T0 + 2, T0 + 3, T0 + 4, T0 + 5])), T0);
+    assert!(throttle_findings(&found).is_empty());
+    assert_eq!(e.stats().late_events, 6);
+    // Inside the lateness (the watermark is T0 + 9 s) they count: the sixth in (8_950, 9_950].
+    let found = e.process(&batch(vec![], &sends(10, &[T0 + 9_500, T0 + 9_600, T0 + 9_700, T0 + 9_800, T0 + 9_900, T0 + 9_950])), T0);
+    assert_eq!(throttle_findings(&found), vec![(15, "throttle:requester".to_owned(), 5)]);
+}
+
+#[test]
+fn tightening_halves_the_limit_for_the_cool_down_then_lifts() {
+    let mut e = throttled(4, true);
+    let found = e.process(&batch(vec![], &sends(1, &[T0, T0 + 10, T0 + 20, T0 + 30, T0 + 40])), T0);
+    assert_eq!(throttle_findings(&found), vec![(5, "throttle:requester".to_owned(), 4)]);
+    assert_eq!(e.stats().tightenings, 1);
+    // Two seconds later: the limit is 2 until T0 + 40 + 60 s.
+    let found = e.process(&batch(vec![], &sends(10, &[T0 + 2_000, T0 + 2_010, T0 + 2_020])), T0);
+    assert_eq!(throttle_findings(&found), vec![(12, "throttle:requester".to_owned(), 2)]);
+    assert_eq!(found[0].detail["tightened"]["base_limit"], 4);
+    // After the cool-down (which the breach at T0 + 2 s extended to T0 + 62 s), four pass again.
+    let found = e.process(&batch(vec![], &sends(20, &[T0 + 70_000, T0 + 70_010, T0 + 70_020, T0 + 70_030])), T0);
+    assert!(throttle_findings(&found).is_empty());
+}
+
+#[test]
+fn exempt_requesters_are_never_throttled_and_pairs_follow_the_targets_profile() {
+    let mut e = throttled(2, false);
+    let exempt = format!(r#"{{"uuid":"{A}","kind":"system","exempt":true}}"#);
+    let guarded = format!(
+        r#"{{"uuid":"{B}","kind":"device","profiles":[{{"name":"guest","applies_to":["{STRANGER}"],"restrictions":{{"throttle":{{"max":1,"per_s":300}}}}}}]}}"#
+    );
+    let change = |json: &str| RegistryChange {
+        uuid: Uuid::parse_str(serde_json::from_str::<serde_json::Value>(json).unwrap()["uuid"].as_str().unwrap()).unwrap(),
+        record: Some(Arc::new(RegistryRecord::from_json(0, json.as_bytes()).unwrap())),
+        effective_ms: T0 - 1_000,
+    };
+    let found = e.process(
+        &batch(vec![change(&exempt), change(&guarded), registered(STRANGER, T0 - 1_000)], &sends(1, &[T0, T0 + 1, T0 + 2, T0 + 3])),
+        T0,
+    );
+    assert!(throttle_findings(&found).is_empty(), "exempt");
+    let records: Vec<String> = (0..2).map(|i| attempt(10 + i, T0 + i64::from(i) * 100_000, STRANGER, "valid")).collect();
+    let found = e.process(&batch(vec![], &records), T0);
+    let pair: Vec<_> = found.iter().filter(|f| f.kind == FindingKind::ThrottleExceeded).collect();
+    assert_eq!(pair.len(), 1);
+    assert_eq!((pair[0].rule.as_str(), pair[0].target.unwrap().to_string()), ("profile:guest/throttle", B.to_owned()));
+    assert_eq!(pair[0].detail["per_s"], 300.0);
+}
