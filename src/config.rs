@@ -28,6 +28,9 @@ pub struct Config {
     pub engine: EngineSection,
     /// Throttle limits (contract defaults: 10 attempts and 2 `connect`s per requester per second).
     pub throttles: meshguard_analytics::throttle::ThrottleConfig,
+    /// Enforcement thresholds (contract defaults: blocked at 5 in 10 minutes for an hour,
+    /// unregistered past 20 in 24 hours).
+    pub enforcement: meshguard_analytics::enforcement::EnforcementConfig,
     /// The HTTP listener (metrics).
     pub http: HttpSection,
     /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
@@ -237,7 +240,7 @@ impl Config {
         {
             bail!("invalid configuration: `kafka.brokers` is empty");
         }
-        if let Err((field, reason)) = self.throttles.validate() {
+        if let Err((field, reason)) = self.throttles.validate().and_then(|()| self.enforcement.validate()) {
             bail!("invalid configuration: `{field}` {reason}");
         }
         Ok(())
@@ -249,6 +252,7 @@ impl Config {
             allowed_lateness_ms: self.engine.allowed_lateness_ms,
             dedup_horizon_ms: self.engine.dedup_horizon_ms,
             throttles: self.throttles.clone(),
+            enforcement: self.enforcement.clone(),
         }
     }
 }

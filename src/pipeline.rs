@@ -55,6 +55,7 @@ pub struct PipelineMetrics {
     checkpoint_seconds: Histogram,
     late_events: IntCounter,
     throttle_tightenings: IntCounter,
+    enforcement_changes: IntCounterVec,
     consumer_lag: IntGauge,
 }
 
@@ -82,21 +83,35 @@ impl PipelineMetrics {
             "meshguard_throttle_tightenings_total",
             "Times a requester's throttle limits were tightened after a breach (throttles.tightening).",
         )?;
+        let enforcement_changes = IntCounterVec::new(
+            Opts::new("meshguard_enforcement_changes_total", "Enforcement state changes published, by the new state."),
+            &["state"],
+        )?;
         let consumer_lag =
             IntGauge::new("meshguard_consumer_lag_records", "Records of the keyed input topics not yet consumed by this worker.")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
             Box::new(checkpoint_seconds.clone()),
             Box::new(late_events.clone()),
             Box::new(throttle_tightenings.clone()),
+            Box::new(enforcement_changes.clone()),
             Box::new(consumer_lag.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
         }
-        Ok(Self { findings, batch_seconds, latency_seconds, checkpoint_seconds, late_events, throttle_tightenings, consumer_lag })
+        Ok(Self {
+            findings,
+            batch_seconds,
+            latency_seconds,
+            checkpoint_seconds,
+            late_events,
+            throttle_tightenings,
+            enforcement_changes,
+            consumer_lag,
+        })
     }
 }
 
@@ -292,6 +307,15 @@ impl Pipeline {
 
         let findings = self.engine.process(&assembled.batch, now_ms);
         self.publish(&findings, raw, now_ms)?;
+        // Enforcement changes, keyed by UUID on the compacted topic: a replay after a crash
+        // publishes the same records again, which compaction and every consumer treat as no change.
+        let mut key = [0u8; 36];
+        for change in self.engine.take_enforcement() {
+            let payload = serde_json::to_vec(&change)?;
+            let key = change.uuid.hyphenated().encode_lower(&mut key);
+            self.sink.send(&self.topics.enforcement, key.as_bytes(), &payload)?;
+            self.metrics.enforcement_changes.with_label_values(&[change.state.as_str()]).inc();
+        }
 
         let late = self.engine.stats().late_events;
         self.metrics.late_events.inc_by(late - self.reported_late);

@@ -334,8 +334,9 @@ async fn a_registry_change_takes_effect_mid_stream() {
     produce(&broker.bootstrap(), registry, &[record(t, Some(lockdown), T0 + 60_000), record(r2, None, T0 + 60_000)]).await.unwrap();
 
     // Attempts after it, and one from before it that arrives late.
-    let mut after: Vec<ProduceRecord> = (0..10).map(|i| attempt(r, T0 + 60_000 + i * 1_000)).collect();
-    after.extend((0..5).map(|i| attempt(r2, T0 + 60_000 + i)));
+    // Four of each: a fifth unauthorized attempt within ten minutes would block the requester.
+    let mut after: Vec<ProduceRecord> = (0..4).map(|i| attempt(r, T0 + 60_000 + i * 1_000)).collect();
+    after.extend((0..4).map(|i| attempt(r2, T0 + 60_000 + i)));
     let late_but_before = attempt(r, T0 + 59_999);
     let late_id = serde_json::from_slice::<Value>(late_but_before.1.as_ref().unwrap()).unwrap()["id"].as_str().unwrap().to_owned();
     let mut second = after.clone();
@@ -354,9 +355,59 @@ async fn a_registry_change_takes_effect_mid_stream() {
         *kinds.entry(format!("{}/{}", v["kind"].as_str().unwrap(), v["rule"].as_str().unwrap())).or_default() += 1;
     }
     let expected: HashMap<String, usize> = [
-        ("unregistered_requester/registry:unregistered".to_owned(), 1 + 5),
-        ("permission_denied/profile:lockdown/permissions:send/deny".to_owned(), 10),
+        ("unregistered_requester/registry:unregistered".to_owned(), 1 + 4),
+        ("permission_denied/profile:lockdown/permissions:send/deny".to_owned(), 4),
     ]
     .into();
     assert_eq!(kinds, expected);
+}
+
+/// Enforcement through the real broker: a requester's fifth unauthorized attempt within ten
+/// minutes blocks it, the block is published on the compacted enforcement topic keyed by the UUID,
+/// and its next attempt gives only `blocked_requester`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_unauthorized_attempts_block_the_requester_on_the_enforcement_topic() {
+    const T0: i64 = 1_795_539_600_000;
+    let (r, t) = ("a2000000-0000-4000-8000-000000000001", "b2000000-0000-4000-8000-000000000001");
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let names = Topics::default();
+    let registry: Vec<ProduceRecord> = [r, t]
+        .iter()
+        .map(|u| {
+            (
+                Some(u.as_bytes().to_vec()),
+                Some(serde_json::json!({"uuid": u, "kind": "device"}).to_string().into_bytes()),
+                Some(T0 - 60_000),
+            )
+        })
+        .collect();
+    produce(&broker.bootstrap(), names.input(InputTopic::Registry), &registry).await.unwrap();
+    let attempts: Vec<ProduceRecord> = (0..6i64)
+        .map(|i| {
+            let v = serde_json::json!({"id": format!("00000000-0000-4000-8000-0000000001{i:02}"), "ts": T0 + i * 30_000,
+                "action": "send", "from": r, "to": t, "auth": "invalid"});
+            (Some(r.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(T0 + i * 30_000))
+        })
+        .collect();
+    produce(&broker.bootstrap(), names.input(InputTopic::Messages), &attempts).await.unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let child = spawn_meshguard(&broker, state.path(), "e2e-enforce", 1, 1_000);
+    let found = consume_all(&broker.bootstrap(), FINDINGS, 6, Duration::from_secs(90)).unwrap();
+    let changes = consume_all(&broker.bootstrap(), "meshguard.enforcement.v1", 1, Duration::from_secs(30)).unwrap();
+    terminate(child);
+
+    let mut kinds: Vec<(String, String)> = check_findings(&found).into_iter().collect();
+    kinds.sort();
+    let blocked: Vec<_> = kinds.iter().filter(|(_, k)| k == "blocked_requester").collect();
+    assert_eq!(blocked, vec![&("00000000-0000-4000-8000-000000000105".to_owned(), "blocked_requester".to_owned())]);
+    assert_eq!(kinds.iter().filter(|(_, k)| k == "bad_credentials").count(), 5);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].key.as_deref(), Some(r.as_bytes()), "keyed by the UUID");
+    let v: Value = serde_json::from_slice(changes[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((v["uuid"].as_str(), v["state"].as_str()), (Some(r), Some("blocked")));
+    assert_eq!((v["since"].as_str(), v["until"].as_str()), (Some("2026-11-24T17:02:00.000Z"), Some("2026-11-24T18:02:00.000Z")));
+    assert_eq!((v["attempts"].as_u64(), v["findings"].as_array().map(Vec::len)), (Some(5), Some(5)));
+    assert_eq!(v["reason"], "5 unauthorized attempts in 10 minutes");
 }

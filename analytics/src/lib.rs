@@ -28,6 +28,7 @@
 //! assert!(findings.is_empty());
 //! ```
 
+pub mod enforcement;
 pub mod engine;
 mod error;
 pub mod jobs;

@@ -9,7 +9,7 @@
 //!   "presence": [ {presence record}, ... ],
 //!   "messages": [ {message attempt}, ... ],
 //!   "expect":   { "<message id>": ["kind", ...], ... },  // every other message: no finding
-//!   "throttles": { ... } }                                 // optional `[throttles]` settings
+//!   "throttles": { ... }, "enforcement": { ... } }         // optional settings
 //! ```
 //!
 //! The test runs the case through the engine as one micro-batch (registry changes apply from their
@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use meshguard_analytics::enforcement::EnforcementConfig;
 use meshguard_analytics::throttle::ThrottleConfig;
 use meshguard_analytics::{Engine, EngineConfig, MicroBatch, RegistryChange, RowsBatch};
 use meshguard_schemas::registry::RegistryRecord;
@@ -48,6 +49,10 @@ struct Case {
     /// `[throttles]` settings, when the case needs other than the defaults.
     #[serde(default)]
     throttles: Option<ThrottleConfig>,
+    /// `[enforcement]` settings, likewise (cases about one rule turn enforcement off, so that an
+    /// offender with five findings in ten minutes is not blocked half-way through the case).
+    #[serde(default)]
+    enforcement: Option<EnforcementConfig>,
 }
 
 #[derive(Deserialize)]
@@ -98,7 +103,11 @@ fn run(path: &Path) -> Result<(), String> {
         messages: rows(InputTopic::Messages, &case.messages),
         ..Default::default()
     };
-    let mut engine = Engine::new(EngineConfig { throttles: case.throttles.clone().unwrap_or_default(), ..EngineConfig::default() });
+    let mut engine = Engine::new(EngineConfig {
+        throttles: case.throttles.clone().unwrap_or_default(),
+        enforcement: case.enforcement.clone().unwrap_or_default(),
+        ..EngineConfig::default()
+    });
     let findings = engine.process(&mb, time(&case.now));
 
     // The intent, written by hand.
@@ -169,6 +178,7 @@ fn every_finding_kind_of_the_policy_check_has_a_golden_case() {
         "path_restriction",
         "presence_restriction",
         "throttle_exceeded",
+        "blocked_requester",
     ] {
         assert!(seen.contains(kind), "no golden case expects {kind}");
     }

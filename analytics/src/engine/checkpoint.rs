@@ -27,7 +27,7 @@ use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT03";
+const MAGIC: &[u8; 8] = b"MGCKPT04";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -95,6 +95,7 @@ impl Engine {
         for (id, state) in cp.partitions {
             self.partitions.insert(id, state);
         }
+        self.rebuild_enforcement_view();
         self.restore_global(cp.global)
     }
 

@@ -20,6 +20,7 @@
 //! reads them from the findings topic on restore.
 
 pub mod checkpoint;
+mod enforce;
 mod throttle;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use meshguard_schemas::{FindingKind, InputTopic};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::enforcement::{EnforcementConfig, Offender, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location};
 use crate::tables::{FastMap, VersionedTable};
@@ -48,11 +50,19 @@ pub struct EngineConfig {
     /// Throttle limits.
     #[serde(default)]
     pub throttles: ThrottleConfig,
+    /// Enforcement thresholds.
+    #[serde(default)]
+    pub enforcement: EnforcementConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { allowed_lateness_ms: 30_000, dedup_horizon_ms: 600_000, throttles: ThrottleConfig::default() }
+        Self {
+            allowed_lateness_ms: 30_000,
+            dedup_horizon_ms: 600_000,
+            throttles: ThrottleConfig::default(),
+            enforcement: EnforcementConfig::default(),
+        }
     }
 }
 
@@ -120,6 +130,8 @@ pub struct EngineStats {
     pub duplicates: u64,
     /// Times a requester's limits were tightened after a breach.
     pub tightenings: u64,
+    /// Enforcement state changes (blocks, unregistrations, expiries).
+    pub enforcement_changes: u64,
 }
 
 /// State of one input partition.
@@ -137,6 +149,10 @@ pub struct PartitionState {
     pub sink_positions: Vec<(String, i32, i64)>,
     /// Throttle windows of the requesters this partition owns.
     pub throttles: ThrottleState,
+    /// Counted unauthorized attempts and status of the offenders this partition owns.
+    pub enforcement: FastMap<Uuid, Offender>,
+    /// Event-time timers: blocks to lift at their `until`.
+    pub timers: std::collections::BTreeSet<(i64, Uuid)>,
 }
 
 impl PartitionState {
@@ -160,6 +176,11 @@ pub struct Engine {
     restored_outputs: FastMap<Uuid, i64>,
     /// Where the caller's sinks were at the last checkpoint (opaque to the engine).
     pub sink_positions: Vec<(String, i32, i64)>,
+    /// The status of every non-active offender of the owned partitions, for lookups by UUID
+    /// (requester or target) without knowing its partition.
+    enforcement_view: FastMap<Uuid, Status>,
+    /// Enforcement records not yet taken by the caller.
+    enforcement_out: Vec<meshguard_schemas::output::EnforcementState>,
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
@@ -178,6 +199,8 @@ impl Engine {
             global_positions: FastMap::default(),
             restored_outputs: FastMap::default(),
             sink_positions: Vec::new(),
+            enforcement_view: FastMap::default(),
+            enforcement_out: Vec::new(),
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
@@ -292,17 +315,7 @@ impl Engine {
         }
         // Findings in row order, kinds in code order within a row: deterministic output.
         found.sort_by_key(|(row, f)| (*row, f.kind.code()));
-        for (row, finding) in found.drain(..) {
-            let partition = rows.partition.get(row as usize).copied().unwrap_or_default();
-            let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
-            let fresh = !self.restored_outputs.contains_key(&finding.id) && state.emitted.insert(finding.id, finding.event_ts).is_none();
-            if fresh {
-                self.stats.findings[usize::from(finding.kind.code())] += 1;
-                out.push(finding);
-            } else {
-                self.stats.duplicates += 1;
-            }
-        }
+        self.enforce_rows(&view, rows, now_ms, &mut found, out);
         self.scratch = found;
     }
 
@@ -320,6 +333,9 @@ impl Engine {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
             state.emitted.retain(|_, ts| *ts >= keep_after);
             state.throttles.prune(state.watermark(self.cfg.allowed_lateness_ms));
+            let watermark = state.watermark(self.cfg.allowed_lateness_ms);
+            let enforcement = &self.cfg.enforcement;
+            state.enforcement.retain(|_, o| !o.is_spent(watermark, enforcement));
             oldest_watermark = oldest_watermark.min(state.watermark(self.cfg.allowed_lateness_ms));
         }
         if oldest_watermark != i64::MAX {
@@ -349,11 +365,13 @@ impl Engine {
     /// Drops a partition's state (after it was revoked by a rebalance).
     pub fn drop_partition(&mut self, id: &PartitionId) {
         self.partitions.remove(id);
+        self.rebuild_enforcement_view();
     }
 
     /// Installs restored state for a partition.
     pub fn restore_partition(&mut self, id: PartitionId, state: PartitionState) {
         self.partitions.insert(id, state);
+        self.rebuild_enforcement_view();
     }
 
     /// Findings kind counter, by kind.

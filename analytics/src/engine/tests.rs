@@ -260,3 +260,42 @@ fn exempt_requesters_are_never_throttled_and_pairs_follow_the_targets_profile() 
     assert_eq!((pair[0].rule.as_str(), pair[0].target.unwrap().to_string()), ("profile:guest/throttle", B.to_owned()));
     assert_eq!(pair[0].detail["per_s"], 300.0);
 }
+
+// ---- enforcement --------------------------------------------------------------------------------
+
+#[test]
+fn a_block_is_published_survives_a_restart_and_is_lifted_at_its_until() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    let mut e = Engine::new(EngineConfig::default());
+    let minute = 60_000;
+    let bad: Vec<String> = (0..5).map(|i| attempt(i + 1, T0 + i64::from(i) * minute, A, "invalid")).collect();
+    let found = e.process(&batch(vec![registered(A, T0 - minute), registered(B, T0 - minute)], &bad), T0);
+    assert_eq!(found.len(), 5);
+    let changes = e.take_enforcement();
+    assert_eq!(changes.len(), 1);
+    let block = &changes[0];
+    assert_eq!(
+        (block.state, block.since, block.until),
+        (meshguard_schemas::EnforcementStateKind::Blocked, T0 + 4 * minute, Some(T0 + 64 * minute))
+    );
+    assert_eq!((block.attempts, block.findings.len()), (5, 5));
+    assert_eq!(block.findings.last(), Some(&found[4].id));
+    store.save(&e.checkpoint()).unwrap();
+
+    // After a restart the block still holds: an attempt inside it gives only blocked_requester.
+    let mut e = Engine::new(EngineConfig::default());
+    e.restore(store.load().unwrap().unwrap()).unwrap();
+    let found = e.process(&batch(vec![], &[attempt(6, T0 + 30 * minute, A, "invalid")]), T0);
+    assert_eq!(kinds(&found), vec![(FindingKind::BlockedRequester, A.to_owned())]);
+    assert!(e.take_enforcement().is_empty(), "attempts while blocked change nothing");
+    // Once the watermark passes `until`, the UUID is published active again, from `until`.
+    let found = e.process(&batch(vec![], &[attempt(7, T0 + 70 * minute, A, "valid")]), T0);
+    assert!(found.is_empty());
+    let changes = e.take_enforcement();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (changes[0].state, changes[0].since, changes[0].until),
+        (meshguard_schemas::EnforcementStateKind::Active, T0 + 64 * minute, None)
+    );
+}

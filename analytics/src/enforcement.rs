@@ -1,0 +1,273 @@
+//! Enforcement state where the findings are made: the count of each offender's unauthorized
+//! attempts and the state it leads to (`active`, `blocked`, `unregistered`), a deterministic
+//! function of the findings keyed by offender, in event time, kept in the partition that owns the
+//! offender and checkpointed with it. So whether an attempt comes from a blocked UUID is decided by
+//! its `ts` exactly, however fast the traffic is replayed.
+//!
+//! The contract's readings: each message attempt with at least one finding of a rule kind
+//! (`unregistered_requester` through `presence_restriction`) counts once; each `throttle_exceeded`
+//! finding counts once; `timing_anomaly` findings count only when configured. At `block_at` (5)
+//! counted within the short window (10 minutes) the UUID is `blocked` from the `ts` of the attempt
+//! that crossed the threshold for `block_for` (1 hour); past `unregister_after` (20) within the
+//! long window (24 hours) it is `unregistered`, with no expiry (only a registered UUID can be; one
+//! that is not is blocked instead). While blocked or unregistered, its attempts give only
+//! `blocked_requester` and count no further; an attempt at or after `until` finds it active
+//! again. Exempt UUIDs are never blocked. Attempts addressed to a blocked or unregistered UUID
+//! give no finding at all.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use meshguard_schemas::EnforcementStateKind;
+use meshguard_schemas::output::EnforcementState;
+
+/// Enforcement settings (`[enforcement]` in the configuration file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnforcementConfig {
+    /// Compute enforcement state at all (`false`: findings only, nobody is ever blocked).
+    pub enabled: bool,
+    /// Length of the short window, seconds (contract default: 10 minutes).
+    pub short_window_s: u64,
+    /// Counted attempts within the short window that block the UUID (contract default: 5).
+    pub block_at: u32,
+    /// How long a block lasts, seconds (contract default: 1 hour).
+    pub block_for_s: u64,
+    /// Length of the long window, seconds (contract default: 24 hours).
+    pub long_window_s: u64,
+    /// Counted attempts within the long window past which the UUID is unregistered (contract
+    /// default: 20, so the 21st unregisters).
+    pub unregister_after: u32,
+    /// Whether `timing_anomaly` findings count (contract default: no).
+    pub count_timing_anomalies: bool,
+}
+
+impl Default for EnforcementConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            short_window_s: 600,
+            block_at: 5,
+            block_for_s: 3_600,
+            long_window_s: 86_400,
+            unregister_after: 20,
+            count_timing_anomalies: false,
+        }
+    }
+}
+
+impl EnforcementConfig {
+    /// Checks every value, naming the field of the first bad one.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let positive = [
+            ("enforcement.short_window_s", self.short_window_s),
+            ("enforcement.block_for_s", self.block_for_s),
+            ("enforcement.long_window_s", self.long_window_s),
+            ("enforcement.block_at", u64::from(self.block_at)),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err((field.to_owned(), "must be at least 1".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state of one offender as the brokers should apply it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// Not restricted.
+    Active,
+    /// Blocked from `since` until `until` (exclusive).
+    Blocked {
+        /// Start (the `ts` of the attempt that crossed the threshold).
+        since: i64,
+        /// End.
+        until: i64,
+    },
+    /// Unregistered from `since` on.
+    Unregistered {
+        /// Start.
+        since: i64,
+    },
+}
+
+impl Status {
+    /// Whether an attempt at `ts` is refused by this status.
+    #[inline]
+    pub fn refuses(&self, ts: i64) -> bool {
+        match *self {
+            Status::Active => false,
+            Status::Blocked { since, until } => since <= ts && ts < until,
+            Status::Unregistered { since } => since <= ts,
+        }
+    }
+}
+
+/// One offender's counted attempts and status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offender {
+    /// Times of counted units (attempts with a rule finding, throttle findings), oldest first,
+    /// within the long window.
+    counted: Vec<i64>,
+    /// Current status.
+    pub status: Status,
+    /// Ids of the latest findings counted (at most [`RECENT_FINDINGS`]).
+    recent: Vec<Uuid>,
+}
+
+impl Default for Offender {
+    fn default() -> Self {
+        Self { counted: Vec::new(), status: Status::Active, recent: Vec::new() }
+    }
+}
+
+/// How many finding ids an enforcement record carries.
+pub const RECENT_FINDINGS: usize = 5;
+
+impl Offender {
+    /// Counts `units` unauthorized units at `ts` (behind `findings`) and returns the new status
+    /// when a threshold is crossed. `registered` and `exempt` are the offender's, as of `ts`.
+    pub fn count(
+        &mut self,
+        cfg: &EnforcementConfig,
+        ts: i64,
+        units: u32,
+        findings: &[Uuid],
+        registered: bool,
+        exempt: bool,
+    ) -> Option<Status> {
+        if self.status.refuses(ts) {
+            // Attempts while blocked or unregistered count no further.
+            return None;
+        }
+        let at = self.counted.partition_point(|t| *t <= ts);
+        for _ in 0..units {
+            self.counted.insert(at, ts);
+        }
+        for id in findings {
+            if self.recent.len() == RECENT_FINDINGS {
+                self.recent.remove(0);
+            }
+            self.recent.push(*id);
+        }
+        let long_ms = (cfg.long_window_s * 1000) as i64;
+        let short_ms = (cfg.short_window_s * 1000) as i64;
+        let newest = self.counted.last().copied().unwrap_or(ts);
+        let expired = self.counted.partition_point(|t| *t <= newest - long_ms.max(short_ms));
+        self.counted.drain(..expired);
+        if exempt {
+            return None;
+        }
+        let within = |w: i64| self.counted.iter().filter(|t| **t > ts - w && **t <= ts).count() as u32;
+        let status = if registered && within(long_ms) > cfg.unregister_after {
+            Status::Unregistered { since: ts }
+        } else if within(short_ms) >= cfg.block_at {
+            Status::Blocked { since: ts, until: ts + (cfg.block_for_s * 1000) as i64 }
+        } else {
+            return None;
+        };
+        self.status = status;
+        Some(status)
+    }
+
+    /// Ends a block whose `until` is at or before `watermark_ms` (an event-time timer): returns
+    /// the time the offender became active again.
+    pub fn expire(&mut self, watermark_ms: i64) -> Option<i64> {
+        match self.status {
+            Status::Blocked { until, .. } if until <= watermark_ms => {
+                self.status = Status::Active;
+                Some(until)
+            }
+            _ => None,
+        }
+    }
+
+    /// The contract's record of this offender's status; `active_since` is when an active one
+    /// became active.
+    pub fn record(&self, uuid: Uuid, cfg: &EnforcementConfig, active_since: i64) -> EnforcementState {
+        let attempts = self.counted.len() as u64;
+        let (state, since, until, reason) = match self.status {
+            Status::Active => (EnforcementStateKind::Active, active_since, None, "block expired".to_owned()),
+            Status::Blocked { since, until } => (
+                EnforcementStateKind::Blocked,
+                since,
+                Some(until),
+                format!("{} unauthorized attempts in {}", cfg.block_at, duration(cfg.short_window_s)),
+            ),
+            Status::Unregistered { since } => (
+                EnforcementStateKind::Unregistered,
+                since,
+                None,
+                format!("more than {} unauthorized attempts in {}", cfg.unregister_after, duration(cfg.long_window_s)),
+            ),
+        };
+        EnforcementState { uuid, state, since, until, reason, attempts, findings: self.recent.clone() }
+    }
+
+    /// Whether nothing about this offender matters any more at `horizon_ms`.
+    pub fn is_spent(&self, horizon_ms: i64, cfg: &EnforcementConfig) -> bool {
+        let long_ms = (cfg.long_window_s * 1000) as i64;
+        matches!(self.status, Status::Active) && self.counted.last().is_none_or(|t| *t <= horizon_ms - long_ms)
+    }
+}
+
+/// `600` → "10 minutes", `86400` → "24 hours".
+fn duration(s: u64) -> String {
+    match s {
+        s if s % 3600 == 0 => format!("{} hour{}", s / 3600, if s == 3600 { "" } else { "s" }),
+        s if s % 60 == 0 => format!("{} minute{}", s / 60, if s == 60 { "" } else { "s" }),
+        s => format!("{s} seconds"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    #[test]
+    fn five_in_ten_minutes_block_for_an_hour_and_the_twenty_first_in_a_day_unregisters() {
+        let cfg = EnforcementConfig::default();
+        let mut o = Offender::default();
+        for i in 0..4 {
+            assert_eq!(o.count(&cfg, i * 3 * MIN, 1, &[], true, false), None);
+        }
+        // At 12 min: 3, 6, 9, 12 are in (2, 12] but 0 is not: four. At 12.5 min: five.
+        assert_eq!(o.count(&cfg, 12 * MIN, 1, &[], true, false), None);
+        let (since, until) = (12 * MIN + MIN / 2, 72 * MIN + MIN / 2);
+        assert_eq!(o.count(&cfg, since, 1, &[], true, false), Some(Status::Blocked { since, until }));
+        assert!(o.status.refuses(since) && o.status.refuses(until - 1) && !o.status.refuses(until) && !o.status.refuses(since - 1));
+        let rec = o.record(Uuid::nil(), &cfg, 0);
+        assert_eq!((rec.state, rec.reason.as_str()), (EnforcementStateKind::Blocked, "5 unauthorized attempts in 10 minutes"));
+        // While blocked nothing counts; the block ends at its `until`; then the long window.
+        assert_eq!(o.count(&cfg, 20 * MIN, 1, &[], true, false), None);
+        assert_eq!(o.counted.len(), 6);
+        assert_eq!(o.expire(72 * MIN), None);
+        assert_eq!(o.expire(80 * MIN), Some(until));
+        assert_eq!(o.record(Uuid::nil(), &cfg, until).state, EnforcementStateKind::Active);
+        let mut t = 80 * MIN;
+        let mut last = None;
+        while last.is_none() {
+            t += 3 * MIN;
+            last = o.count(&cfg, t, 1, &[], true, false);
+        }
+        // 3-minute spacing puts four in any (t − 10 min, t], never five: the long window decides.
+        assert_eq!(last, Some(Status::Unregistered { since: t }));
+        assert_eq!(o.counted.iter().filter(|x| **x > t - 1440 * MIN).count(), 21);
+    }
+
+    #[test]
+    fn exempt_are_never_blocked_and_the_unregistered_can_only_be_blocked() {
+        let cfg = EnforcementConfig { unregister_after: 2, ..Default::default() };
+        let mut o = Offender::default();
+        for i in 0..10 {
+            assert_eq!(o.count(&cfg, i, 1, &[], true, true), None, "exempt");
+        }
+        let mut o = Offender::default();
+        let got: Vec<_> = (0..5).map(|i| o.count(&cfg, i, 1, &[], false, false)).collect();
+        assert_eq!(got[4], Some(Status::Blocked { since: 4, until: 4 + 3_600_000 }), "not registered: blocked, never unregistered");
+    }
+}

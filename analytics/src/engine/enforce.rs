@@ -1,0 +1,172 @@
+//! The engine's last stage for message attempts: the enforcement state of requester and target
+//! decides what of an attempt's findings is published, and the published findings are counted
+//! against the requester (see [`crate::enforcement`] for the rules). Runs row by row in the order
+//! of the batch, which within a partition is the order of the log.
+
+use meshguard_schemas::output::{EnforcementState, Finding};
+use meshguard_schemas::time::format_ms;
+use meshguard_schemas::{Action, FindingKind, InputTopic, Severity};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{Engine, MessagesView, PartitionId, RowsBatch};
+use crate::enforcement::Status;
+
+impl Engine {
+    /// Publishes `found` (sorted by row) into `out` through the enforcement state, counting what
+    /// it publishes; dedups repeats.
+    pub(super) fn enforce_rows(
+        &mut self,
+        view: &MessagesView<'_>,
+        rows: &RowsBatch,
+        now_ms: i64,
+        found: &mut Vec<(u32, Finding)>,
+        out: &mut Vec<Finding>,
+    ) {
+        let enabled = self.cfg.enforcement.enabled;
+        let mut ids: Vec<Uuid> = Vec::new();
+        let findings: Vec<(u32, Finding)> = std::mem::take(found);
+        let mut findings = findings.into_iter().peekable();
+        for row in 0..view.len() {
+            let mut of_row: Vec<Finding> = Vec::new();
+            while let Some((r, _)) = findings.peek() {
+                if *r as usize != row {
+                    break;
+                }
+                if let Some((_, f)) = findings.next() {
+                    of_row.push(f);
+                }
+            }
+            let (Some(from), Some(event_id)) = (MessagesView::uuid(view.from, row), MessagesView::uuid(view.id, row)) else {
+                continue;
+            };
+            let ts = view.ts.value(row);
+            let partition: PartitionId = (InputTopic::Messages, rows.partition.get(row).copied().unwrap_or_default());
+
+            if enabled {
+                // The requester's own state comes first in the contract's order.
+                if let Some(status) = self.enforcement_view.get(&from).copied().filter(|s| s.refuses(ts)) {
+                    of_row.clear();
+                    of_row.push(blocked_finding(view, row, from, event_id, ts, status, now_ms));
+                } else if let Some(to) = MessagesView::uuid(view.to, row)
+                    && self.enforcement_view.get(&to).is_some_and(|s| s.refuses(ts))
+                {
+                    // Attempts addressed to a blocked or unregistered UUID give no finding.
+                    continue;
+                }
+            }
+            if of_row.is_empty() {
+                continue;
+            }
+
+            let state = self.partitions.entry(partition).or_default();
+            // A re-delivered attempt (its findings already emitted by this partition) counts once.
+            let redelivered = of_row.iter().all(|f| state.emitted.contains_key(&f.id));
+            let mut units = 0u32;
+            let mut rule_finding = false;
+            ids.clear();
+            for f in of_row {
+                match f.kind {
+                    FindingKind::ThrottleExceeded | FindingKind::CrossCheckFailed => units += 1,
+                    FindingKind::TimingAnomaly if self.cfg.enforcement.count_timing_anomalies => units += 1,
+                    FindingKind::BlockedRequester | FindingKind::TimingAnomaly => {}
+                    _ => rule_finding = true,
+                }
+                ids.push(f.id);
+                let fresh = !self.restored_outputs.contains_key(&f.id) && state.emitted.insert(f.id, f.event_ts).is_none();
+                if fresh {
+                    self.stats.findings[usize::from(f.kind.code())] += 1;
+                    out.push(f);
+                } else {
+                    self.stats.duplicates += 1;
+                }
+            }
+            units += u32::from(rule_finding);
+            if !enabled || redelivered || units == 0 {
+                continue;
+            }
+            let requester = self.registry.get(&from, ts).and_then(|r| r.as_deref());
+            let (registered, exempt) = (requester.is_some(), requester.is_some_and(|r| r.record.exempt));
+            let offender = state.enforcement.entry(from).or_default();
+            if let Some(status) = offender.count(&self.cfg.enforcement, ts, units, &ids, registered, exempt) {
+                let record = offender.record(from, &self.cfg.enforcement, ts);
+                if let Status::Blocked { until, .. } = status {
+                    state.timers.insert((until, from));
+                }
+                self.enforcement_view.insert(from, status);
+                self.enforcement_out.push(record);
+                self.stats.enforcement_changes += 1;
+            }
+        }
+        self.expire_blocks();
+    }
+
+    /// Fires the event-time timers of blocks whose `until` the partition's watermark has passed:
+    /// the UUID is published as `active` again, from its `until`.
+    fn expire_blocks(&mut self) {
+        let lateness = self.cfg.allowed_lateness_ms;
+        for state in self.partitions.values_mut() {
+            let watermark = state.watermark(lateness);
+            while let Some(&(until, uuid)) = state.timers.first() {
+                if until > watermark {
+                    break;
+                }
+                state.timers.pop_first();
+                let Some(offender) = state.enforcement.get_mut(&uuid) else {
+                    continue;
+                };
+                if let Some(since) = offender.expire(watermark) {
+                    self.enforcement_view.remove(&uuid);
+                    self.enforcement_out.push(offender.record(uuid, &self.cfg.enforcement, since));
+                    self.stats.enforcement_changes += 1;
+                }
+            }
+        }
+    }
+
+    /// Enforcement records produced since the last call, in the order they happened, for the
+    /// compacted enforcement topic (keyed by `uuid`).
+    pub fn take_enforcement(&mut self) -> Vec<EnforcementState> {
+        std::mem::take(&mut self.enforcement_out)
+    }
+
+    /// Rebuilds the view of every owned offender's status (after a restore or a rebalance).
+    pub(super) fn rebuild_enforcement_view(&mut self) {
+        self.enforcement_view.clear();
+        for state in self.partitions.values() {
+            for (uuid, offender) in &state.enforcement {
+                if !matches!(offender.status, Status::Active) {
+                    self.enforcement_view.insert(*uuid, offender.status);
+                }
+            }
+        }
+    }
+}
+
+/// The only finding of an attempt by a blocked or unregistered requester.
+fn blocked_finding(view: &MessagesView<'_>, row: usize, from: Uuid, event_id: Uuid, ts: i64, status: Status, now_ms: i64) -> Finding {
+    let (rule, detail) = match status {
+        Status::Blocked { since, until } => {
+            ("enforcement:blocked", json!({ "state": "blocked", "since": format_ms(since), "until": format_ms(until) }))
+        }
+        Status::Unregistered { since } => {
+            ("enforcement:unregistered", json!({ "state": "unregistered", "since": format_ms(since), "until": null }))
+        }
+        Status::Active => ("enforcement:active", json!({ "state": "active" })),
+    };
+    let kind = FindingKind::BlockedRequester;
+    Finding {
+        id: Finding::evidence_id(kind, &event_id),
+        ts: now_ms,
+        event_ts: ts,
+        event_id: Some(event_id),
+        kind,
+        offender: from,
+        target: MessagesView::uuid(view.to, row),
+        action: Action::from_code(view.action.value(row)),
+        rule: rule.to_owned(),
+        detail,
+        score: 1.0,
+        severity: Severity::High,
+    }
+}
