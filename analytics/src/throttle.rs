@@ -11,10 +11,10 @@
 //! security profiles add `throttle` limits per requester-target pair.
 //!
 //! **State.** A window keeps the attempts it has seen (their time and a 32-bit fingerprint of their
-//! id) within one window plus the allowed lateness of its newest, at most `2 × (max + 1)` of them:
-//! a requester with more is flooding, in an episode only a quiet window ends, so a key costs at
-//! most `32 × (max + 1)` bytes plus its header however fast its requester floods, and a few dozen
-//! bytes when it sends at a normal pace. An attempt that arrives out of order (inside the allowed
+//! id, 8 bytes) within one window plus the allowed lateness of its newest, at most `max + 5` of
+//! them: a requester with more than `max + 1` in a window is flooding, in an episode only a quiet
+//! window ends, so a key costs at most `8 × (max + 5)` bytes plus its header however fast its
+//! requester floods. An attempt that arrives out of order (inside the allowed
 //! lateness) is counted in its own window among the attempts already seen; windows of later
 //! attempts already judged are not revisited (the episode rule makes a finding about the first
 //! attempt seen past the limit).
@@ -140,13 +140,19 @@ pub enum Rule {
     Profile(u16),
 }
 
+/// Attempts a window keeps beyond `max + 1` (the most an in-order window needs), so that attempts
+/// arriving somewhat out of order still find the ones their own window holds.
+const OUT_OF_ORDER_SLACK: usize = 4;
+
 /// One sliding window of one requester (and target, for pair limits).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Window {
-    /// The newest attempts seen, oldest first: `(ts, id fingerprint)`.
-    seen: Vec<(i64, u32)>,
+    /// Event time the offsets in `seen` count from.
+    base: i64,
+    /// The attempts kept, oldest first: `(ms after base, id fingerprint)`, 8 bytes each.
+    seen: Vec<(u32, u32)>,
     /// The window's length, ms (for pruning).
-    per_ms: i64,
+    per_ms: u32,
     /// Whether the count is past the limit since the last finding (an episode is open).
     in_episode: bool,
 }
@@ -166,25 +172,33 @@ impl Window {
     /// Counts the attempt `(ts, fingerprint)` against at most `max` per `per_ms`; attempts up to
     /// `lateness_ms` behind the newest may still arrive and must find their window's attempts.
     pub fn count(&mut self, ts: i64, fingerprint: u32, max: u32, per_ms: i64, lateness_ms: i64) -> Counted {
-        let at = self.seen.partition_point(|&(t, _)| t <= ts);
-        if self.seen[..at].iter().rev().take_while(|(t, _)| *t == ts).any(|&(_, f)| f == fingerprint) {
+        self.per_ms = u32::try_from(per_ms).unwrap_or(u32::MAX);
+        // Keep what a window ending at any time still to come can hold: attempts within a window
+        // and the allowed lateness of the newest, at most `max + 1 + OUT_OF_ORDER_SLACK` of them
+        // (past `max + 1` in a window the requester floods, in an episode only a quiet window
+        // ends).
+        let newest = self.newest().map_or(ts, |n| n.max(ts));
+        let horizon = newest - per_ms - lateness_ms;
+        let base = self.base;
+        let expired = self.seen.partition_point(|&(o, _)| base + i64::from(o) <= horizon);
+        self.seen.drain(..expired);
+        if self.seen.is_empty() || ts < self.base || ts - self.base > i64::from(u32::MAX) {
+            self.rebase(ts);
+        }
+        let Ok(off) = u32::try_from(ts - self.base) else {
+            return Counted::Within;
+        };
+        let at = self.seen.partition_point(|&(o, _)| o <= off);
+        if self.seen[..at].iter().rev().take_while(|(o, _)| *o == off).any(|&(_, f)| f == fingerprint) {
             return Counted::Repeat;
         }
-        self.seen.insert(at, (ts, fingerprint));
-        self.per_ms = per_ms;
-        // Keep what a window ending at any time still to come can hold: attempts within a window
-        // and the allowed lateness of the newest. Past `2 (max + 1)` of them the requester floods
-        // and is in an episode that only a quiet window ends, so older ones can go.
-        let newest = self.seen.last().map_or(ts, |(t, _)| *t);
-        let expired = self.seen.partition_point(|&(t, _)| t <= newest - per_ms - lateness_ms);
-        let over = self.seen.len().saturating_sub(2 * (max as usize + 1));
-        let drop = expired.max(over);
-        if drop > 0 {
-            self.seen.drain(..drop);
-        }
-        // Attempts in (ts − per_ms, ts] among those seen.
-        let upto = self.seen.partition_point(|&(t, _)| t <= ts);
-        let from = self.seen[..upto].partition_point(|&(t, _)| t <= ts - per_ms);
+        self.seen.insert(at, (off, fingerprint));
+        let over = self.seen.len().saturating_sub(max as usize + 1 + OUT_OF_ORDER_SLACK);
+        self.seen.drain(..over);
+        // Attempts in (ts − per_ms, ts] among those kept.
+        let base = self.base;
+        let upto = self.seen.partition_point(|&(o, _)| o <= off);
+        let from = self.seen[..upto].partition_point(|&(o, _)| base + i64::from(o) <= ts - per_ms);
         let count = (upto - from) as u32;
         if count > max {
             if self.in_episode {
@@ -198,9 +212,24 @@ impl Window {
         }
     }
 
+    /// Moves `base` to `ts` when `ts` is before every kept attempt, or when none is kept. (An
+    /// attempt more than 49 days after every kept one finds them all expired first.)
+    fn rebase(&mut self, ts: i64) {
+        let Some(&(first, _)) = self.seen.first() else {
+            self.base = ts;
+            return;
+        };
+        let new_base = ts.min(self.base + i64::from(first));
+        let shift = self.base - new_base;
+        for (o, _) in &mut self.seen {
+            *o = u32::try_from(i64::from(*o) + shift).unwrap_or(u32::MAX);
+        }
+        self.base = new_base;
+    }
+
     /// The newest attempt time, if any.
     pub fn newest(&self) -> Option<i64> {
-        self.seen.last().map(|(t, _)| *t)
+        self.seen.last().map(|(o, _)| self.base + i64::from(*o))
     }
 }
 
@@ -214,10 +243,18 @@ pub struct ThrottleState {
 }
 
 impl ThrottleState {
+    /// Bytes of memory the state holds: the hash table's buckets and control bytes, and every
+    /// window's buffer (allocator overhead aside).
+    pub fn approximate_bytes(&self) -> usize {
+        let bucket = std::mem::size_of::<((Uuid, Uuid, Rule), Window)>() + 1;
+        let buffers: usize = self.windows.values().map(|w| w.seen.capacity() * std::mem::size_of::<(u32, u32)>()).sum();
+        self.windows.capacity() * bucket + buffers + self.tightened.capacity() * (std::mem::size_of::<(Uuid, i64)>() + 1)
+    }
+
     /// Forgets windows no attempt at or after `horizon_ms` can still count in (their newest
     /// attempt is a whole window older), and expired tightenings.
     pub fn prune(&mut self, horizon_ms: i64) {
-        self.windows.retain(|_, w| w.newest().is_some_and(|t| t > horizon_ms - w.per_ms));
+        self.windows.retain(|_, w| w.newest().is_some_and(|t| t > horizon_ms - i64::from(w.per_ms)));
         self.tightened.retain(|_, until| *until > horizon_ms);
     }
 }
@@ -264,7 +301,7 @@ mod tests {
         for i in 0..1000 {
             w.count(10_000 + i, i as u32, 5, 1000, 30_000);
         }
-        assert_eq!(w.seen.len(), 12, "2 (max + 1) kept however many arrive");
+        assert_eq!(w.seen.len(), 5 + 1 + OUT_OF_ORDER_SLACK, "bounded however many arrive");
         let mut w = Window::default();
         for i in 0..100 {
             w.count(i * 10_000, i as u32, 5, 1000, 2_000);
