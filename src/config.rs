@@ -28,6 +28,8 @@ pub struct Config {
     pub engine: EngineSection,
     /// Throttle limits (contract defaults: 10 attempts and 2 `connect`s per requester per second).
     pub throttles: meshguard_analytics::throttle::ThrottleConfig,
+    /// Interaction cross-check (contract defaults: the latest 10 interactions, 5 verified, 120 s).
+    pub cross_check: meshguard_analytics::crosscheck::CrossCheckConfig,
     /// Enforcement thresholds (contract defaults: blocked at 5 in 10 minutes for an hour,
     /// unregistered past 20 in 24 hours).
     pub enforcement: meshguard_analytics::enforcement::EnforcementConfig,
@@ -240,7 +242,9 @@ impl Config {
         {
             bail!("invalid configuration: `kafka.brokers` is empty");
         }
-        if let Err((field, reason)) = self.throttles.validate().and_then(|()| self.enforcement.validate()) {
+        if let Err((field, reason)) =
+            self.throttles.validate().and_then(|()| self.enforcement.validate()).and_then(|()| self.cross_check.validate())
+        {
             bail!("invalid configuration: `{field}` {reason}");
         }
         Ok(())
@@ -252,6 +256,7 @@ impl Config {
             allowed_lateness_ms: self.engine.allowed_lateness_ms,
             dedup_horizon_ms: self.engine.dedup_horizon_ms,
             throttles: self.throttles.clone(),
+            cross_check: self.cross_check.clone(),
             enforcement: self.enforcement.clone(),
         }
     }

@@ -56,6 +56,7 @@ pub struct PipelineMetrics {
     late_events: IntCounter,
     throttle_tightenings: IntCounter,
     enforcement_changes: IntCounterVec,
+    identity_results: IntCounterVec,
     consumer_lag: IntGauge,
 }
 
@@ -87,9 +88,11 @@ impl PipelineMetrics {
             Opts::new("meshguard_enforcement_changes_total", "Enforcement state changes published, by the new state."),
             &["state"],
         )?;
+        let identity_results =
+            IntCounterVec::new(Opts::new("meshguard_identity_results_total", "Identity requests answered, by outcome."), &["outcome"])?;
         let consumer_lag =
             IntGauge::new("meshguard_consumer_lag_records", "Records of the keyed input topics not yet consumed by this worker.")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 8] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
@@ -97,6 +100,7 @@ impl PipelineMetrics {
             Box::new(late_events.clone()),
             Box::new(throttle_tightenings.clone()),
             Box::new(enforcement_changes.clone()),
+            Box::new(identity_results.clone()),
             Box::new(consumer_lag.clone()),
         ];
         for c in collectors {
@@ -110,6 +114,7 @@ impl PipelineMetrics {
             late_events,
             throttle_tightenings,
             enforcement_changes,
+            identity_results,
             consumer_lag,
         })
     }
@@ -226,11 +231,13 @@ impl Pipeline {
             raw.clear();
             self.source.poll(&mut raw, max_records, max_wait);
             self.apply_rebalance();
-            for topic in [InputTopic::Messages, InputTopic::Interactions, InputTopic::IdentityRequests] {
+            for topic in [InputTopic::Messages, InputTopic::IdentityRequests] {
                 let owned = &self.owned;
                 raw.retain_partitions(topic, |p| owned.contains(&(topic, p)));
             }
-            if self.cfg.pipeline.align_global_tables && !raw.topic(InputTopic::Messages).is_empty() {
+            if self.cfg.pipeline.align_global_tables
+                && !(raw.topic(InputTopic::Messages).is_empty() && raw.topic(InputTopic::IdentityRequests).is_empty())
+            {
                 // Registry and presence records already on the broker apply to these attempts.
                 if let Err(e) = self.source.catch_up_globals(&mut raw, GLOBAL_ALIGN_TIMEOUT) {
                     warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e);
@@ -315,6 +322,12 @@ impl Pipeline {
             let key = change.uuid.hyphenated().encode_lower(&mut key);
             self.sink.send(&self.topics.enforcement, key.as_bytes(), &payload)?;
             self.metrics.enforcement_changes.with_label_values(&[change.state.as_str()]).inc();
+        }
+        for result in self.engine.take_identity_results() {
+            let payload = serde_json::to_vec(&result)?;
+            let key = result.device.hyphenated().encode_lower(&mut key);
+            self.sink.send(&self.topics.identity_results, key.as_bytes(), &payload)?;
+            self.metrics.identity_results.with_label_values(&[result.outcome.as_str()]).inc();
         }
 
         let late = self.engine.stats().late_events;

@@ -411,3 +411,74 @@ async fn five_unauthorized_attempts_block_the_requester_on_the_enforcement_topic
     assert_eq!((v["attempts"].as_u64(), v["findings"].as_array().map(Vec::len)), (Some(5), Some(5)));
     assert_eq!(v["reason"], "5 unauthorized attempts in 10 minutes");
 }
+
+/// Identity confirmation through the real broker, answered by two workers in one group: a genuine
+/// device is confirmed by its peers' own tables, an impostor whose claimed interactions no peer
+/// confirms is denied (with a `cross_check_failed` finding), and a device whose peers never
+/// reported anything gets `insufficient_evidence`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_requests_are_answered_the_same_by_two_workers() {
+    const T0: i64 = 1_795_539_600_000;
+    let uuid = |prefix: u32, n: u32| format!("{prefix:08x}-0000-4000-8000-{n:012x}");
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let names = Topics::default();
+    let mut interactions: Vec<ProduceRecord> = Vec::new();
+    let mut n = 0u32;
+    let mut entry = |reporter: &str, peer: &str, kind: &str, ts: i64| {
+        n += 1;
+        let v = serde_json::json!({"id": uuid(0x1d, n), "reporter": reporter, "peer": peer, "kind": kind, "ts": ts});
+        interactions.push((Some(reporter.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(ts)));
+    };
+    let (genuine, impostor, lonely) = (uuid(0xd1, 1), uuid(0xd1, 2), uuid(0xd1, 3));
+    for i in 0..6u32 {
+        let ts = T0 + i64::from(i) * 600_000;
+        // The genuine device's peers report it back, 30 s apart.
+        let p = uuid(0xe1, i);
+        entry(&genuine, &p, "proximity", ts);
+        entry(&p, &genuine, "proximity", ts + 30_000);
+        // The impostor's peers are active but never met it.
+        let q = uuid(0xe2, i);
+        entry(&impostor, &q, "call", ts);
+        entry(&q, &uuid(0xe9, i), "call", ts + 10_000);
+        // The lonely device's peers never reported anything.
+        entry(&lonely, &uuid(0xe3, i), "sms", ts);
+    }
+    produce(&broker.bootstrap(), names.input(InputTopic::Interactions), &interactions).await.unwrap();
+    let t = T0 + 7_200_000;
+    let requests: Vec<ProduceRecord> = [&genuine, &impostor, &lonely]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let v = serde_json::json!({"id": uuid(0x1e, i as u32), "ts": t, "device": d});
+            (Some(d.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(t))
+        })
+        .collect();
+
+    let state = tempfile::tempdir().unwrap();
+    let a = spawn_meshguard(&broker, state.path(), "e2e-identity", 1, 500);
+    let b = spawn_meshguard(&broker, state.path(), "e2e-identity", 2, 500);
+    produce(&broker.bootstrap(), names.input(InputTopic::IdentityRequests), &requests).await.unwrap();
+    let results = consume_all(&broker.bootstrap(), "meshguard.identity-results.v1", 3, Duration::from_secs(90)).unwrap();
+    let findings = consume_all(&broker.bootstrap(), FINDINGS, 1, Duration::from_secs(30)).unwrap();
+    terminate(a);
+    terminate(b);
+
+    let mut outcomes = HashMap::new();
+    for r in &results {
+        let v: Value = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+        assert_eq!(r.key.as_deref(), Some(v["device"].as_str().unwrap().as_bytes()), "keyed by device");
+        outcomes.insert(
+            v["device"].as_str().unwrap().to_owned(),
+            (v["outcome"].as_str().unwrap().to_owned(), v["checked"].as_u64(), v["verified"].as_u64(), v["unavailable"].as_u64()),
+        );
+    }
+    assert_eq!(outcomes[&genuine], ("confirmed".to_owned(), Some(6), Some(6), Some(0)));
+    assert_eq!(outcomes[&impostor], ("denied".to_owned(), Some(6), Some(0), Some(0)));
+    assert_eq!(outcomes[&lonely], ("insufficient_evidence".to_owned(), Some(6), Some(0), Some(6)));
+    assert_eq!(findings.len(), 1);
+    let f: Value = serde_json::from_slice(findings[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((f["kind"].as_str(), f["offender"].as_str()), (Some("cross_check_failed"), Some(impostor.as_str())));
+    let all = meshguard_testkit::consume_available(&broker.bootstrap(), "meshguard.identity-results.v1", Duration::from_secs(5)).unwrap();
+    assert_eq!(all.len(), 3, "each request answered once");
+}

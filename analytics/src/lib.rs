@@ -28,6 +28,7 @@
 //! assert!(findings.is_empty());
 //! ```
 
+pub mod crosscheck;
 pub mod enforcement;
 pub mod engine;
 mod error;

@@ -1,12 +1,13 @@
 //! Reading the input topics.
 //!
 //! Two consumers, as in Kafka Streams:
-//! - the **group consumer** reads the keyed topics (messages, interactions, identity requests) in
+//! - the **group consumer** reads the keyed topics (messages, identity requests) in
 //!   the consumer group, so workers share their partitions; on every assignment it seeks each
 //!   partition to the offset its checkpoint holds (the [`OffsetResolver`]), and it commits offsets
 //!   only when told to (after a durable checkpoint);
-//! - the **global consumer** reads every partition of the registry and presence topics, outside the
-//!   group, so every worker holds the whole directory; it starts from the checkpointed positions or
+//! - the **global consumer** reads every partition of the registry, presence and interactions
+//!   topics, outside the group, so every worker holds the whole directory and every device's
+//!   interaction table; it starts from the checkpointed positions or
 //!   the beginning, and [`KafkaSource::catch_up_globals`] reads it to the end before detection starts.
 //!
 //! Payloads are copied once into a reused arena ([`TopicBuf`]): no allocation per record.
@@ -266,9 +267,7 @@ impl KafkaSource {
             .set("heartbeat.interval.ms", "2000")
             .create_with_context(context)
             .map_err(Error::kafka("creating the group consumer"))?;
-        group
-            .subscribe(&[&topics.messages, &topics.interactions, &topics.identity_requests])
-            .map_err(Error::kafka("subscribing to the input topics"))?;
+        group.subscribe(&[&topics.messages, &topics.identity_requests]).map_err(Error::kafka("subscribing to the input topics"))?;
         let global: BaseConsumer = kafka
             .client_config()
             .set("group.id", format!("{}-global", kafka.group_id))
@@ -284,7 +283,7 @@ impl KafkaSource {
     /// checkpoint) or from the beginning.
     pub fn start_globals(&self, positions: &[Position], timeout: Duration) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
-        for topic in [InputTopic::Registry, InputTopic::Presence] {
+        for topic in InputTopic::GLOBAL {
             let name = self.topics.input(topic);
             let md = self.global.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
             for t in md.topics() {
@@ -407,7 +406,7 @@ impl KafkaSource {
     pub fn commit(&self, positions: &[Position]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for p in positions {
-            if matches!(p.topic, InputTopic::Registry | InputTopic::Presence) {
+            if p.topic.is_global() {
                 continue;
             }
             tpl.add_partition_offset(self.topics.input(p.topic), p.partition, Offset::Offset(p.next_offset))

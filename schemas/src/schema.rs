@@ -32,6 +32,15 @@ impl InputTopic {
     pub const ALL: [InputTopic; 5] =
         [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests, InputTopic::Registry];
 
+    /// The topics every worker reads in full, as global tables: the registry and presence (small
+    /// facts about any UUID) and the interactions (verifying one device needs its peers' tables).
+    pub const GLOBAL: [InputTopic; 3] = [InputTopic::Registry, InputTopic::Presence, InputTopic::Interactions];
+
+    /// Whether every worker reads this topic in full (see [`InputTopic::GLOBAL`]).
+    pub const fn is_global(self) -> bool {
+        matches!(self, InputTopic::Registry | InputTopic::Presence | InputTopic::Interactions)
+    }
+
     /// The contract's default topic name.
     pub const fn default_name(self) -> &'static str {
         match self {

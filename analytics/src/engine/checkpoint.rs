@@ -27,7 +27,7 @@ use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT04";
+const MAGIC: &[u8; 8] = b"MGCKPT05";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -51,6 +51,8 @@ pub struct GlobalSnapshot {
     pub presence: TableSnapshot<Uuid, bool>,
     /// Latest known locations, as this worker learned them from its partitions' attempts.
     pub locations: TableSnapshot<Uuid, Location>,
+    /// Every device's interaction table.
+    pub interactions: crate::crosscheck::InteractionStore,
     /// Consumed positions of the global topics.
     pub positions: Vec<Position>,
     /// The caller's sink positions at the checkpoint.
@@ -83,6 +85,7 @@ impl Engine {
             registry,
             presence,
             locations,
+            interactions: self.interactions.clone(),
             positions: self.global_positions(),
             sink_positions: self.sink_positions.clone(),
         };
@@ -126,6 +129,7 @@ impl Engine {
                 self.locations.insert(uuid, t, loc);
             }
         }
+        self.interactions = g.interactions;
         self.global_positions.clear();
         for p in g.positions {
             self.global_positions.insert((p.topic, p.partition), p.next_offset);

@@ -21,6 +21,7 @@
 
 pub mod checkpoint;
 mod enforce;
+mod identity;
 mod throttle;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use meshguard_schemas::{FindingKind, InputTopic};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::crosscheck::{CrossCheckConfig, InteractionStore};
 use crate::enforcement::{EnforcementConfig, Offender, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location};
@@ -50,6 +52,9 @@ pub struct EngineConfig {
     /// Throttle limits.
     #[serde(default)]
     pub throttles: ThrottleConfig,
+    /// Interaction cross-check settings.
+    #[serde(default)]
+    pub cross_check: CrossCheckConfig,
     /// Enforcement thresholds.
     #[serde(default)]
     pub enforcement: EnforcementConfig,
@@ -61,6 +66,7 @@ impl Default for EngineConfig {
             allowed_lateness_ms: 30_000,
             dedup_horizon_ms: 600_000,
             throttles: ThrottleConfig::default(),
+            cross_check: CrossCheckConfig::default(),
             enforcement: EnforcementConfig::default(),
         }
     }
@@ -181,6 +187,10 @@ pub struct Engine {
     enforcement_view: FastMap<Uuid, Status>,
     /// Enforcement records not yet taken by the caller.
     enforcement_out: Vec<meshguard_schemas::output::EnforcementState>,
+    /// Every device's interaction table (a global table: see [`crate::crosscheck`]).
+    interactions: InteractionStore,
+    /// Identity results not yet taken by the caller.
+    identity_out: Vec<meshguard_schemas::output::IdentityResult>,
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
@@ -201,6 +211,8 @@ impl Engine {
             sink_positions: Vec::new(),
             enforcement_view: FastMap::default(),
             enforcement_out: Vec::new(),
+            interactions: InteractionStore::default(),
+            identity_out: Vec::new(),
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
@@ -227,20 +239,21 @@ impl Engine {
         if let Some(presence) = &mb.presence {
             self.apply_presence(presence);
         }
-        for (topic, rows) in [(InputTopic::Interactions, &mb.interactions), (InputTopic::IdentityRequests, &mb.identity_requests)] {
-            if let Some(rows) = rows {
-                self.stats.rows[topic as usize] += rows.batch.num_rows() as u64;
-            }
+        if let Some(interactions) = &mb.interactions {
+            self.apply_interactions(interactions);
         }
 
         let mut out = Vec::new();
         if let Some(messages) = &mb.messages {
             self.process_messages(messages, now_ms, &mut out);
         }
+        if let Some(requests) = &mb.identity_requests {
+            self.process_identity_requests(requests, now_ms, &mut out);
+        }
 
         for p in &mb.positions {
             match p.topic {
-                InputTopic::Registry | InputTopic::Presence => {
+                topic if topic.is_global() => {
                     self.global_positions.insert((p.topic, p.partition), p.next_offset);
                 }
                 topic => self.partitions.entry((topic, p.partition)).or_default().next_offset = p.next_offset,
@@ -346,6 +359,7 @@ impl Engine {
             self.registry.prune(oldest_watermark);
             self.presence.prune(oldest_watermark);
             self.locations.prune(oldest_watermark);
+            self.interactions.prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
         }
     }
 

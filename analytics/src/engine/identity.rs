@@ -1,0 +1,159 @@
+//! The engine's cross-check stage: interaction entries into the global interaction store, then
+//! every identity request judged against it (see [`crate::crosscheck`]). A `denied` outcome also
+//! gives a `cross_check_failed` finding, which counts against the device's enforcement state in
+//! the messages partition of the same number (both topics are keyed by the device's UUID and
+//! co-partitioned, so the group assigns them to the same worker).
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Int64Type, TimestampMillisecondType, UInt8Type};
+use meshguard_schemas::output::{Finding, IdentityResult};
+use meshguard_schemas::{FindingKind, InputTopic, InteractionKind, Outcome, Severity};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{Engine, RowsBatch};
+use crate::crosscheck::Entry;
+
+fn uuid_at(col: &arrow::array::FixedSizeBinaryArray, row: usize) -> Option<Uuid> {
+    if col.is_null(row) {
+        return None;
+    }
+    <[u8; 16]>::try_from(col.value(row)).ok().map(Uuid::from_bytes)
+}
+
+impl Engine {
+    /// Adds a batch of interaction entries to the store.
+    pub(super) fn apply_interactions(&mut self, rows: &RowsBatch) {
+        let b = &rows.batch;
+        let cols = (
+            b.column_by_name("id"),
+            b.column_by_name("reporter"),
+            b.column_by_name("peer"),
+            b.column_by_name("kind"),
+            b.column_by_name("ts"),
+        );
+        let (Some(id), Some(reporter), Some(peer), Some(kind), Some(ts)) = cols else {
+            return;
+        };
+        let (id, reporter, peer) = (id.as_fixed_size_binary(), reporter.as_fixed_size_binary(), peer.as_fixed_size_binary());
+        let (Some(kind), ts) = (kind.as_dictionary_opt::<UInt8Type>(), ts.as_primitive::<TimestampMillisecondType>()) else {
+            return;
+        };
+        let kind = kind.keys();
+        for row in 0..b.num_rows() {
+            let (Some(id), Some(reporter), Some(peer), Some(k)) =
+                (uuid_at(id, row), uuid_at(reporter, row), uuid_at(peer, row), InteractionKind::from_code(kind.value(row)))
+            else {
+                continue;
+            };
+            self.interactions.insert(reporter, Entry { ts: ts.value(row), peer, kind: k, id });
+        }
+        self.stats.rows[InputTopic::Interactions as usize] += b.num_rows() as u64;
+    }
+
+    /// Judges a batch of identity requests; results go to [`Engine::take_identity_results`], the
+    /// `cross_check_failed` findings of denied ones to `out`.
+    pub(super) fn process_identity_requests(&mut self, rows: &RowsBatch, now_ms: i64, out: &mut Vec<Finding>) {
+        let b = &rows.batch;
+        self.stats.rows[InputTopic::IdentityRequests as usize] += b.num_rows() as u64;
+        let (Some(id), Some(ts), Some(device), Some(window), Some(min_verified)) = (
+            b.column_by_name("id"),
+            b.column_by_name("ts"),
+            b.column_by_name("device"),
+            b.column_by_name("window"),
+            b.column_by_name("min_verified"),
+        ) else {
+            return;
+        };
+        let (id, device, ts) = (id.as_fixed_size_binary(), device.as_fixed_size_binary(), ts.as_primitive::<TimestampMillisecondType>());
+        let (window, min_verified) = (window.as_primitive::<Int64Type>(), min_verified.as_primitive::<Int64Type>());
+        let opt = |col: &arrow::array::PrimitiveArray<Int64Type>, row: usize| {
+            col.is_valid(row).then(|| u32::try_from(col.value(row)).unwrap_or(u32::MAX))
+        };
+        for row in 0..b.num_rows() {
+            let (Some(request), Some(dev)) = (uuid_at(id, row), uuid_at(device, row)) else {
+                continue;
+            };
+            let t = ts.value(row);
+            let v = self.interactions.judge(&self.cfg.cross_check, &dev, t, opt(window, row), opt(min_verified, row));
+            let result_id =
+                Uuid::new_v5(&meshguard_schemas::output::ID_NAMESPACE, &[b"identity-result:".as_slice(), request.as_bytes()].concat());
+            let partition = rows.partition.get(row).copied().unwrap_or_default();
+            // A re-delivered request is answered once (the answer's id is remembered like a finding's).
+            let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
+            if state.emitted.insert(result_id, t).is_some() {
+                self.stats.duplicates += 1;
+                continue;
+            }
+            self.identity_out.push(IdentityResult {
+                id: result_id,
+                ts: now_ms,
+                request,
+                device: dev,
+                outcome: v.outcome,
+                checked: v.checked,
+                verified: v.verified,
+                unavailable: v.unavailable,
+                confidence: v.confidence,
+            });
+            if v.outcome != Outcome::Denied {
+                continue;
+            }
+            let kind = FindingKind::CrossCheckFailed;
+            let finding = Finding {
+                id: Finding::evidence_id(kind, &request),
+                ts: now_ms,
+                event_ts: t,
+                event_id: Some(request),
+                kind,
+                offender: dev,
+                target: None,
+                action: None,
+                rule: "cross_check:min_verified".to_owned(),
+                detail: json!({
+                    "checked": v.checked, "verified": v.verified, "unavailable": v.unavailable,
+                    "min_verified": v.min_verified, "window": v.window, "confidence": v.confidence,
+                }),
+                score: 1.0 - v.confidence,
+                severity: Severity::High,
+            };
+            self.emit_and_count(partition, t, finding, out);
+        }
+    }
+
+    /// Publishes one finding that is not about a message attempt (dedup by id in the messages
+    /// partition of the same number) and counts it against its offender.
+    fn emit_and_count(&mut self, partition: i32, ts: i64, finding: Finding, out: &mut Vec<Finding>) {
+        let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
+        let redelivered = state.emitted.contains_key(&finding.id);
+        let fresh = !self.restored_outputs.contains_key(&finding.id) && state.emitted.insert(finding.id, finding.event_ts).is_none();
+        let (offender, id) = (finding.offender, finding.id);
+        if fresh {
+            self.stats.findings[usize::from(finding.kind.code())] += 1;
+            out.push(finding);
+        } else {
+            self.stats.duplicates += 1;
+        }
+        if !self.cfg.enforcement.enabled || redelivered {
+            return;
+        }
+        let record = self.registry.get(&offender, ts).and_then(|r| r.as_deref());
+        let (registered, exempt) = (record.is_some(), record.is_some_and(|r| r.record.exempt));
+        let o = state.enforcement.entry(offender).or_default();
+        if let Some(status) = o.count(&self.cfg.enforcement, ts, 1, &[id], registered, exempt) {
+            if let crate::enforcement::Status::Blocked { until, .. } = status {
+                state.timers.insert((until, offender));
+            }
+            let rec = o.record(offender, &self.cfg.enforcement, ts);
+            self.enforcement_view.insert(offender, status);
+            self.enforcement_out.push(rec);
+            self.stats.enforcement_changes += 1;
+        }
+    }
+
+    /// Identity results produced since the last call, for `meshguard.identity-results.v1` (keyed
+    /// by `device`).
+    pub fn take_identity_results(&mut self) -> Vec<IdentityResult> {
+        std::mem::take(&mut self.identity_out)
+    }
+}
