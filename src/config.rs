@@ -30,6 +30,8 @@ pub struct Config {
     pub throttles: meshguard_analytics::throttle::ThrottleConfig,
     /// Interaction cross-check (contract defaults: the latest 10 interactions, 5 verified, 120 s).
     pub cross_check: meshguard_analytics::crosscheck::CrossCheckConfig,
+    /// Timing anomalies (contract defaults: schedules learned from 14 days and 50 attempts).
+    pub timing: meshguard_analytics::timing::TimingConfig,
     /// Enforcement thresholds (contract defaults: blocked at 5 in 10 minutes for an hour,
     /// unregistered past 20 in 24 hours).
     pub enforcement: meshguard_analytics::enforcement::EnforcementConfig,
@@ -242,8 +244,12 @@ impl Config {
         {
             bail!("invalid configuration: `kafka.brokers` is empty");
         }
-        if let Err((field, reason)) =
-            self.throttles.validate().and_then(|()| self.enforcement.validate()).and_then(|()| self.cross_check.validate())
+        if let Err((field, reason)) = self
+            .throttles
+            .validate()
+            .and_then(|()| self.enforcement.validate())
+            .and_then(|()| self.cross_check.validate())
+            .and_then(|()| self.timing.validate())
         {
             bail!("invalid configuration: `{field}` {reason}");
         }
@@ -257,6 +263,7 @@ impl Config {
             dedup_horizon_ms: self.engine.dedup_horizon_ms,
             throttles: self.throttles.clone(),
             cross_check: self.cross_check.clone(),
+            timing: self.timing.clone(),
             enforcement: self.enforcement.clone(),
         }
     }

@@ -7,7 +7,7 @@
 //!
 //! `cargo bench -p meshguard-analytics --bench windows`
 
-#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+#![allow(clippy::unwrap_used, missing_docs)]
 
 use std::hint::black_box;
 
@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
         step(&mut state, &mut rng);
     }
     let bytes = state.approximate_bytes();
-    println!("windows: {} active keys, {} bytes of state per key", state.windows.len(), bytes / state.windows.len().max(1));
+    eprintln!("windows: {} active keys, {} bytes of state per key", state.windows.len(), bytes / state.windows.len().max(1));
 
     let mut g = c.benchmark_group("windows");
     g.throughput(Throughput::Elements(BATCH as u64));

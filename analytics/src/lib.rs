@@ -36,6 +36,7 @@ pub mod jobs;
 pub mod policy;
 pub mod tables;
 pub mod throttle;
+pub mod timing;
 
 pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};
 pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};

@@ -179,6 +179,7 @@ fn every_finding_kind_of_the_policy_check_has_a_golden_case() {
         "presence_restriction",
         "throttle_exceeded",
         "blocked_requester",
+        "timing_anomaly",
     ] {
         assert!(seen.contains(kind), "no golden case expects {kind}");
     }

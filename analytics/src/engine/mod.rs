@@ -23,6 +23,7 @@ pub mod checkpoint;
 mod enforce;
 mod identity;
 mod throttle;
+mod timing;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location};
 use crate::tables::{FastMap, VersionedTable};
 use crate::throttle::{ThrottleConfig, ThrottleState};
+use crate::timing::{Schedule, TimingConfig};
 
 /// Engine settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +57,9 @@ pub struct EngineConfig {
     /// Interaction cross-check settings.
     #[serde(default)]
     pub cross_check: CrossCheckConfig,
+    /// Timing-anomaly settings.
+    #[serde(default)]
+    pub timing: TimingConfig,
     /// Enforcement thresholds.
     #[serde(default)]
     pub enforcement: EnforcementConfig,
@@ -67,6 +72,7 @@ impl Default for EngineConfig {
             dedup_horizon_ms: 600_000,
             throttles: ThrottleConfig::default(),
             cross_check: CrossCheckConfig::default(),
+            timing: TimingConfig::default(),
             enforcement: EnforcementConfig::default(),
         }
     }
@@ -159,6 +165,8 @@ pub struct PartitionState {
     pub enforcement: FastMap<Uuid, Offender>,
     /// Event-time timers: blocks to lift at their `until`.
     pub timers: std::collections::BTreeSet<(i64, Uuid)>,
+    /// Learned schedules by (requester, target); the requester's own under the nil target.
+    pub schedules: FastMap<(Uuid, Uuid), Schedule>,
 }
 
 impl PartitionState {
@@ -322,6 +330,7 @@ impl Engine {
 
         let mut found = std::mem::take(&mut self.scratch);
         self.throttle_rows(&view, rows, &late, now_ms, &mut found);
+        self.timing_rows(&view, rows, now_ms, &mut found);
         let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);

@@ -1,0 +1,192 @@
+//! Timing anomalies: an attempt at an hour or on a day its requester-target pair (or, without
+//! enough pair history, its requester) does not use.
+//!
+//! The contract's readings: a schedule is learned from a history of at least `min_days` (14) and
+//! at least `min_attempts` (50) distinct attempts, allowed or not; hours and weekdays are taken in
+//! UTC; a pair is judged on its own history when it has enough, otherwise a requester with enough
+//! history of its own on its schedule across all targets; without enough history, no finding.
+//!
+//! **The model** is an online one, kept per key in the partition that owns the requester (and so
+//! in its checkpoints): the counts of the key's attempts per hour of the day and per day of the
+//! week. An hour or day *is used* when it holds at least `used_share` (5 %) of the history, so a
+//! few stray attempts do not teach the schedule that 3 a.m. is normal. An attempt whose hour or
+//! weekday is unused is a `timing_anomaly`; its score is `1 − share`, where `share` is the smaller
+//! of its hour's and weekday's shares divided by `used_share` (0 for a never-used slot). Each
+//! attempt is judged before it joins the history. Scoring is a lookup; nothing is fitted on the
+//! hot path.
+//!
+//! This is the streaming half of issue 4's design; the Parquet archive, the Polars features and
+//! the linfa models that let sparse pairs borrow strength from similar schedules are not built yet.
+
+use chrono::{DateTime, Datelike, Timelike};
+use serde::{Deserialize, Serialize};
+
+/// Timing-anomaly settings (`[timing]` in the configuration file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    /// Judge attempts at all.
+    pub enabled: bool,
+    /// Days of history a schedule needs (contract: 14).
+    pub min_days: u32,
+    /// Attempts of history a schedule needs (contract: 50).
+    pub min_attempts: u32,
+    /// Share of the history an hour or weekday needs to count as used.
+    pub used_share: f64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        Self { enabled: true, min_days: 14, min_attempts: 50, used_share: 0.05 }
+    }
+}
+
+impl TimingConfig {
+    /// Checks every value, naming the field of the first bad one.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !(self.used_share > 0.0 && self.used_share < 1.0) {
+            return Err(("timing.used_share".into(), format!("must be between 0 and 1, found {}", self.used_share)));
+        }
+        Ok(())
+    }
+}
+
+/// The history of one key: attempts per UTC hour and weekday.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Schedule {
+    first_ms: i64,
+    total: u32,
+    hours: [u32; 24],
+    days: [u32; 7],
+}
+
+/// Why an attempt is anomalous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    /// 0..1.
+    pub score: f64,
+    /// Hours the schedule uses (UTC).
+    pub hours: Vec<u32>,
+    /// Weekdays the schedule uses (0 = Monday).
+    pub days: Vec<u32>,
+    /// The attempt's hour and weekday.
+    pub at: (u32, u32),
+    /// Attempts in the history.
+    pub history: u32,
+}
+
+const DAY_NAMES: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+
+impl Anomaly {
+    /// "usually active Mon-Fri 07:00-07:59 UTC; this attempt Sun 03:12".
+    pub fn explain(&self, subject: &str, ts: i64) -> String {
+        let days = ranges(&self.days, |d| DAY_NAMES[d as usize].to_owned(), "-");
+        let hours = ranges(&self.hours, |h| format!("{h:02}:00"), "-");
+        let at = DateTime::from_timestamp_millis(ts)
+            .map_or_else(String::new, |t| format!("{} {:02}:{:02}", DAY_NAMES[self.at.1 as usize], t.hour(), t.minute()));
+        format!("{subject} usually active {days} {hours} UTC; this attempt {at}")
+    }
+}
+
+/// "Mon-Fri, Sun" from sorted values.
+fn ranges(v: &[u32], name: impl Fn(u32) -> String, sep: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i { format!("{}{sep}{}", name(v[i]), name(v[j])) } else { name(v[i]) });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+/// UTC hour of the day and weekday (0 = Monday) of `ts`.
+pub fn slot(ts: i64) -> (u32, u32) {
+    DateTime::from_timestamp_millis(ts).map_or((0, 0), |t| (t.hour(), t.weekday().num_days_from_monday()))
+}
+
+impl Schedule {
+    /// Whether the history is long and large enough to judge by, at `ts`.
+    pub fn is_learned(&self, cfg: &TimingConfig, ts: i64) -> bool {
+        self.total >= cfg.min_attempts && ts - self.first_ms >= i64::from(cfg.min_days) * 86_400_000
+    }
+
+    /// Judges an attempt at `ts` against the history (which must be learned).
+    pub fn judge(&self, cfg: &TimingConfig, ts: i64) -> Option<Anomaly> {
+        let (h, d) = slot(ts);
+        let total = f64::from(self.total.max(1));
+        let share = |n: u32| f64::from(n) / total;
+        let (hour_share, day_share) = (share(self.hours[h as usize]), share(self.days[d as usize]));
+        if hour_share >= cfg.used_share && day_share >= cfg.used_share {
+            return None;
+        }
+        let used = |counts: &[u32]| (0..counts.len() as u32).filter(|&i| share(counts[i as usize]) >= cfg.used_share).collect::<Vec<u32>>();
+        let score = 1.0 - (hour_share.min(day_share) / cfg.used_share).min(1.0);
+        Some(Anomaly { score, hours: used(&self.hours), days: used(&self.days), at: (h, d), history: self.total })
+    }
+
+    /// Adds an attempt at `ts` to the history.
+    pub fn add(&mut self, ts: i64) {
+        if self.total == 0 || ts < self.first_ms {
+            self.first_ms = ts;
+        }
+        let (h, d) = slot(ts);
+        self.total = self.total.saturating_add(1);
+        self.hours[h as usize] += 1;
+        self.days[d as usize] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2026-11-23 is a Monday.
+    const MONDAY: i64 = 1_795_392_000_000;
+    const DAY: i64 = 86_400_000;
+    const MIN: i64 = 60_000;
+
+    fn weekday_mornings(weeks: i64) -> Schedule {
+        let mut s = Schedule::default();
+        for w in 0..weeks {
+            for d in 0..5 {
+                for k in 0..3 {
+                    s.add(MONDAY + (w * 7 + d) * DAY + 7 * 60 * MIN + k * 5 * MIN);
+                }
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn a_regular_pair_sending_off_schedule_is_an_anomaly() {
+        let cfg = TimingConfig::default();
+        let s = weekday_mornings(4);
+        let sunday_night = MONDAY + 34 * DAY + 3 * 60 * MIN + 12 * MIN;
+        assert!(s.is_learned(&cfg, sunday_night));
+        let a = s.judge(&cfg, sunday_night).expect("anomaly");
+        assert_eq!(a.score, 1.0);
+        assert_eq!(a.explain("pair", sunday_night), "pair usually active Mon-Fri 07:00 UTC; this attempt Sun 03:12");
+        assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
+        assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
+        assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    #[test]
+    fn too_little_history_teaches_nothing_and_stray_attempts_do_not_make_an_hour_used() {
+        let cfg = TimingConfig::default();
+        let s = weekday_mornings(1);
+        assert!(!s.is_learned(&cfg, MONDAY + 30 * DAY), "15 attempts are too few");
+        let mut s = Schedule::default();
+        for i in 0..60 {
+            s.add(MONDAY + i * 60 * MIN);
+        }
+        assert!(!s.is_learned(&cfg, MONDAY + 61 * 60 * MIN), "60 attempts in 2.5 days: too short");
+        let mut s = weekday_mornings(4);
+        s.add(MONDAY + 2 * DAY + 3 * 60 * MIN);
+        assert!(s.judge(&cfg, MONDAY + 30 * DAY + 3 * 60 * MIN).is_some(), "one stray 03:00 is not a habit");
+    }
+}
