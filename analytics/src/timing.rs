@@ -128,6 +128,11 @@ impl Schedule {
         Some(Anomaly { score, hours: used(&self.hours), days: used(&self.days), at: (h, d), history: self.total })
     }
 
+    /// Attempts in the history.
+    pub fn attempts(&self) -> u32 {
+        self.total
+    }
+
     /// Adds an attempt at `ts` to the history.
     pub fn add(&mut self, ts: i64) {
         if self.total == 0 || ts < self.first_ms {

@@ -329,8 +329,8 @@ impl Engine {
         }
 
         let mut found = std::mem::take(&mut self.scratch);
-        self.throttle_rows(&view, rows, &late, now_ms, &mut found);
-        self.timing_rows(&view, rows, now_ms, &mut found);
+        let repeats = self.throttle_rows(&view, rows, &late, now_ms, &mut found);
+        self.timing_rows(&view, rows, &repeats, now_ms, &mut found);
         let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);

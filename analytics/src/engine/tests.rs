@@ -299,3 +299,16 @@ fn a_block_is_published_survives_a_restart_and_is_lifted_at_its_until() {
         (meshguard_schemas::EnforcementStateKind::Active, T0 + 64 * minute, None)
     );
 }
+
+#[test]
+fn a_re_delivered_attempt_joins_the_histories_once() {
+    let mut e = Engine::new(EngineConfig::default());
+    let records: Vec<String> = (0..3).map(|i| attempt(i + 1, T0 + i64::from(i) * 1_000, A, "valid")).collect();
+    let mb = batch(vec![registered(A, T0 - 1_000), registered(B, T0 - 1_000)], &records);
+    e.process(&mb, T0);
+    e.process(&batch(vec![], &records), T0);
+    let schedules = &e.partition(&(InputTopic::Messages, 0)).unwrap().schedules;
+    let pair = schedules.get(&(Uuid::parse_str(A).unwrap(), Uuid::parse_str(B).unwrap())).unwrap();
+    assert_eq!(pair.attempts(), 3);
+    assert_eq!(schedules.get(&(Uuid::parse_str(A).unwrap(), Uuid::nil())).unwrap().attempts(), 3);
+}

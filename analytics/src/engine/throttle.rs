@@ -15,7 +15,8 @@ use crate::throttle::{Counted, Limit, Rule};
 
 impl Engine {
     /// Counts every on-time row of `view` and appends a `throttle_exceeded` finding for each new
-    /// episode past a limit.
+    /// episode past a limit. Returns, per row, whether the window had already counted that attempt
+    /// (a re-delivery), so later stages count it once too.
     pub(super) fn throttle_rows(
         &mut self,
         view: &MessagesView<'_>,
@@ -23,7 +24,8 @@ impl Engine {
         late: &[bool],
         now_ms: i64,
         found: &mut Vec<(u32, Finding)>,
-    ) {
+    ) -> Vec<bool> {
+        let mut repeats = vec![false; view.len()];
         let Engine { cfg, registry, partitions, stats, .. } = self;
         let t = &cfg.throttles;
         let lateness = cfg.allowed_lateness_ms;
@@ -86,8 +88,15 @@ impl Engine {
                 };
                 let per_ms = base.per_ms();
                 let window = state.windows.entry((from, target.unwrap_or(Uuid::nil()), rule)).or_default();
-                let Counted::Exceeded(count) = window.count(ts, fingerprint, max, per_ms, lateness) else {
-                    continue;
+                let count = match window.count(ts, fingerprint, max, per_ms, lateness) {
+                    Counted::Exceeded(count) => count,
+                    Counted::Repeat => {
+                        if let Some(r) = repeats.get_mut(row) {
+                            *r = true;
+                        }
+                        continue;
+                    }
+                    Counted::Within => continue,
                 };
                 let mut detail = json!({
                     "window_start": format_ms(ts - per_ms),
@@ -122,5 +131,6 @@ impl Engine {
                 found.push((row as u32, finding));
             }
         }
+        repeats
     }
 }

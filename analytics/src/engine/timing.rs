@@ -11,7 +11,15 @@ use super::{Engine, MessagesView, RowsBatch};
 
 impl Engine {
     /// Judges every row of `view` and learns from it.
-    pub(super) fn timing_rows(&mut self, view: &MessagesView<'_>, rows: &RowsBatch, now_ms: i64, found: &mut Vec<(u32, Finding)>) {
+    /// Rows marked in `repeats` (re-delivered attempts) are not learned twice.
+    pub(super) fn timing_rows(
+        &mut self,
+        view: &MessagesView<'_>,
+        rows: &RowsBatch,
+        repeats: &[bool],
+        now_ms: i64,
+        found: &mut Vec<(u32, Finding)>,
+    ) {
         let cfg = &self.cfg.timing;
         if !cfg.enabled {
             return;
@@ -55,6 +63,9 @@ impl Engine {
                     severity: Severity::Low,
                 };
                 found.push((row as u32, finding));
+            }
+            if repeats.get(row).copied().unwrap_or(false) {
+                continue;
             }
             if let Some(k) = pair_key {
                 schedules.entry(k).or_default().add(ts);
