@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use meshguard_ingest::EmbeddedBroker;
 use meshguard_enforcer::EnforcerService;
+use meshguard_ingest::EmbeddedBroker;
 use meshguard_ingest::admin::{check_reachable, ensure_topics};
 use prometheus::Registry;
 use tokio::sync::watch;

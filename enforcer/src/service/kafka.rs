@@ -74,7 +74,8 @@ impl DeadLetterSink for KafkaDeadLetters {
 
     async fn send(&self, letter: DeadLetter) -> Result<()> {
         let failed = |reason: String| Error::DeadLetter { sink: self.topic.clone(), action_id: letter.action_id, reason };
-        let record = Record { ts: format_ms(chrono::Utc::now().timestamp_millis()), source: "enforcer", topic: &self.source_topic, letter: &letter };
+        let record =
+            Record { ts: format_ms(chrono::Utc::now().timestamp_millis()), source: "enforcer", topic: &self.source_topic, letter: &letter };
         let payload = serde_json::to_vec(&record).map_err(|e| failed(format!("cannot encode the letter: {e}")))?;
         let key = letter.state.uuid.hyphenated().to_string();
         self.producer
@@ -114,7 +115,9 @@ impl RegistryReader {
         let mut assignment = TopicPartitionList::new();
         for t in metadata.topics() {
             for p in t.partitions() {
-                assignment.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(Error::kafka("building the registry assignment"))?;
+                assignment
+                    .add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .map_err(Error::kafka("building the registry assignment"))?;
             }
         }
         consumer.assign(&assignment).map_err(Error::kafka(format!("assigning {topic}")))?;
@@ -158,14 +161,18 @@ impl RegistryReader {
         loop {
             let positions = self.consumer.position().map_err(Error::kafka("reading the registry positions"))?;
             let behind = targets.iter().any(|(partition, low, end)| {
-                let at = positions.find_partition(&self.topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).unwrap_or(*low);
+                let at =
+                    positions.find_partition(&self.topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).unwrap_or(*low);
                 at < *end
             });
             if !behind {
                 return Ok(read);
             }
             if Instant::now() >= deadline {
-                return Err(Error::Kafka { context: format!("reading {} to its end", self.topic), reason: format!("not done within {timeout:?}") });
+                return Err(Error::Kafka {
+                    context: format!("reading {} to its end", self.topic),
+                    reason: format!("not done within {timeout:?}"),
+                });
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {

@@ -28,12 +28,18 @@ impl EnforcerMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let actions = IntCounterVec::new(
-            Opts::new("meshguard_enforcement_actions_total", "Enforcement actions by target and result (applied, already_applied, dead_lettered, failed, dry_run)."),
+            Opts::new(
+                "meshguard_enforcement_actions_total",
+                "Enforcement actions by target and result (applied, already_applied, dead_lettered, failed, dry_run).",
+            ),
             &["target", "result"],
         )?;
         let action_seconds = HistogramVec::new(
-            HistogramOpts::new("meshguard_enforcement_action_duration_seconds", "Time to apply one action to one target, retries included.")
-                .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
+            HistogramOpts::new(
+                "meshguard_enforcement_action_duration_seconds",
+                "Time to apply one action to one target, retries included.",
+            )
+            .buckets(prometheus::exponential_buckets(0.001, 2.0, 16)?),
             &["target"],
         )?;
         let notifications =

@@ -161,12 +161,18 @@ impl EnforcerConfig {
             return invalid("commit_interval_ms", format!("must be at least 100, found {}", self.commit_interval_ms));
         }
         if self.retry_base_delay_ms > MAX_RETRY_DELAY.as_millis() as u64 {
-            return invalid("retry_base_delay_ms", format!("must be at most {}, found {}", MAX_RETRY_DELAY.as_millis(), self.retry_base_delay_ms));
+            return invalid(
+                "retry_base_delay_ms",
+                format!("must be at most {}, found {}", MAX_RETRY_DELAY.as_millis(), self.retry_base_delay_ms),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for (i, target) in self.targets.iter().enumerate() {
             if !names.insert(target_name(target)) {
-                return invalid(&format!("targets[{i}].name"), format!("{:?} names two targets; names must be unique", target_name(target)));
+                return invalid(
+                    &format!("targets[{i}].name"),
+                    format!("{:?} names two targets; names must be unique", target_name(target)),
+                );
             }
         }
         Ok(())

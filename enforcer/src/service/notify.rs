@@ -302,7 +302,9 @@ mod tests {
         let owners = owners();
         let run = || {
             let mut limiter = NotificationLimiter::new(60_000);
-            (0..200).flat_map(|i| notices(&finding(FindingKind::BadCredentials, "auth:requester", i * 7_000), &owners, &mut limiter).send).collect::<Vec<_>>()
+            (0..200)
+                .flat_map(|i| notices(&finding(FindingKind::BadCredentials, "auth:requester", i * 7_000), &owners, &mut limiter).send)
+                .collect::<Vec<_>>()
         };
         let (a, b) = (run(), run());
         assert_eq!(a, b);

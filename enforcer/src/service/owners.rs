@@ -57,7 +57,8 @@ impl OwnerTable {
     pub fn apply(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> Result<(), Skipped> {
         match value {
             None => {
-                let key = key.and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| Uuid::parse_str(k.trim()).ok()).ok_or(Skipped::BadKey)?;
+                let key =
+                    key.and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| Uuid::parse_str(k.trim()).ok()).ok_or(Skipped::BadKey)?;
                 self.entries.remove(&key);
                 Ok(())
             }
@@ -100,7 +101,10 @@ mod tests {
     #[test]
     fn records_register_and_tombstones_unregister() {
         let mut table = OwnerTable::new();
-        let record = format!(r#"{{"uuid":"{}","kind":"device","type":"smart-bulb","owner":"{OWNER}","profiles":"not read"}}"#, DEVICE.to_uppercase());
+        let record = format!(
+            r#"{{"uuid":"{}","kind":"device","type":"smart-bulb","owner":"{OWNER}","profiles":"not read"}}"#,
+            DEVICE.to_uppercase()
+        );
         table.apply(Some(DEVICE.as_bytes()), Some(record.as_bytes())).expect("applies");
         let device = Uuid::parse_str(DEVICE).expect("uuid");
         assert_eq!(table.owner_of(&device), Some(Uuid::parse_str(OWNER).expect("uuid")));
