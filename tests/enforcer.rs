@@ -252,3 +252,47 @@ async fn a_blocked_device_is_refused_by_mosquitto_and_target_and_owner_are_told_
 async fn in_dry_run_the_device_stays_enabled_and_notifications_still_go_out() {
     scenario(true).await;
 }
+
+/// `meshguard enforce` alone, with `--dry-run` on the command line: an enforcement record put on
+/// the topic directly is handled (dry run: no target is called, the Mosquitto target points at a
+/// closed port) and the service stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshguard_enforce_runs_alone_and_takes_dry_run_from_the_command_line() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meshguard.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n\n[[enforcer.targets]]\ntype = \"mosquitto\"\nport = {closed}\nusername = \"admin\"\npassword = \"unused\"\n",
+            closed = free_port()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["enforce", "--brokers", &broker.bootstrap(), "--dry-run", "--config"])
+        .arg(&config)
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let state = serde_json::json!({"uuid": DEVICE, "state": "blocked", "since": "2026-11-24T17:03:10.000Z",
+        "until": "2026-11-24T18:03:10.000Z", "reason": "5 unauthorized attempts in 10 minutes", "attempts": 5, "findings": []});
+    produce(&broker.bootstrap(), ENFORCEMENT, &[(Some(DEVICE.as_bytes().to_vec()), Some(state.to_string().into_bytes()), None)])
+        .await
+        .unwrap();
+    wait_for_metric(port, "meshguard_enforcement_actions_total", &["target=\"mosquitto\"", "result=\"dry_run\""], 1.0);
+    assert_eq!(metric(port, "meshguard_enforcement_actions_total", &["result=\"failed\""]), 0.0);
+    terminate(child);
+}
+
+#[test]
+fn meshguard_enforce_without_brokers_says_how() {
+    let output = Command::new(env!("CARGO_BIN_EXE_meshguard")).args(["enforce"]).env_remove("MESHGUARD_KAFKA__BROKERS").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs --brokers"), "{stderr}");
+}
