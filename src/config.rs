@@ -14,8 +14,9 @@ use meshguard_analytics::EngineConfig;
 use meshguard_ingest::{KafkaConfig, Topics};
 use serde::{Deserialize, Serialize};
 
-/// The whole configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The whole configuration. Deserialize only: the enforcer's targets hold secrets, which are never
+/// serialized.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the Kafka cluster is.
@@ -35,6 +36,9 @@ pub struct Config {
     /// Enforcement thresholds (contract defaults: blocked at 5 in 10 minutes for an hour,
     /// unregistered past 20 in 24 hours).
     pub enforcement: meshguard_analytics::enforcement::EnforcementConfig,
+    /// The enforcer service (`meshguard enforce`, and in-process in `meshguard run`): consumer
+    /// group, dry run, notifications, retries and the `[[enforcer.targets]]`.
+    pub enforcer: meshguard_enforcer::EnforcerConfig,
     /// The HTTP listener (metrics).
     pub http: HttpSection,
     /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
@@ -253,6 +257,8 @@ impl Config {
         {
             bail!("invalid configuration: `{field}` {reason}");
         }
+        // Its errors read "invalid configuration: `enforcer.<field>` <reason>".
+        self.enforcer.validate()?;
         Ok(())
     }
 
@@ -309,6 +315,33 @@ mod tests {
         assert_eq!(cfg.throttles, meshguard_analytics::throttle::ThrottleConfig::default());
         assert_eq!(cfg.pipeline.batch_max_records, PipelineSection::default().batch_max_records);
         assert!(cfg.pipeline.align_global_tables);
+        let enforcer = meshguard_enforcer::EnforcerConfig::default();
+        assert_eq!(
+            (cfg.enforcer.enabled, cfg.enforcer.group_id.as_str(), cfg.enforcer.dry_run, cfg.enforcer.notification_interval_ms),
+            (enforcer.enabled, enforcer.group_id.as_str(), enforcer.dry_run, enforcer.notification_interval_ms)
+        );
+        assert_eq!((cfg.enforcer.action_retries, cfg.enforcer.commit_interval_ms), (enforcer.action_retries, enforcer.commit_interval_ms));
+        assert!(cfg.enforcer.targets.is_empty());
+    }
+
+    #[test]
+    fn the_enforcer_section_is_validated_by_field_and_keeps_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("e.toml");
+        std::fs::write(&f, "[enforcer]\ncommit_interval_ms = 1\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("enforcer.commit_interval_ms") && err.contains("at least 100"), "{err}");
+        std::fs::write(&f, "[enforcer]\ndry_rn = true\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("dry_rn"), "{err}");
+        std::fs::write(
+            &f,
+            "[enforcer]\ndry_run = true\n[[enforcer.targets]]\ntype = \"mosquitto\"\nusername = \"admin\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&f)).unwrap();
+        assert!(cfg.enforcer.dry_run && cfg.enforcer.targets.len() == 1);
+        assert!(!format!("{cfg:?}").contains("hunter2"));
     }
 
     #[test]

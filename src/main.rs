@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use meshguard_enforcer::EnforcerService;
 use meshguard_ingest::EmbeddedBroker;
 use meshguard_ingest::admin::{check_reachable, ensure_topics};
 use prometheus::Registry;
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::Config;
@@ -44,6 +46,9 @@ enum Command {
     /// Run the detection pipeline. Without `--brokers` (and no `kafka.brokers` configured): start an
     /// embedded broker and a traffic simulator with injected violations, and watch it work.
     Run(RunArgs),
+    /// Run the enforcer service alone: apply the enforcement topic to the configured targets and
+    /// publish notifications (`meshguard run` also runs it in-process unless `enforcer.enabled = false`).
+    Enforce(EnforceArgs),
     /// Publish simulated contract traffic with injected violations to a cluster.
     Simulate(SimulateArgs),
     /// The end-to-end benchmark: throughput per core and event→finding latency.
@@ -83,6 +88,19 @@ struct RunArgs {
     /// Do not print the live summary.
     #[arg(long)]
     quiet: bool,
+    /// The in-process enforcer calls no target, only logs what it would do (`enforcer.dry_run`).
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct EnforceArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port]`; missing topics are created.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Call no target, only log what would be done; notifications are still published (`enforcer.dry_run`).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +137,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     match cli.command {
         Command::Run(args) => runtime.block_on(run(cfg, args)),
+        Command::Enforce(args) => runtime.block_on(enforce(cfg, args)),
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
         Command::Bench(b) => {
             drop(runtime);
@@ -134,8 +153,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Sets `stop` on Ctrl-C, SIGTERM, or after `duration`.
-fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
+/// Completes once `stop` says so: the shutdown signal of async services (the enforcer).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Sets `stop` (and tells `notify`) on Ctrl-C, SIGTERM, or after `duration`.
+fn stop_on_signal(stop: Arc<AtomicBool>, notify: watch::Sender<bool>, duration: Option<Duration>) {
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -154,12 +179,17 @@ fn stop_on_signal(stop: Arc<AtomicBool>, duration: Option<Duration>) {
             _ = timer => info!(message = "Duration reached; stopping."),
         }
         stop.store(true, Ordering::Relaxed);
+        notify.send_replace(true);
     });
 }
 
 async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone(), args.duration.map(Duration::from_secs));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    stop_on_signal(stop.clone(), stop_tx.clone(), args.duration.map(Duration::from_secs));
+    if args.dry_run {
+        cfg.enforcer.dry_run = true;
+    }
     let registry = Registry::new();
     let stats = Arc::new(LiveStats::default());
     let brokers = args.brokers.clone().or_else(|| cfg.kafka.brokers.clone());
@@ -206,6 +236,21 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     }
 
     let kafka = cfg.kafka.connection(&brokers);
+    // The enforcer service, in-process: its own consumer group, on this runtime.
+    let enforcer = if cfg.enforcer.enabled {
+        match EnforcerService::start(cfg.enforcer.clone(), &kafka, cfg.topics.clone(), &registry).await {
+            Ok(service) => Some(tokio::spawn(service.run(stopped(stop_rx.clone())))),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                if let Some(sim) = simulator {
+                    let _ = tokio::task::spawn_blocking(move || sim.join()).await;
+                }
+                return Err(anyhow::Error::new(e).context("starting the enforcer"));
+            }
+        }
+    } else {
+        None
+    };
     let worker_stop = stop.clone();
     let worker_stats = stats.clone();
     let worker_registry = registry.clone();
@@ -223,6 +268,11 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     let printer = (!args.quiet).then(|| summary::spawn_printer(stats.clone(), stop.clone()));
     let result = tokio::task::spawn_blocking(move || worker.join()).await?;
     stop.store(true, Ordering::Relaxed);
+    stop_tx.send_replace(true);
+    let enforced = match enforcer {
+        Some(task) => task.await.map_err(|_| anyhow::anyhow!("the enforcer task panicked")).and_then(|r| Ok(r?)),
+        None => Ok(()),
+    };
     if let Some(p) = printer {
         let _ = p.join();
     }
@@ -231,9 +281,36 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     }
     summary::print_final(&stats);
     match result {
-        Ok(r) => r,
+        Ok(r) => r?,
         Err(_) => anyhow::bail!("the pipeline thread panicked"),
     }
+    enforced.context("the enforcer")
+}
+
+/// `meshguard enforce`: the enforcer service alone, until Ctrl-C or SIGTERM.
+async fn enforce(mut cfg: Config, args: EnforceArgs) -> anyhow::Result<()> {
+    let brokers =
+        args.brokers.or_else(|| cfg.kafka.brokers.clone()).context("`meshguard enforce` needs --brokers HOST:PORT (or kafka.brokers)")?;
+    if args.dry_run {
+        cfg.enforcer.dry_run = true;
+    }
+    let kafka = cfg.kafka.connection(&brokers);
+    check_reachable(&kafka, Duration::from_secs(10))?;
+    let created = ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await?;
+    if !created.is_empty() {
+        info!(message = "Created topics.", topics = ?created);
+    }
+    let registry = Registry::new();
+    if !cfg.http.listen.is_empty() {
+        let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
+        summary::serve_metrics(addr, registry.clone()).await?;
+        eprintln!("meshguard: metrics on http://{addr}/metrics");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    stop_on_signal(stop, stop_tx, None);
+    let service = EnforcerService::start(cfg.enforcer, &kafka, cfg.topics, &registry).await.context("starting the enforcer")?;
+    service.run(stopped(stop_rx)).await.context("the enforcer")
 }
 
 async fn simulate(cfg: Config, args: SimulateArgs) -> anyhow::Result<()> {
@@ -248,7 +325,8 @@ async fn simulate(cfg: Config, args: SimulateArgs) -> anyhow::Result<()> {
     }
     let plan = simulate::Plan { sim, rate: args.rate.unwrap_or(cfg.simulator.rate), duration: args.duration.map(Duration::from_secs) };
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone(), None);
+    let (stop_tx, _stop_rx) = watch::channel(false);
+    stop_on_signal(stop.clone(), stop_tx, None);
     let sent = Arc::new(AtomicU64::new(0));
     let topics = cfg.topics.clone();
     let progress = summary::spawn_sent_printer(sent.clone(), stop.clone());

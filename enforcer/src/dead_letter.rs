@@ -1,9 +1,9 @@
 //! Where actions go that a target could not deliver: the [`DeadLetterSink`] trait and an in-memory
 //! sink for tests and single-process runs.
 //!
-//! This module owns the dead-letter record and the sink contract. The Kafka sink (the
-//! `meshguard.deadletter.v1`-style topic of the enforcer) belongs to the service that wires the
-//! enforcer, not here. A sink must never retry the delivery itself nor drop a letter silently.
+//! This module owns the dead-letter record and the sink contract. The Kafka sink (writing to
+//! `meshguard.deadletter.v1`) is the service's, [`crate::service::KafkaDeadLetters`], next to its
+//! other Kafka clients. A sink must never retry the delivery itself nor drop a letter silently.
 
 use std::sync::Mutex;
 

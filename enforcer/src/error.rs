@@ -50,6 +50,29 @@ pub enum Error {
         reason: String,
     },
 
+    /// The enforcer service's configuration is invalid; found at start, before anything is consumed.
+    #[error("invalid configuration: `{field}` {reason}")]
+    ServiceConfig {
+        /// The field, e.g. `enforcer.group_id`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A Kafka client of the enforcer service failed (creating a client, metadata, commits).
+    /// Client properties are never part of it.
+    #[error("Kafka: {context}: {reason}")]
+    Kafka {
+        /// What the service was doing.
+        context: String,
+        /// The client's error.
+        reason: String,
+    },
+
+    /// The service's metrics could not be registered (e.g. registered twice in one registry).
+    #[error("registering the enforcer's metrics: {0}")]
+    Metrics(String),
+
     /// An action could not be delivered and could not be stored in the dead-letter sink either.
     #[error("dead-letter sink `{sink}` could not store {action_id}: {reason}")]
     DeadLetter {
@@ -63,6 +86,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Maps a Kafka client error, with what the service was doing.
+    pub(crate) fn kafka(context: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+        let context = context.into();
+        move |cause| Error::Kafka { context, reason: cause.to_string() }
+    }
+
     /// Whether repeating the action later may succeed without anything being changed: true for
     /// an unavailable target or dead-letter sink, false for a refusal or a configuration error.
     pub fn is_transient(&self) -> bool {

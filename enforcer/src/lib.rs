@@ -19,8 +19,12 @@
 //! ```
 //!
 //! Every target is idempotent on the action id: applying an action twice succeeds twice and
-//! changes nothing the second time. The service loop (consuming the topic, dry run, metrics) is not
-//! here yet; nor is the Kafka dead-letter sink.
+//! changes nothing the second time. The [`service`] module is the enforcer service that
+//! `meshguard enforce` (and `meshguard run`, in-process) runs: it consumes the enforcement and
+//! findings topics in its own consumer group, applies every record to every target (or only logs
+//! in dry run), publishes notifications to targets and owners, writes undeliverable actions to the
+//! Kafka dead-letter topic ([`service::KafkaDeadLetters`]) and commits offsets only past records
+//! whose actions completed.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -53,10 +57,12 @@ mod action;
 pub mod dead_letter;
 mod error;
 mod secret;
+pub mod service;
 pub mod targets;
 
 pub use action::{ActionKind, ActionOutcome, EnforcementAction};
 pub use dead_letter::{DeadLetter, DeadLetterSink, MemoryDeadLetters};
 pub use error::{Error, Result};
 pub use secret::Secret;
+pub use service::{EnforcerConfig, EnforcerService};
 pub use targets::{EnforcementTarget, TargetConfig, TargetContext};
