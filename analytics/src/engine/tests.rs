@@ -312,3 +312,33 @@ fn a_re_delivered_attempt_joins_the_histories_once() {
     assert_eq!(pair.attempts(), 3);
     assert_eq!(schedules.get(&(Uuid::parse_str(A).unwrap(), Uuid::nil())).unwrap().attempts(), 3);
 }
+
+#[test]
+fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not_held() {
+    let decode = |topic: InputTopic, records: &[String], partition: i32| {
+        let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let out = BatchDecoder::new(topic).decode(&slices);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        RowsBatch { partition: vec![partition; out.batch.num_rows()], batch: out.batch }
+    };
+    let interactions: Vec<String> = (0..5)
+        .map(|i| {
+            format!(r#"{{"id":"00000000-0000-4000-8000-1{i:011}","reporter":"{A}","peer":"{B}","kind":"call","ts":{}}}"#, T0 + i * 1_000)
+        })
+        .collect();
+    let request = format!(r#"{{"id":"00000000-0000-4000-8000-200000000001","ts":{},"device":"{A}"}}"#, T0 + 60_000);
+    let mut e = Engine::new(EngineConfig::default());
+    let mb = MicroBatch {
+        interactions: Some(decode(InputTopic::Interactions, &interactions, 0)),
+        identity_requests: Some(decode(InputTopic::IdentityRequests, &[request.clone(), request.clone()], 3)),
+        ..Default::default()
+    };
+    let found = e.process(&mb, T0);
+    let results = e.take_identity_results();
+    assert_eq!(results.len(), 1, "a re-delivered request is answered once");
+    // Five calls to B, B never reported anything: all unavailable, insufficient evidence.
+    assert_eq!((results[0].checked, results[0].verified, results[0].unavailable), (5, 0, 5));
+    assert_eq!(results[0].outcome, meshguard_schemas::Outcome::InsufficientEvidence);
+    assert!(found.is_empty());
+    assert!(e.partition(&(InputTopic::Messages, 3)).is_none(), "no state for a messages partition this worker does not hold");
+}
