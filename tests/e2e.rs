@@ -66,6 +66,7 @@ fn expected(records: &[SimRecord]) -> (BTreeSet<(String, String)>, usize) {
             Some(Label::UnregisteredRequester) => "unregistered_requester",
             Some(Label::BadCredentials) => "bad_credentials",
             Some(Label::PermissionDenied) => "permission_denied",
+            Some(Label::ThrottleExceeded) => "throttle_exceeded",
             Some(Label::Malformed) => {
                 malformed += 1;
                 continue;
@@ -133,7 +134,7 @@ async fn findings_and_dead_letters_through_a_real_broker() {
     sim.next_batch(6_000, &mut records);
     let (want, malformed) = expected(&records);
     assert!(want.len() > 100 && malformed > 10, "the traffic must exercise findings and dead letters");
-    for kind in ["unregistered_requester", "bad_credentials", "permission_denied"] {
+    for kind in ["unregistered_requester", "bad_credentials", "permission_denied", "throttle_exceeded"] {
         assert!(want.iter().any(|(_, k)| k == kind), "the traffic must exercise {kind}");
     }
     publish(&broker, &records).await;

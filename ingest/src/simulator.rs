@@ -62,7 +62,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::{Builder, Uuid};
 
-use budget::{Budget, Pool};
+use budget::{Budget, PER_REQUESTER_MAX, Pool};
 use population::{COUNTRIES, Ix, Kind, Level, Population};
 use write::UUID_LEN;
 
@@ -110,6 +110,10 @@ pub enum Label {
     /// subscribes to or configures a registered device it does not own, without the device's token
     /// (those levels always need it), and no profile of the device applies to it.
     PermissionDenied,
+    /// Exactly one `throttle_exceeded` finding (rule `throttle:requester`): the last of a flood of
+    /// eleven otherwise benign sends by one quiet requester in the same millisecond, the first
+    /// past the default limit of 10 per second. The other ten are [`Label::Benign`].
+    ThrottleExceeded,
     /// Not a valid record: it goes to the dead-letter topic and gives no finding.
     Malformed,
     /// No finding at all.
@@ -123,6 +127,7 @@ impl Label {
             Label::UnregisteredRequester => Some("unregistered_requester"),
             Label::BadCredentials => Some("bad_credentials"),
             Label::PermissionDenied => Some("permission_denied"),
+            Label::ThrottleExceeded => Some("throttle_exceeded"),
             Label::Malformed | Label::Benign => None,
         }
     }
@@ -192,6 +197,8 @@ pub struct SimStats {
     pub bad_credentials: u64,
     /// Attempts labelled [`Label::PermissionDenied`].
     pub permission_denied: u64,
+    /// Attempts labelled [`Label::ThrottleExceeded`] (one per flood).
+    pub throttle_exceeded: u64,
     /// Records labelled [`Label::Malformed`].
     pub malformed: u64,
     /// Malformed records per kind, in [`MalformedKind::ALL`] order.
@@ -213,7 +220,7 @@ impl SimStats {
     /// The findings a correct pipeline with default settings gives for the traffic so far: one per
     /// labelled violation.
     pub const fn expected_finding_count(&self) -> u64 {
-        self.unregistered_requester + self.bad_credentials + self.permission_denied
+        self.unregistered_requester + self.bad_credentials + self.permission_denied + self.throttle_exceeded
     }
 
     /// Attempts (or malformed records) generated with `label`.
@@ -222,12 +229,15 @@ impl SimStats {
             Label::UnregisteredRequester => self.unregistered_requester,
             Label::BadCredentials => self.bad_credentials,
             Label::PermissionDenied => self.permission_denied,
+            Label::ThrottleExceeded => self.throttle_exceeded,
             Label::Malformed => self.malformed,
             Label::Benign => self.benign,
         }
     }
 }
 
+/// Of the violations, the share that are floods (each eleven records, one labelled).
+const FLOOD_SHARE: f64 = 0.05;
 /// Share of traffic records that are presence changes.
 const PRESENCE_SHARE: f64 = 0.02;
 /// Share of traffic records that are registry changes.
@@ -443,6 +453,11 @@ pub struct Simulator {
     /// A registry change is due but waits for the next millisecond (see `next_batch`).
     registry_due: bool,
     registry_changes: u64,
+    /// Records drawn ahead (the rest of a flood), emitted before anything new.
+    pending: std::collections::VecDeque<SimRecord>,
+    /// Write UUIDs in lower case only (while drawing a flood: its attempts share one key, so one
+    /// partition counts them; see "Known limits" in the README for mixed-case keys).
+    lower_only: bool,
     buf: Vec<u8>,
     stats: SimStats,
 }
@@ -503,6 +518,8 @@ impl Simulator {
             last_ts: i64::MIN,
             registry_due: false,
             registry_changes: 0,
+            pending: std::collections::VecDeque::new(),
+            lower_only: false,
             buf: Vec::with_capacity(1024),
             stats: SimStats::default(),
             pop,
@@ -545,7 +562,15 @@ impl Simulator {
         out.reserve(n);
         let presence_at = self.malformed_ratio + PRESENCE_SHARE;
         let registry_at = presence_at + REGISTRY_SHARE;
-        for _ in 0..n {
+        let target = out.len() + n;
+        while out.len() < target {
+            // The rest of a flood first: its records were drawn together, so the output does not
+            // depend on how a caller splits its calls.
+            if let Some(record) = self.pending.pop_front() {
+                self.stats.records += 1;
+                out.push(record);
+                continue;
+            }
             let ts = self.event_time(self.seq);
             self.seq += 1;
             // A registry change applies to every attempt with `ts` at or after its timestamp,
@@ -566,6 +591,12 @@ impl Simulator {
             } else {
                 if roll < registry_at {
                     self.registry_due = true;
+                }
+                if self.rng.random_bool(self.violation_ratio * FLOOD_SHARE)
+                    && let Some(flood) = self.flood(ts)
+                {
+                    self.pending.extend(flood);
+                    continue;
                 }
                 self.attempt(ts)
             };
@@ -591,7 +622,7 @@ impl Simulator {
     }
 
     fn upper(&mut self) -> bool {
-        self.rng.random_bool(UPPER_SHARE)
+        !self.lower_only && self.rng.random_bool(UPPER_SHARE)
     }
 
     // ---- message attempts -------------------------------------------------------------------
@@ -612,11 +643,55 @@ impl Simulator {
             Label::UnregisteredRequester => self.stats.unregistered_requester += 1,
             Label::BadCredentials => self.stats.bad_credentials += 1,
             Label::PermissionDenied => self.stats.permission_denied += 1,
+            Label::ThrottleExceeded => self.stats.throttle_exceeded += 1,
             Label::Benign => self.stats.benign += 1,
             Label::Malformed => self.stats.malformed += 1,
         }
         let (key, payload) = self.write_attempt(&plan, ts, None);
         SimRecord { topic: InputTopic::Messages, key, payload: Some(payload), timestamp_ms: ts, label: Some(plan.label), malformed: None }
+    }
+
+    /// A flood: `PER_REQUESTER_MAX + 1` sends at `ts` by one quiet, registered, non-exempt
+    /// requester to a target that admits it, the last labelled [`Label::ThrottleExceeded`].
+    /// `None` when no such requester and target turn up in a few tries.
+    fn flood(&mut self, ts: i64) -> Option<Vec<SimRecord>> {
+        for _ in 0..8 {
+            let r = self.requesters.pick(&mut self.rng)?;
+            let e = &self.pop.entities[r as usize];
+            if !self.pop.registered[r as usize] || e.exempt || !self.budgets[r as usize].is_quiet(ts) {
+                continue;
+            }
+            if !self.budgets[r as usize].may_offend(Action::Send, ts) {
+                continue;
+            }
+            let Some(t) = self.related(r).filter(|&t| self.pop.allows(r, Level::Send, t, false)) else {
+                continue;
+            };
+            let mut records = Vec::with_capacity(PER_REQUESTER_MAX + 1);
+            self.lower_only = true;
+            for i in 0..=PER_REQUESTER_MAX {
+                let label = if i == PER_REQUESTER_MAX { Label::ThrottleExceeded } else { Label::Benign };
+                let plan = Plan { action: Action::Send, from: Requester::Entity(r), to: Some(t), auth: Auth::Valid, token: false, label };
+                self.budgets[r as usize].attempt(Action::Send, ts, label != Label::Benign);
+                self.stats.attempts += 1;
+                match label {
+                    Label::ThrottleExceeded => self.stats.throttle_exceeded += 1,
+                    _ => self.stats.benign += 1,
+                }
+                let (key, payload) = self.write_attempt(&plan, ts, None);
+                records.push(SimRecord {
+                    topic: InputTopic::Messages,
+                    key,
+                    payload: Some(payload),
+                    timestamp_ms: ts,
+                    label: Some(label),
+                    malformed: None,
+                });
+            }
+            self.lower_only = false;
+            return Some(records);
+        }
+        None
     }
 
     fn benign_plan(action: Action, r: Ix, to: Option<Ix>, token: bool) -> Plan {

@@ -13,7 +13,7 @@ use super::population::Ix;
 // The contract's default limits, which generated traffic stays within (windows taken closed,
 // `[t − w, t]`, a superset of the contract's `(t − w, t]`).
 /// Per-requester throttle: attempts other than `connect` per second.
-const PER_REQUESTER_MAX: usize = 10;
+pub(super) const PER_REQUESTER_MAX: usize = 10;
 /// Connect throttle: `connect`s per second.
 const CONNECT_MAX: usize = 2;
 const THROTTLE_WINDOW_MS: i64 = 1_000;
@@ -77,6 +77,12 @@ impl Budget {
                 .unauthorized
                 .as_ref()
                 .is_none_or(|r| r.fits(BLOCK_AT - 1, SHORT_WINDOW_MS, t) && r.fits(UNREGISTER_PAST, LONG_WINDOW_MS, t))
+    }
+
+    /// No attempt (other than `connect`) within the throttle window before `t`: a flood of the
+    /// limit's `max + 1` attempts at `t` makes exactly one episode.
+    pub(super) fn is_quiet(&self, t: i64) -> bool {
+        self.attempts.fits(1, THROTTLE_WINDOW_MS, t)
     }
 
     pub(super) fn attempt(&mut self, action: Action, t: i64, unauthorized: bool) {

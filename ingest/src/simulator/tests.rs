@@ -308,6 +308,15 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
         {
             *counts.entry("token level without the token").or_default() += 1;
             Label::PermissionDenied
+        } else if r.label == Some(Label::ThrottleExceeded) {
+            // The last of eleven sends by this requester in this millisecond.
+            let flood = records
+                .iter()
+                .filter(|o| o.topic == InputTopic::Messages && o.timestamp_ms == r.timestamp_ms && lower(&json(o)["from"]) == from)
+                .count();
+            assert!(flood > 10, "a throttle label without its flood: {v}");
+            *counts.entry("flood").or_default() += 1;
+            Label::ThrottleExceeded
         } else {
             if reregistered.contains(&from) {
                 *counts.entry("benign after re-registration").or_default() += 1;
@@ -323,6 +332,7 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
         "unregistered with bad auth",
         "benign after re-registration",
         "token level without the token",
+        "flood",
     ];
     for what in cases.iter().filter(|_| variety) {
         assert!(counts.get(what).copied().unwrap_or(0) > 0, "no {what}: {counts:?}");
@@ -332,9 +342,10 @@ fn check_labels(cfg: SimConfig, n: usize, variety: bool) {
     let s = sim.stats();
     assert!(s.unregistered_requester > 0 && s.bad_credentials > 0 && s.permission_denied > 0);
     assert_eq!(s.tombstoned_requester, counts.get("tombstoned requester").copied().unwrap_or(0));
-    assert_eq!(s.attempts, s.benign + s.unregistered_requester + s.bad_credentials + s.permission_denied);
+    assert_eq!(s.attempts, s.benign + s.unregistered_requester + s.bad_credentials + s.permission_denied + s.throttle_exceeded);
     assert_eq!(s.records, records.len() as u64);
     let ratio = (s.unregistered_requester + s.bad_credentials + s.permission_denied) as f64 / s.attempts as f64;
+    assert!(s.throttle_exceeded > 0, "floods");
     let want = sim.config().violation_ratio;
     assert!((want * 0.9..want * 1.1).contains(&ratio), "violation ratio {ratio}");
 }
@@ -348,8 +359,9 @@ fn count_in(q: &mut VecDeque<i64>, t: i64, window: i64) -> usize {
     q.len()
 }
 
-/// Nobody goes past a default throttle or reaches a default enforcement threshold, even with a
-/// small population under heavy attack, so the labelled findings are the only ones.
+/// Nobody goes past a default throttle (but the labelled floods, exactly one past it) or reaches a
+/// default enforcement threshold, even with a small population under heavy attack, so the
+/// labelled findings are the only ones.
 #[test]
 fn traffic_stays_under_throttles_and_enforcement() {
     let cfg = SimConfig { rate: 400, ..config(9, 40, 0.3, 0.0) };
@@ -372,7 +384,11 @@ fn traffic_stays_under_throttles_and_enforcement() {
                 if !exempt.contains(&from) {
                     let (q, max) = if v["action"] == "connect" { (&mut connects, 2) } else { (&mut attempts, 10) };
                     let n = count_in(q.entry(from.clone()).or_default(), t, 1_000);
-                    assert!(n <= max, "{from} throttled: {n} in a second at {t}");
+                    if r.label == Some(Label::ThrottleExceeded) {
+                        assert_eq!(n, max + 1, "{from}: a labelled flood is exactly one past the limit");
+                    } else {
+                        assert!(n <= max, "{from} throttled: {n} in a second at {t}");
+                    }
                 }
                 if r.label.and_then(Label::finding_kind).is_some() {
                     let n = count_in(short.entry(from.clone()).or_default(), t, 600_000);
