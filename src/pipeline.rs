@@ -208,6 +208,9 @@ impl Pipeline {
             owned: Default::default(),
         };
 
+        // Requesters' per-requester state lives in a home partition whatever the case of their key.
+        let messages_partitions = pipeline.source.partition_count(&pipeline.topics.messages, KAFKA_TIMEOUT)?;
+        pipeline.engine.set_messages_partitions(u32::try_from(messages_partitions).unwrap_or(0));
         pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
         let mut raw = RawBatch::default();
         pipeline.source.catch_up_globals(&mut raw, Duration::from_secs(120))?;
@@ -264,6 +267,7 @@ impl Pipeline {
             match event {
                 RebalanceEvent::Assigned(partitions) => {
                     self.owned.extend(partitions.iter().copied());
+                    self.engine.assign(&partitions);
                     for id in partitions {
                         if self.engine.partition(&id).is_none() {
                             match self.store.load_partition(&id) {
@@ -283,6 +287,7 @@ impl Pipeline {
                     }
                 }
                 RebalanceEvent::Revoked(partitions) => {
+                    self.engine.revoke(&partitions);
                     for id in partitions {
                         self.owned.remove(&id);
                         self.engine.drop_partition(&id);

@@ -279,6 +279,12 @@ impl KafkaSource {
         Ok(Self { group, global, topics, events })
     }
 
+    /// Number of partitions of `topic`, from the cluster's metadata.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<usize> {
+        let md = self.global.fetch_metadata(Some(topic), timeout).map_err(Error::kafka(format!("reading metadata of {topic}")))?;
+        Ok(md.topics().iter().map(|t| t.partitions().len()).sum())
+    }
+
     /// Assigns every partition of the global topics, each from `positions` (next offsets from the
     /// checkpoint) or from the beginning.
     pub fn start_globals(&self, positions: &[Position], timeout: Duration) -> Result<()> {

@@ -87,6 +87,8 @@ impl Engine {
             }
             let requester = self.registry.get(&from, ts).and_then(|r| r.as_deref());
             let (registered, exempt) = (requester.is_some(), requester.is_some_and(|r| r.record.exempt));
+            let home = Engine::home(self.messages_partitions, &self.owned_messages, &from, partition.1);
+            let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
             let offender = state.enforcement.entry(from).or_default();
             if let Some(status) = offender.count(&self.cfg.enforcement, ts, units, &ids, registered, exempt) {
                 let record = offender.record(from, &self.cfg.enforcement, ts);

@@ -79,7 +79,7 @@ impl Engine {
                 Uuid::new_v5(&meshguard_schemas::output::ID_NAMESPACE, &[b"identity-result:".as_slice(), request.as_bytes()].concat());
             let partition = rows.partition.get(row).copied().unwrap_or_default();
             // A re-delivered request is answered once (the answer's id is remembered like a finding's).
-            let state = self.partitions.entry(self.offender_partition(partition)).or_default();
+            let state = self.partitions.entry(self.offender_partition(&dev, partition)).or_default();
             if state.emitted.insert(result_id, t).is_some() {
                 self.stats.duplicates += 1;
                 continue;
@@ -123,7 +123,7 @@ impl Engine {
     /// Publishes one finding that is not about a message attempt (dedup by id in the messages
     /// partition of the same number) and counts it against its offender.
     fn emit_and_count(&mut self, partition: i32, ts: i64, finding: Finding, out: &mut Vec<Finding>) {
-        let state = self.partitions.entry(self.offender_partition(partition)).or_default();
+        let state = self.partitions.entry(self.offender_partition(&finding.offender, partition)).or_default();
         let redelivered = state.emitted.contains_key(&finding.id);
         let fresh = !self.restored_outputs.contains_key(&finding.id) && state.emitted.insert(finding.id, finding.event_ts).is_none();
         let (offender, id) = (finding.offender, finding.id);
@@ -151,13 +151,17 @@ impl Engine {
     }
 
     /// Where the state of a device whose identity request came from identity-requests partition
-    /// `p` lives: the messages partition of the same number when this worker holds it (the two
-    /// topics are keyed by the device, so with equal partition counts the group's range assignor
-    /// gives both to one worker and the device's counts are one), else the request's own
-    /// partition. Never a partition this worker does not hold: its checkpoint would overwrite the
-    /// owner's.
-    fn offender_partition(&self, p: i32) -> super::PartitionId {
-        if self.partitions.contains_key(&(InputTopic::Messages, p)) { (InputTopic::Messages, p) } else { (InputTopic::IdentityRequests, p) }
+    /// `p` lives: its home messages partition (or the one of the same number) when this worker
+    /// holds it, so its counts are one with its attempts' (the group's range assignor gives
+    /// co-partitioned topics to one worker), else the request's own partition. Never a partition
+    /// this worker does not hold: its checkpoint would overwrite the owner's.
+    fn offender_partition(&self, device: &Uuid, p: i32) -> super::PartitionId {
+        let home = Engine::home(self.messages_partitions, &self.owned_messages, device, p);
+        if self.owned_messages.contains(&home) || self.partitions.contains_key(&(InputTopic::Messages, home)) {
+            (InputTopic::Messages, home)
+        } else {
+            (InputTopic::IdentityRequests, p)
+        }
     }
 
     /// Identity results produced since the last call, for `meshguard.identity-results.v1` (keyed

@@ -195,6 +195,10 @@ pub struct Engine {
     enforcement_view: FastMap<Uuid, Status>,
     /// Enforcement records not yet taken by the caller.
     enforcement_out: Vec<meshguard_schemas::output::EnforcementState>,
+    /// Partitions of the messages topic (0: unknown), for requesters' home partitions.
+    messages_partitions: u32,
+    /// Messages partitions this worker holds.
+    owned_messages: hashbrown::HashSet<i32>,
     /// Every device's interaction table (a global table: see [`crate::crosscheck`]).
     interactions: InteractionStore,
     /// Identity results not yet taken by the caller.
@@ -219,6 +223,8 @@ impl Engine {
             sink_positions: Vec::new(),
             enforcement_view: FastMap::default(),
             enforcement_out: Vec::new(),
+            messages_partitions: 0,
+            owned_messages: hashbrown::HashSet::new(),
             interactions: InteractionStore::default(),
             identity_out: Vec::new(),
             jobs: jobs::all(),
@@ -383,6 +389,42 @@ impl Engine {
     /// The state of a partition, if the engine has one.
     pub fn partition(&self, id: &PartitionId) -> Option<&PartitionState> {
         self.partitions.get(id)
+    }
+
+    /// Tells the engine how many partitions the messages topic has. Per-requester state (throttle
+    /// windows, enforcement counts, timing histories) then lives in the requester's *home*
+    /// partition, `uuid mod n`, whichever partition its attempts arrive on: the platform keys
+    /// attempts by `from` as sent, and the contract allows upper-case UUIDs, so one requester's
+    /// attempts can arrive on two partitions. A home partition this worker does not hold is not
+    /// used (its state belongs to another worker); the arrival partition is, and the requester's
+    /// state is then split as before.
+    pub fn set_messages_partitions(&mut self, n: u32) {
+        self.messages_partitions = n;
+    }
+
+    /// Records that the group assigned these partitions to this worker.
+    pub fn assign(&mut self, ids: &[PartitionId]) {
+        self.owned_messages.extend(ids.iter().filter(|(t, _)| *t == InputTopic::Messages).map(|(_, p)| *p));
+    }
+
+    /// Records that the group took these partitions away.
+    pub fn revoke(&mut self, ids: &[PartitionId]) {
+        for (t, p) in ids {
+            if *t == InputTopic::Messages {
+                self.owned_messages.remove(p);
+            }
+        }
+    }
+
+    /// The messages partition holding `uuid`'s per-requester state when its attempt arrived on
+    /// `arrival` (see [`Engine::set_messages_partitions`]).
+    #[inline]
+    pub(crate) fn home(messages_partitions: u32, owned: &hashbrown::HashSet<i32>, uuid: &Uuid, arrival: i32) -> i32 {
+        if messages_partitions == 0 {
+            return arrival;
+        }
+        let home = (uuid.as_u128() % u128::from(messages_partitions)) as i32;
+        if home == arrival || owned.contains(&home) { home } else { arrival }
     }
 
     /// Drops a partition's state (after it was revoked by a rebalance).

@@ -342,3 +342,24 @@ fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not
     assert!(found.is_empty());
     assert!(e.partition(&(InputTopic::Messages, 3)).is_none(), "no state for a messages partition this worker does not hold");
 }
+
+#[test]
+fn a_requester_whose_attempts_arrive_on_two_partitions_is_counted_in_one() {
+    // The platform keys by `from` as sent: "A" in upper case lands on another partition.
+    let run = |home_partitions: bool| {
+        let mut e = Engine::new(EngineConfig::default());
+        if home_partitions {
+            e.set_messages_partitions(3);
+            e.assign(&[(InputTopic::Messages, 0), (InputTopic::Messages, 1), (InputTopic::Messages, 2)]);
+        }
+        e.process(&batch(vec![registered(A, T0 - 1_000), registered(B, T0 - 1_000)], &[]), T0);
+        let records: Vec<String> = (0..11).map(|i| attempt(i + 1, T0 + i64::from(i), A, "valid")).collect();
+        // Six arrived on partition 0, five on partition 1.
+        let mut rows = messages(&records, 0);
+        rows.partition = [vec![0; 6], vec![1; 5]].concat();
+        let found = e.process(&MicroBatch { messages: Some(rows), ..Default::default() }, T0);
+        found.into_iter().filter(|f| f.kind == FindingKind::ThrottleExceeded).count()
+    };
+    assert_eq!(run(true), 1, "one home partition: eleven in a second");
+    assert_eq!(run(false), 0, "without it the count splits six and five");
+}

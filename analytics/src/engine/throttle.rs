@@ -26,7 +26,7 @@ impl Engine {
         found: &mut Vec<(u32, Finding)>,
     ) -> Vec<bool> {
         let mut repeats = vec![false; view.len()];
-        let Engine { cfg, registry, partitions, stats, .. } = self;
+        let Engine { cfg, registry, partitions, stats, messages_partitions, owned_messages, .. } = self;
         let t = &cfg.throttles;
         let lateness = cfg.allowed_lateness_ms;
         let connect = Action::Connect.code();
@@ -73,7 +73,8 @@ impl Engine {
                 }
             }
 
-            let partition = rows.partition.get(row).copied().unwrap_or_default();
+            let arrival = rows.partition.get(row).copied().unwrap_or_default();
+            let partition = Engine::home(*messages_partitions, owned_messages, &from, arrival);
             let state = &mut partitions.entry((InputTopic::Messages, partition)).or_default().throttles;
             let tightened_until = state.tightened.get(&from).copied().filter(|until| t.tightening.enabled && ts < *until);
             let fingerprint = id.as_u128() as u32;

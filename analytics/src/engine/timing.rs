@@ -30,7 +30,8 @@ impl Engine {
             };
             let to = MessagesView::uuid(view.to, row);
             let ts = view.ts.value(row);
-            let partition = rows.partition.get(row).copied().unwrap_or_default();
+            let arrival = rows.partition.get(row).copied().unwrap_or_default();
+            let partition = Engine::home(self.messages_partitions, &self.owned_messages, &from, arrival);
             let schedules = &mut self.partitions.entry((InputTopic::Messages, partition)).or_default().schedules;
             let pair_key = to.map(|t| (from, t));
             let judged = match pair_key.and_then(|k| schedules.get(&k)).filter(|s| s.is_learned(cfg, ts)) {
