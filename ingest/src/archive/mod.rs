@@ -23,8 +23,7 @@
 //! its folder fsynced: a `part-*.parquet` file is always complete.
 //!
 //! Names are `part-<writer>-<run>-<sequence>.parquet`: `writer` is the worker's `kafka.instance_id`
-//! (other characters than letters, digits, `_` and `.` become `_`)
-//! (`meshguard` when unset), `run` the start time of this process (UTC) and a random suffix,
+//! (`meshguard` when unset; characters other than letters, digits, `_` and `.` become `_`), `run` the start time of this process (UTC) and a random suffix,
 //! `sequence` counts files of the run. Two workers, or two runs of one worker, never collide.
 //!
 //! # Durability: effectively once
