@@ -223,9 +223,10 @@ impl AttemptArchive {
         if batch.schema() != self.schema {
             return Err(Error::ArchiveBatch { expected: format!("rows of schema {}", self.schema), found: format!("{}", batch.schema()) });
         }
-        let ts = batch.column_by_name(TS).and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>()).ok_or_else(|| {
-            Error::ArchiveBatch { expected: "a `ts` column of Timestamp(Millisecond)".into(), found: "none".into() }
-        })?;
+        let ts = batch
+            .column_by_name(TS)
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+            .ok_or_else(|| Error::ArchiveBatch { expected: "a `ts` column of Timestamp(Millisecond)".into(), found: "none".into() })?;
         if ts.null_count() > 0 {
             return Err(Error::ArchiveBatch { expected: "a `ts` in every row".into(), found: format!("{} rows without", ts.null_count()) });
         }
@@ -246,7 +247,8 @@ impl AttemptArchive {
             self.write_date(day, filter_record_batch(&rest, &mask).map_err(arrow_error("selecting a date's rows"))?)?;
             let others = not(&mask).map_err(arrow_error("selecting the other dates' rows"))?;
             rest = filter_record_batch(&rest, &others).map_err(arrow_error("selecting the other dates' rows"))?;
-            rest_days = filter(&rest_days, &others).map_err(arrow_error("selecting the other dates' rows"))?.as_primitive::<Date32Type>().clone();
+            rest_days =
+                filter(&rest_days, &others).map_err(arrow_error("selecting the other dates' rows"))?.as_primitive::<Date32Type>().clone();
         }
     }
 
@@ -272,7 +274,8 @@ impl AttemptArchive {
         for entry in fs::read_dir(&self.root).map_err(io_error("listing", &self.root))? {
             let entry = entry.map_err(io_error("listing", &self.root))?;
             let name = entry.file_name();
-            let Some(date) = name.to_str().and_then(|n| n.strip_prefix("date=")).and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+            let Some(date) =
+                name.to_str().and_then(|n| n.strip_prefix("date=")).and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
             else {
                 continue;
             };
@@ -286,7 +289,11 @@ impl AttemptArchive {
         if !deleted.is_empty() {
             sync_dir(&self.root)?;
             deleted.sort();
-            info!(message = "Deleted archive folders past retention.", folders = deleted.len(), retention_days = self.config.retention_days);
+            info!(
+                message = "Deleted archive folders past retention.",
+                folders = deleted.len(),
+                retention_days = self.config.retention_days
+            );
         }
         Ok(deleted)
     }
@@ -306,10 +313,10 @@ impl AttemptArchive {
             file.rows += take;
             rows = rows.slice(take, rows.num_rows() - take);
             let bytes = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
-            if file.rows >= max_rows || bytes >= max_bytes {
-                if let Some(file) = self.open.remove(&day) {
-                    self.close(file)?;
-                }
+            if (file.rows >= max_rows || bytes >= max_bytes)
+                && let Some(file) = self.open.remove(&day)
+            {
+                self.close(file)?;
             }
         }
         Ok(())
