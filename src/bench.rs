@@ -78,6 +78,7 @@ fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::T
     let mut cfg = base.clone();
     let dir = tempfile::Builder::new().prefix("meshguard-bench-").tempdir()?;
     cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
+    cfg.archive.dir = dir.path().join("archive");
     cfg.kafka.group_id = format!("meshguard-bench-{tag}-{}", std::process::id());
     Ok((cfg, dir))
 }

@@ -39,6 +39,8 @@ pub struct Config {
     /// The enforcer service (`meshguard enforce`, and in-process in `meshguard run`): consumer
     /// group, dry run, notifications, retries and the `[[enforcer.targets]]`.
     pub enforcer: meshguard_enforcer::EnforcerConfig,
+    /// The attempt archive: every decoded message attempt in Parquet, by event date.
+    pub archive: meshguard_ingest::ArchiveConfig,
     /// The HTTP listener (metrics).
     pub http: HttpSection,
     /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
@@ -257,6 +259,9 @@ impl Config {
         {
             bail!("invalid configuration: `{field}` {reason}");
         }
+        if let Err((field, reason)) = self.archive.validate() {
+            bail!("invalid configuration: `{field}` {reason}");
+        }
         // Its errors read "invalid configuration: `enforcer.<field>` <reason>".
         self.enforcer.validate()?;
         Ok(())
@@ -322,6 +327,22 @@ mod tests {
         );
         assert_eq!((cfg.enforcer.action_retries, cfg.enforcer.commit_interval_ms), (enforcer.action_retries, enforcer.commit_interval_ms));
         assert!(cfg.enforcer.targets.is_empty());
+        assert_eq!(cfg.archive, meshguard_ingest::ArchiveConfig::default());
+    }
+
+    #[test]
+    fn the_archive_section_is_validated_by_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(&f, "[archive]\nretention_days = 0\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("archive.retention_days") && err.contains("between 1 and 36500"), "{err}");
+        std::fs::write(&f, "[archive]\nmax_rows_per_file = 0\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("archive.max_rows_per_file"), "{err}");
+        std::fs::write(&f, "[archive]\nmax_row_per_file = 10\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("max_row_per_file"), "{err}");
     }
 
     #[test]

@@ -214,6 +214,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
             let b = broker.bootstrap();
             let dir = tempfile::Builder::new().prefix("meshguard-run-").tempdir()?;
             cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
+            cfg.archive.dir = dir.path().join("archive");
             _state_dir = Some(dir);
             _embedded = Some(broker);
             eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");

@@ -1,7 +1,12 @@
 //! The detection worker's loop: poll → decode → detect → publish, with periodic checkpoints.
 //!
+//! Every micro-batch's decoded attempts (allowed or not) are appended to the attempt archive
+//! (`[archive]`, Parquet) before detection.
+//!
 //! The checkpoint protocol (effectively once):
-//! 1. flush the producer: every finding and dead letter sent so far is on the broker;
+//! 1. flush the producer: every finding and dead letter sent so far is on the broker; close every
+//!    open archive file (fsynced and renamed into place), so the archive holds every attempt the
+//!    checkpoint will call consumed;
 //! 2. note the findings topic's end offsets in the engine (for the read-back on restore);
 //! 3. snapshot the engine and save it durably (state and input offsets together);
 //! 4. only then commit the same input offsets to the consumer group.
@@ -9,6 +14,8 @@
 //! On start: restore the checkpoint, read back the findings written after it (a crash may have
 //! left some) so the replay does not repeat them, read the registry and presence to their end,
 //! then resume every partition from its checkpointed offset.
+//!
+//! After the checkpoint, archive folders past `archive.retention_days` are deleted.
 //!
 //! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes.
 
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
-use meshguard_ingest::{IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
+use meshguard_ingest::{ArchiveMetrics, AttemptArchive, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
 use meshguard_schemas::output::Finding;
 use meshguard_schemas::{BatchDecoder, FindingKind, InputTopic};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -127,6 +134,8 @@ pub struct Pipeline {
     sink: Arc<KafkaSink>,
     engine: Engine,
     store: LocalCheckpointStore,
+    /// The attempt archive (`archive.enabled`).
+    archive: Option<AttemptArchive>,
     decoders: [BatchDecoder; 4],
     topics: Topics,
     ingest_metrics: IngestMetrics,
@@ -192,12 +201,27 @@ impl Pipeline {
             .map(|t| BatchDecoder::new(t).with_max_record_bytes(cfg.pipeline.max_record_bytes));
         let ingest_metrics = IngestMetrics::new(registry)?;
         let metrics = PipelineMetrics::new(registry)?;
+        let archive = if cfg.archive.enabled {
+            let archive = AttemptArchive::open(
+                &cfg.archive,
+                InputTopic::Messages.schema(),
+                kafka.instance_id.as_deref(),
+                chrono::Utc::now().timestamp_millis(),
+                ArchiveMetrics::new(registry)?,
+            )
+            .with_context(|| format!("opening the attempt archive in {}", cfg.archive.dir.display()))?;
+            info!(message = "Archiving attempts.", dir = %archive.root().display());
+            Some(archive)
+        } else {
+            None
+        };
         let mut pipeline = Self {
             cfg,
             source,
             sink,
             engine,
             store,
+            archive,
             decoders,
             topics,
             ingest_metrics,
@@ -317,6 +341,11 @@ impl Pipeline {
         }
         self.stats.dead_letters.fetch_add(assembled.dead_letters.len() as u64, Ordering::Relaxed);
 
+        // Archived before detection, so an archive failure stops the worker before anything of the
+        // batch is published; the rows are durable at the next checkpoint (see the module docs).
+        if let (Some(archive), Some(messages)) = (&mut self.archive, &assembled.batch.messages) {
+            archive.append(&messages.batch).context("archiving attempts")?;
+        }
         let findings = self.engine.process(&assembled.batch, now_ms);
         self.publish(&findings, raw, now_ms)?;
         // Enforcement changes, keyed by UUID on the compacted topic: a replay after a crash
@@ -368,6 +397,9 @@ impl Pipeline {
     fn checkpoint(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
+        if let Some(archive) = &mut self.archive {
+            archive.close_all().context("closing archive files before a checkpoint")?;
+        }
         let ends = self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?;
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
         let cp = self.engine.checkpoint();
@@ -383,6 +415,11 @@ impl Pipeline {
         // by the next checkpoint, not a reason to stop.
         if let Err(e) = self.source.commit(&offsets) {
             warn!(message = "Committing offsets failed; the checkpoint stands.", error = %e);
+        }
+        if let Some(archive) = &mut self.archive
+            && let Err(e) = archive.apply_retention(chrono::Utc::now().timestamp_millis())
+        {
+            warn!(message = "Deleting archive folders past retention failed; retrying at the next checkpoint.", error = %e);
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());

@@ -127,6 +127,7 @@ fn spawn_meshguard(broker: &Broker, mosquitto: &Mosquitto, dry_run: bool, metric
     Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["run", "--brokers", &broker.bootstrap(), "--quiet", "--config"])
         .arg(&config)
+        .env("MESHGUARD_ARCHIVE__DIR", dir.join("archive"))
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

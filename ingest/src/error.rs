@@ -41,6 +41,48 @@ pub enum Error {
         /// The limit.
         after_ms: u64,
     },
+    /// The `[archive]` configuration is invalid.
+    #[error("invalid configuration: `{field}` {reason}")]
+    ArchiveConfig {
+        /// The field, e.g. `archive.max_rows_per_file`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file or folder of the attempt archive could not be read or written.
+    #[error("attempt archive: {what} {path}: {cause}")]
+    ArchiveIo {
+        /// What meshguard was doing (`creating`, `renaming`, ...).
+        what: &'static str,
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        cause: std::io::Error,
+    },
+    /// The Parquet writer failed.
+    #[error("attempt archive: writing {path}: {cause}")]
+    ArchiveParquet {
+        /// The (temporary) file being written.
+        path: std::path::PathBuf,
+        /// The writer's error.
+        cause: parquet::errors::ParquetError,
+    },
+    /// An Arrow kernel failed while splitting rows by date.
+    #[error("attempt archive: {what}: {cause}")]
+    ArchiveArrow {
+        /// What was being done.
+        what: &'static str,
+        /// The kernel's error.
+        cause: arrow::error::ArrowError,
+    },
+    /// A batch given to the archive is not what it archives.
+    #[error("attempt archive: expected {expected}, found {found}")]
+    ArchiveBatch {
+        /// What the archive takes.
+        expected: String,
+        /// What it was given.
+        found: String,
+    },
 }
 
 impl Error {

@@ -1,4 +1,4 @@
-//! Kafka I/O for meshguard: everything that talks to a broker lives here.
+//! Kafka I/O for meshguard (everything that talks to a broker lives here) and the attempt archive.
 //!
 //! ```text
 //!  input topics ──► KafkaSource ──(arena of payload bytes)──► assemble() ──► MicroBatch + dead letters
@@ -6,6 +6,7 @@
 //!    identity requests; global consumer:             └─ rebalance events: partitions gained / lost
 //!    registry, presence)
 //!  findings, dead letters ──► KafkaSink (idempotent producer; flush = durable)
+//!  message attempts ──► AttemptArchive ──► <dir>/attempts/date=YYYY-MM-DD/part-….parquet (closed at checkpoints)
 //!  EmbeddedBroker: librdkafka's in-process mock cluster, for `meshguard run` with no setup
 //! ```
 //!
@@ -13,6 +14,7 @@
 //! record. Nothing here decides anything about the data: decisions are the analytics crate's.
 
 pub mod admin;
+pub mod archive;
 mod assemble;
 pub mod config;
 pub mod embedded;
@@ -22,6 +24,7 @@ pub mod simulator;
 pub mod sink;
 pub mod source;
 
+pub use archive::{ArchiveConfig, ArchiveMetrics, AttemptArchive};
 pub use assemble::{Assembled, assemble};
 pub use config::{KafkaConfig, Topics};
 pub use embedded::EmbeddedBroker;

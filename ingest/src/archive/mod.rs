@@ -1,0 +1,414 @@
+//! The attempt archive: every decoded message attempt, allowed or not, in Parquet files under
+//! Hive-style date folders, for the timing models' training and the SQL surface (`attempts`).
+//!
+//! ```text
+//!  <dir>/attempts/
+//!    date=2026-11-24/
+//!      part-<writer>-<run>-000001.parquet     closed: complete, fsynced, never written again
+//!      .part-<writer>-<run>-000002.parquet.tmp open: being written, invisible to readers
+//!    date=2026-11-25/…
+//! ```
+//!
+//! This module owns the files under `<dir>/attempts`; it must never decide anything about the
+//! rows (they are written as decoded, in the canonical schema of `meshguard.messages.v1`, the
+//! Arrow schema stored in each file so readers get `FixedSizeBinary(16)` UUIDs, dictionary enums
+//! and UTC timestamps back exactly).
+//!
+//! # Partitioning and files
+//! A row goes to the folder of its event time's UTC date (`ts`), not its arrival: rows of one
+//! micro-batch may span dates and are split with Arrow kernels. One file per date is open at a
+//! time; it is closed at `max_rows_per_file` rows or `max_bytes_per_file` bytes, and **every open
+//! file is closed at each pipeline checkpoint**, before the checkpoint is saved. A file is written
+//! under a hidden temporary name (`.part-….parquet.tmp`), then fsynced, renamed to its final name and
+//! its folder fsynced: a `part-*.parquet` file is always complete.
+//!
+//! Names are `part-<writer>-<run>-<sequence>.parquet`: `writer` is the worker's `kafka.instance_id`
+//! (`meshguard` when unset; characters other than letters, digits, `_` and `.` become `_`), `run` the start time of this process (UTC) and a random suffix,
+//! `sequence` counts files of the run. Two workers, or two runs of one worker, never collide.
+//!
+//! # Durability: effectively once
+//! A checkpoint says "every attempt before these offsets is processed". Because files are closed
+//! before it is saved, every attempt it covers is in a closed file. After a crash, the worker
+//! resumes from the last checkpoint and archives the attempts after it again; what the crashed
+//! run had written of them was only ever in temporary files, which [`AttemptArchive::open`] deletes
+//! (those of its own `writer` name, so workers sharing a directory must have distinct
+//! `kafka.instance_id`s, as static membership already requires). So no attempt is lost and none
+//! lands twice from a crash.
+//!
+//! One case does repeat rows: when the consumer group moves a partition to another worker, the
+//! attempts this worker read from it after its last checkpoint are in its open files, and the new
+//! owner archives them again from that checkpoint. Every attempt carries its `id`, so readers that
+//! need exact counts across rebalances deduplicate on it.
+//!
+//! # Retention
+//! At each checkpoint, `date=` folders whose date is more than `retention_days` before today (UTC,
+//! by the caller's clock) are deleted whole. Folders with other names are left alone.
+//!
+//! # Memory
+//! An open file buffers at most one row group (128 Ki rows or 32 MiB encoded, whichever first) in
+//! memory; the other row groups are on disk. Rows are copied once, into the Parquet encoders.
+
+mod config;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, AsArray, Date32Array, Scalar};
+use arrow::compute::kernels::cmp::eq;
+use arrow::compute::{filter, filter_record_batch, max, min, not};
+use arrow::datatypes::{DataType, Date32Type, SchemaRef, TimeUnit, TimestampMillisecondType};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use chrono::{DateTime, NaiveDate};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use prometheus::{IntCounter, Registry};
+use tracing::{debug, info};
+
+pub use config::ArchiveConfig;
+
+use crate::error::{Error, Result};
+
+/// The event-time column that decides a row's folder.
+const TS: &str = "ts";
+/// Milliseconds in a UTC day.
+const MS_PER_DAY: i64 = 86_400_000;
+/// Rows of one row group: the unit Parquet readers prune and decode in parallel, and what an open
+/// file holds in memory.
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+/// Encoded bytes of one row group, the other bound of an open file's memory.
+const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Folder of the attempts under the archive's root.
+const ATTEMPTS: &str = "attempts";
+
+/// Counters of the archive, registered in the caller's Prometheus registry. They count closed
+/// files only: what a checkpoint can rely on.
+#[derive(Debug, Clone)]
+pub struct ArchiveMetrics {
+    rows: IntCounter,
+    files: IntCounter,
+    bytes: IntCounter,
+}
+
+impl ArchiveMetrics {
+    /// Creates and registers the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let this = Self::unregistered()?;
+        registry.register(Box::new(this.rows.clone()))?;
+        registry.register(Box::new(this.files.clone()))?;
+        registry.register(Box::new(this.bytes.clone()))?;
+        Ok(this)
+    }
+
+    /// The metrics without a registry (tests, benchmarks).
+    pub fn unregistered() -> prometheus::Result<Self> {
+        Ok(Self {
+            rows: IntCounter::new("meshguard_archive_rows_total", "Message attempts written to closed archive files.")?,
+            files: IntCounter::new("meshguard_archive_files_total", "Archive files closed (complete and fsynced).")?,
+            bytes: IntCounter::new("meshguard_archive_bytes_total", "Bytes of closed archive files.")?,
+        })
+    }
+}
+
+/// A file the archive closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedFile {
+    /// Its final path.
+    pub path: PathBuf,
+    /// Rows in it.
+    pub rows: u64,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// The file being written for one date.
+struct OpenFile {
+    writer: ArrowWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    rows: usize,
+}
+
+/// Writes message attempts to Parquet. See the module docs for layout, durability and retention.
+pub struct AttemptArchive {
+    config: ArchiveConfig,
+    /// `<dir>/attempts`.
+    root: PathBuf,
+    schema: SchemaRef,
+    props: WriterProperties,
+    /// Prefix of every file name of this run: `part-<writer>-<run>-`.
+    prefix: String,
+    /// Prefix of this writer's temporary files, whatever the run: `.part-<writer>-`.
+    tmp_prefix: String,
+    /// Files of this run so far.
+    sequence: u64,
+    /// Open files by date (days since 1970-01-01, UTC).
+    open: BTreeMap<i32, OpenFile>,
+    metrics: ArchiveMetrics,
+}
+
+impl std::fmt::Debug for AttemptArchive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptArchive")
+            .field("root", &self.root)
+            .field("prefix", &self.prefix)
+            .field("open_dates", &self.open.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttemptArchive {
+    /// Opens the archive under `config.dir` for batches of `schema` (which must have a `ts`
+    /// column of `Timestamp(Millisecond, _)`), written by `writer` (the worker's
+    /// `kafka.instance_id`). Creates the directory, and deletes the temporary files a previous run
+    /// of the same writer left (a crash; see the module docs). `now_ms` names this run.
+    pub fn open(config: &ArchiveConfig, schema: SchemaRef, writer: Option<&str>, now_ms: i64, metrics: ArchiveMetrics) -> Result<Self> {
+        if let Err((field, reason)) = config.validate() {
+            return Err(Error::ArchiveConfig { field, reason });
+        }
+        match schema.field_with_name(TS).map(|f| f.data_type()) {
+            Ok(DataType::Timestamp(TimeUnit::Millisecond, _)) => {}
+            found => {
+                return Err(Error::ArchiveBatch {
+                    expected: "a `ts` column of Timestamp(Millisecond)".into(),
+                    found: format!("{found:?}"),
+                });
+            }
+        }
+        let root = config.dir.join(ATTEMPTS);
+        fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
+        let writer = sanitize(writer.unwrap_or("meshguard"));
+        let started = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
+        let prefix = format!("part-{writer}-{started}-{:08x}-", uuid::Uuid::new_v4().as_u128() as u32);
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS.min(config.max_rows_per_file)))
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+            .build();
+        let this = Self {
+            config: config.clone(),
+            root,
+            schema,
+            props,
+            prefix,
+            tmp_prefix: format!(".part-{writer}-"),
+            sequence: 0,
+            open: BTreeMap::new(),
+            metrics,
+        };
+        let removed = this.remove_stale_temporaries()?;
+        if removed > 0 {
+            info!(message = "Removed temporary archive files of an interrupted run.", files = removed, dir = %this.root.display());
+        }
+        Ok(this)
+    }
+
+    /// The folder of the attempts (`<dir>/attempts`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Appends `batch` (rows in the archive's schema) to the open files of their dates, closing
+    /// files that reach their size bounds. The rows are durable only once their file is closed:
+    /// by a bound, or by [`AttemptArchive::close_all`].
+    pub fn append(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if batch.schema() != self.schema {
+            return Err(Error::ArchiveBatch { expected: format!("rows of schema {}", self.schema), found: format!("{}", batch.schema()) });
+        }
+        let ts = batch
+            .column_by_name(TS)
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+            .ok_or_else(|| Error::ArchiveBatch { expected: "a `ts` column of Timestamp(Millisecond)".into(), found: "none".into() })?;
+        if ts.null_count() > 0 {
+            return Err(Error::ArchiveBatch { expected: "a `ts` in every row".into(), found: format!("{} rows without", ts.null_count()) });
+        }
+        // UTC by the contract: the day is the floor of the epoch milliseconds.
+        let days: Date32Array = ts.unary(|ms| ms.div_euclid(MS_PER_DAY) as i32);
+        let (Some(first), Some(last)) = (min(&days), max(&days)) else { return Ok(()) };
+        if first == last {
+            return self.write_date(first, batch.clone());
+        }
+        // Rows span dates: peel off the earliest date until one is left. Usually two dates.
+        let (mut rest, mut rest_days) = (batch.clone(), days);
+        loop {
+            let Some(day) = min(&rest_days) else { return Ok(()) };
+            if day == last {
+                return self.write_date(day, rest);
+            }
+            let mask = eq(&rest_days, &Scalar::new(Date32Array::from(vec![day]))).map_err(arrow_error("selecting a date's rows"))?;
+            self.write_date(day, filter_record_batch(&rest, &mask).map_err(arrow_error("selecting a date's rows"))?)?;
+            let others = not(&mask).map_err(arrow_error("selecting the other dates' rows"))?;
+            rest = filter_record_batch(&rest, &others).map_err(arrow_error("selecting the other dates' rows"))?;
+            rest_days =
+                filter(&rest_days, &others).map_err(arrow_error("selecting the other dates' rows"))?.as_primitive::<Date32Type>().clone();
+        }
+    }
+
+    /// Closes every open file: when this returns, every row appended so far is in a complete,
+    /// fsynced `part-*.parquet` file. Call it before saving a checkpoint.
+    pub fn close_all(&mut self) -> Result<Vec<ClosedFile>> {
+        let open = std::mem::take(&mut self.open);
+        let mut closed = Vec::with_capacity(open.len());
+        for (_, file) in open {
+            closed.push(self.close(file)?);
+        }
+        Ok(closed)
+    }
+
+    /// Deletes the `date=` folders more than `retention_days` before the UTC date of `now_ms`,
+    /// and returns their dates. Folders with an open file are kept.
+    pub fn apply_retention(&mut self, now_ms: i64) -> Result<Vec<NaiveDate>> {
+        let today = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().date_naive();
+        let Some(oldest_kept) = today.checked_sub_days(chrono::Days::new(u64::from(self.config.retention_days))) else {
+            return Ok(Vec::new());
+        };
+        let mut deleted = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io_error("listing", &self.root))? {
+            let entry = entry.map_err(io_error("listing", &self.root))?;
+            let name = entry.file_name();
+            let Some(date) =
+                name.to_str().and_then(|n| n.strip_prefix("date=")).and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+            else {
+                continue;
+            };
+            if date >= oldest_kept || self.open.contains_key(&days_since_epoch(date)) {
+                continue;
+            }
+            let path = entry.path();
+            fs::remove_dir_all(&path).map_err(io_error("deleting", &path))?;
+            deleted.push(date);
+        }
+        if !deleted.is_empty() {
+            sync_dir(&self.root)?;
+            deleted.sort();
+            info!(
+                message = "Deleted archive folders past retention.",
+                folders = deleted.len(),
+                retention_days = self.config.retention_days
+            );
+        }
+        Ok(deleted)
+    }
+
+    /// Writes rows of one date, rolling files at the row and byte bounds.
+    fn write_date(&mut self, day: i32, mut rows: RecordBatch) -> Result<()> {
+        let max_rows = self.config.max_rows_per_file;
+        let max_bytes = self.config.max_bytes_per_file;
+        while rows.num_rows() > 0 {
+            if !self.open.contains_key(&day) {
+                let file = self.create(day)?;
+                self.open.insert(day, file);
+            }
+            let Some(file) = self.open.get_mut(&day) else { continue };
+            let take = (max_rows - file.rows).min(rows.num_rows());
+            file.writer.write(&rows.slice(0, take)).map_err(parquet_error(&file.tmp))?;
+            file.rows += take;
+            rows = rows.slice(take, rows.num_rows() - take);
+            let bytes = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
+            if (file.rows >= max_rows || bytes >= max_bytes)
+                && let Some(file) = self.open.remove(&day)
+            {
+                self.close(file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a file for `day` under its temporary name.
+    fn create(&mut self, day: i32) -> Result<OpenFile> {
+        let date = Date32Type::to_naive_date_opt(day)
+            .ok_or_else(|| Error::ArchiveBatch { expected: "a `ts` within years ±262143".into(), found: format!("day {day}") })?;
+        let folder = self.root.join(format!("date={}", date.format("%Y-%m-%d")));
+        if !folder.exists() {
+            fs::create_dir_all(&folder).map_err(io_error("creating", &folder))?;
+            // The new folder's entry must survive a crash along with the files it will hold.
+            sync_dir(&self.root)?;
+        }
+        self.sequence += 1;
+        let name = format!("{}{:06}.parquet", self.prefix, self.sequence);
+        let tmp = folder.join(format!(".{name}.tmp"));
+        let path = folder.join(name);
+        let out = File::create(&tmp).map_err(io_error("creating", &tmp))?;
+        let writer = ArrowWriter::try_new(out, self.schema.clone(), Some(self.props.clone())).map_err(parquet_error(&tmp))?;
+        Ok(OpenFile { writer, tmp, path, rows: 0 })
+    }
+
+    /// Finishes `file`: footer, fsync, rename to the final name, fsync of the folder.
+    fn close(&self, file: OpenFile) -> Result<ClosedFile> {
+        let OpenFile { writer, tmp, path, rows } = file;
+        let out = writer.into_inner().map_err(parquet_error(&tmp))?;
+        out.sync_all().map_err(io_error("syncing", &tmp))?;
+        let bytes = out.metadata().map_err(io_error("reading the size of", &tmp))?.len();
+        drop(out);
+        fs::rename(&tmp, &path).map_err(io_error("renaming", &tmp))?;
+        if let Some(folder) = path.parent() {
+            sync_dir(folder)?;
+        }
+        self.metrics.rows.inc_by(rows as u64);
+        self.metrics.files.inc();
+        self.metrics.bytes.inc_by(bytes);
+        debug!(message = "Closed an archive file.", rows, bytes, path = %path.display());
+        Ok(ClosedFile { path, rows: rows as u64, bytes })
+    }
+
+    /// Deletes this writer's temporary files in every date folder.
+    fn remove_stale_temporaries(&self) -> Result<usize> {
+        let mut removed = 0;
+        for folder in fs::read_dir(&self.root).map_err(io_error("listing", &self.root))? {
+            let folder = folder.map_err(io_error("listing", &self.root))?.path();
+            if !folder.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&folder).map_err(io_error("listing", &folder))? {
+                let entry = entry.map_err(io_error("listing", &folder))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with(&self.tmp_prefix) && name.ends_with(".tmp") {
+                    let path = entry.path();
+                    fs::remove_file(&path).map_err(io_error("deleting", &path))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Days since 1970-01-01 of `date`.
+fn days_since_epoch(date: NaiveDate) -> i32 {
+    Date32Type::from_naive_date(date)
+}
+
+/// `name` with every character but ASCII letters, digits, `_` and `.` replaced by `_`: an instance
+/// id cannot escape the folder, and cannot hold the `-` that ends the writer's part of a name, so
+/// writer `w`'s temporary-file prefix `.part-w-` never matches writer `w-1`'s files.
+fn sanitize(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' }).collect()
+}
+
+/// Makes a folder's entries (created, renamed or deleted files) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing", dir))
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |cause| Error::ArchiveIo { what, path, cause }
+}
+
+fn parquet_error(path: &Path) -> impl FnOnce(ParquetError) -> Error {
+    let path = path.to_owned();
+    move |cause| Error::ArchiveParquet { path, cause }
+}
+
+fn arrow_error(what: &'static str) -> impl FnOnce(ArrowError) -> Error {
+    move |cause| Error::ArchiveArrow { what, cause }
+}
