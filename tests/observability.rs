@@ -361,7 +361,8 @@ async fn prometheus_scraping_meshguard_run_answers_every_dashboard_query() {
     // The rules load and evaluate without error.
     wait_for("every alert rule to evaluate", Duration::from_secs(60), async || {
         let v: Value = serde_json::from_str(&get_text(&client, &format!("{prometheus}/api/v1/rules")).await?).map_err(|e| e.to_string())?;
-        let rules: Vec<&Value> = v["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+        let rules: Vec<&Value> =
+            v["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().unwrap()).collect();
         if rules.len() >= 6 && rules.iter().all(|r| r["health"] == "ok") { Ok(()) } else { Err(format!("{v}")) }
     })
     .await;
