@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command, locally and in CI: installs what the build needs (Debian packages
-# only if missing, the tansu broker into the cache, Mosquitto from Debian), then formatting, lints
+# only if missing, the tansu broker into the cache, Mosquitto and Prometheus from Debian), then formatting, lints
 # and every test against real brokers. Needs only rustup's cargo, gcc, make and python3 to begin with.
 #
 #   bash scripts/test.sh
@@ -63,6 +63,14 @@ section "MQTT broker (Mosquitto 2 with dynamic security)"
 eval "$(bash scripts/install-mosquitto.sh)"
 export MESHGUARD_MOSQUITTO_BIN MESHGUARD_MOSQUITTO_DYNSEC MESHGUARD_MOSQUITTO_CTRL
 echo "$MESHGUARD_MOSQUITTO_BIN, $MESHGUARD_MOSQUITTO_DYNSEC, $MESHGUARD_MOSQUITTO_CTRL"
+
+section "Prometheus (server and promtool)"
+# The observability tests check the live /metrics, the alert rules and every dashboard query against
+# a real Prometheus (Debian package, if missing).
+eval "$(bash scripts/install-prometheus.sh)"
+export MESHGUARD_PROMETHEUS_BIN MESHGUARD_PROMTOOL_BIN
+echo "$MESHGUARD_PROMETHEUS_BIN, $MESHGUARD_PROMTOOL_BIN"
+"$MESHGUARD_PROMETHEUS_BIN" --version 2>&1 | head -n 1
 
 section "Format (cargo fmt --check)"
 cargo fmt --all --check

@@ -25,11 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use meshguard_analytics::enforcement::Status;
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
 use meshguard_ingest::{ArchiveMetrics, AttemptArchive, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
 use meshguard_schemas::output::Finding;
-use meshguard_schemas::{BatchDecoder, FindingKind, InputTopic};
+use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTopic, Outcome};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{info, warn};
 
@@ -53,7 +54,8 @@ pub struct LiveStats {
     pub checkpoints: AtomicU64,
 }
 
-/// Pipeline metrics beyond ingest's.
+/// Pipeline metrics beyond ingest's. Names follow Prometheus conventions (`meshguard_` prefix, base
+/// units, `_total` counters, no UUIDs in labels); the README's "Metrics" lists them all.
 #[derive(Debug, Clone)]
 pub struct PipelineMetrics {
     findings: IntCounterVec,
@@ -65,6 +67,96 @@ pub struct PipelineMetrics {
     enforcement_changes: IntCounterVec,
     identity_results: IntCounterVec,
     consumer_lag: IntGauge,
+    duplicates: IntCounter,
+    state: StateGauges,
+}
+
+/// Sizes of the worker's state, set on the checkpoint cadence (walking the tables per micro-batch
+/// would cost more than the batch). Entries, not bytes, except where the store can say its bytes
+/// cheaply: a growing count is what an alert or a capacity plan needs.
+#[derive(Debug, Clone)]
+struct StateGauges {
+    partitions: IntGauge,
+    registry: IntGauge,
+    presence: IntGauge,
+    locations: IntGauge,
+    interactions: IntGauge,
+    throttle_windows: IntGauge,
+    throttle_bytes: IntGauge,
+    tightened: IntGauge,
+    offenders: IntGauge,
+    restricted: IntGauge,
+    dedup: IntGauge,
+    schedules: IntGauge,
+}
+
+impl StateGauges {
+    fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(Self {
+            partitions: gauge("meshguard_owned_partitions", "Input partitions the consumer group assigned to this worker.")?,
+            registry: gauge(
+                "meshguard_registry_entries",
+                "UUIDs in the registry global table (tombstoned ones still within the allowed lateness included).",
+            )?,
+            presence: gauge("meshguard_presence_entries", "UUIDs in the presence global table.")?,
+            locations: gauge("meshguard_location_entries", "UUIDs with a latest known location.")?,
+            interactions: gauge("meshguard_interaction_entries", "Interactions held across every device's interaction table.")?,
+            throttle_windows: gauge(
+                "meshguard_throttle_windows",
+                "Open throttle windows (requester, target and rule) of the owned partitions.",
+            )?,
+            throttle_bytes: gauge(
+                "meshguard_throttle_state_bytes",
+                "Approximate memory of the throttle state of the owned partitions, allocator overhead aside.",
+            )?,
+            tightened: gauge("meshguard_throttle_tightened_requesters", "Requesters whose throttle limits are currently tightened.")?,
+            offenders: gauge(
+                "meshguard_enforcement_offenders",
+                "Offenders with counted unauthorized attempts or a status, in the owned partitions.",
+            )?,
+            restricted: gauge(
+                "meshguard_enforcement_restricted_offenders",
+                "Offenders currently blocked or unregistered, in the owned partitions.",
+            )?,
+            dedup: gauge("meshguard_dedup_entries", "Finding ids remembered within the dedup horizon, in the owned partitions.")?,
+            schedules: gauge(
+                "meshguard_timing_schedules",
+                "Learned timing schedules (per pair and per requester) of the owned partitions.",
+            )?,
+        })
+    }
+
+    /// Reads the sizes from `engine` for the partitions in `owned`.
+    fn set(&self, engine: &Engine, owned: &std::collections::HashSet<(InputTopic, i32)>) {
+        let (mut windows, mut bytes, mut tightened, mut offenders, mut restricted, mut dedup, mut schedules) = (0, 0, 0, 0, 0, 0, 0);
+        for state in owned.iter().filter_map(|id| engine.partition(id)) {
+            windows += state.throttles.windows.len();
+            bytes += state.throttles.approximate_bytes();
+            tightened += state.throttles.tightened.len();
+            offenders += state.enforcement.len();
+            restricted += state.enforcement.values().filter(|o| o.status != Status::Active).count();
+            dedup += state.emitted.len();
+            schedules += state.schedules.len();
+        }
+        let set = |g: &IntGauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        set(&self.partitions, owned.len());
+        set(&self.registry, engine.registry_len());
+        set(&self.presence, engine.presence_len());
+        set(&self.locations, engine.locations_len());
+        set(&self.interactions, engine.interactions_len());
+        set(&self.throttle_windows, windows);
+        set(&self.throttle_bytes, bytes);
+        set(&self.tightened, tightened);
+        set(&self.offenders, offenders);
+        set(&self.restricted, restricted);
+        set(&self.dedup, dedup);
+        set(&self.schedules, schedules);
+    }
 }
 
 impl PipelineMetrics {
@@ -99,7 +191,11 @@ impl PipelineMetrics {
             IntCounterVec::new(Opts::new("meshguard_identity_results_total", "Identity requests answered, by outcome."), &["outcome"])?;
         let consumer_lag =
             IntGauge::new("meshguard_consumer_lag_records", "Records of the keyed input topics not yet consumed by this worker.")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let duplicates = IntCounter::new(
+            "meshguard_duplicate_findings_total",
+            "Findings not published again because one with the same id was already (a replay after a restart or rebalance).",
+        )?;
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
@@ -109,9 +205,21 @@ impl PipelineMetrics {
             Box::new(enforcement_changes.clone()),
             Box::new(identity_results.clone()),
             Box::new(consumer_lag.clone()),
+            Box::new(duplicates.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
+        }
+        // Every series of a closed vocabulary exists from the start, at 0: a dashboard then shows
+        // "none yet" rather than "no data", and `rate()` and `increase()` see the first increment.
+        for kind in FindingKind::NAMES {
+            findings.with_label_values(&[kind]);
+        }
+        for state in EnforcementStateKind::NAMES {
+            enforcement_changes.with_label_values(&[state]);
+        }
+        for outcome in Outcome::NAMES {
+            identity_results.with_label_values(&[outcome]);
         }
         Ok(Self {
             findings,
@@ -123,6 +231,8 @@ impl PipelineMetrics {
             enforcement_changes,
             identity_results,
             consumer_lag,
+            duplicates,
+            state: StateGauges::new(registry)?,
         })
     }
 }
@@ -143,6 +253,7 @@ pub struct Pipeline {
     stats: Arc<LiveStats>,
     reported_late: u64,
     reported_tightenings: u64,
+    reported_duplicates: u64,
     /// Partitions of the keyed topics the group has assigned to this worker.
     owned: std::collections::HashSet<(InputTopic, i32)>,
 }
@@ -229,6 +340,7 @@ impl Pipeline {
             stats,
             reported_late: 0,
             reported_tightenings: 0,
+            reported_duplicates: 0,
             owned: Default::default(),
         };
 
@@ -370,6 +482,9 @@ impl Pipeline {
         let tightenings = self.engine.stats().tightenings;
         self.metrics.throttle_tightenings.inc_by(tightenings - self.reported_tightenings);
         self.reported_tightenings = tightenings;
+        let duplicates = self.engine.stats().duplicates;
+        self.metrics.duplicates.inc_by(duplicates - self.reported_duplicates);
+        self.reported_duplicates = duplicates;
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -423,6 +538,7 @@ impl Pipeline {
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.state.set(&self.engine, &self.owned);
         Ok(())
     }
 }

@@ -243,6 +243,22 @@ impl Engine {
         self.registry.len()
     }
 
+    /// UUIDs with a presence history in the presence table (for the state-size gauges).
+    pub fn presence_len(&self) -> usize {
+        self.presence.len()
+    }
+
+    /// UUIDs with a latest location in the locations table (for the state-size gauges).
+    pub fn locations_len(&self) -> usize {
+        self.locations.len()
+    }
+
+    /// Interactions held across every device's interaction table (for the state-size gauges; walks
+    /// the devices, so call it on the checkpoint cadence, not per batch).
+    pub fn interactions_len(&self) -> usize {
+        self.interactions.len()
+    }
+
     /// Applies one micro-batch and returns the new findings, in row order. `now_ms` is the
     /// detection time written into findings.
     pub fn process(&mut self, mb: &MicroBatch, now_ms: i64) -> Vec<Finding> {
