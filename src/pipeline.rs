@@ -378,8 +378,10 @@ impl Pipeline {
                 && !(raw.topic(InputTopic::Messages).is_empty() && raw.topic(InputTopic::IdentityRequests).is_empty())
             {
                 // Registry and presence records already on the broker apply to these attempts.
-                if let Err(e) = self.source.catch_up_globals(&mut raw, GLOBAL_ALIGN_TIMEOUT) {
-                    warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e);
+                let started = Instant::now();
+                match self.source.catch_up_globals(&mut raw, GLOBAL_ALIGN_TIMEOUT) {
+                    Ok(read) => tracing::debug!(message = "Global tables aligned.", read, ms = started.elapsed().as_millis() as u64),
+                    Err(e) => warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e),
                 }
             }
             if !raw.is_empty() {

@@ -322,28 +322,33 @@ impl KafkaSource {
         // A timestamp of -1 (`Offset::End`) asks for the latest offset: one request per broker for
         // every partition, where `fetch_watermarks` costs two per partition.
         let ends = self.global.offsets_for_times(query, timeout).map_err(Error::kafka("reading the end of the global topics"))?;
-        let mut targets = Vec::new();
+        // Where each partition must be read to. Its position is compared below; the start of a
+        // partition nothing was consumed from yet (the assigned offset, or for `Beginning` the
+        // log start, which compaction and retention move past 0) is looked up only then, and at
+        // most once per call: `fetch_watermarks` costs two requests.
+        let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
         for e in ends.elements() {
             let end = e.offset().to_raw().unwrap_or(0);
-            if end <= 0 {
-                continue;
+            if end > 0 {
+                let start = match assignment.find_partition(e.topic(), e.partition()).map(|a| a.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                };
+                targets.push((e.topic().to_owned(), e.partition(), start, end));
             }
-            // Where reading starts when nothing was consumed yet: the assigned offset, or for
-            // `Beginning` the log start (which compaction and retention move past 0).
-            let start = match assignment.find_partition(e.topic(), e.partition()).map(|a| a.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => self.global.fetch_watermarks(e.topic(), e.partition(), timeout).map(|(low, _)| low).unwrap_or(0),
-            };
-            targets.push((e.topic().to_owned(), e.partition(), start, end));
         }
         let mut read = 0;
         loop {
             let positions = self.global.position().map_err(Error::kafka("reading the global positions"))?;
-            let behind = targets.iter().any(|(topic, partition, start, end)| {
-                let at =
-                    positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).unwrap_or(*start);
-                at < *end
-            });
+            let mut behind = false;
+            for (topic, partition, start, end) in &mut targets {
+                let at = match positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0) {
+                    Some(at) => at,
+                    None => *start
+                        .get_or_insert_with(|| self.global.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0)),
+                };
+                behind |= at < *end;
+            }
             if !behind {
                 return Ok(read);
             }
