@@ -99,6 +99,7 @@ fn phase_topics(topics: &Topics, tag: &str) -> Topics {
         notifications: t(&topics.notifications),
         identity_results: t(&topics.identity_results),
         deadletter: t(&topics.deadletter),
+        control: t(&topics.control),
     }
 }
 

@@ -49,6 +49,11 @@ enum Command {
     /// Run the enforcer service alone: apply the enforcement topic to the configured targets and
     /// publish notifications (`meshguard run` also runs it in-process unless `enforcer.enabled = false`).
     Enforce(EnforceArgs),
+    /// Block a UUID from now on, for `--for` (or until unblocked): published on the control topic,
+    /// applied by the detection pipeline, pushed to the brokers by the enforcer.
+    Block(BlockArgs),
+    /// Make a blocked or unregistered UUID active again from now on (its count starts afresh).
+    Unblock(UnblockArgs),
     /// Publish simulated contract traffic with injected violations to a cluster.
     Simulate(SimulateArgs),
     /// The end-to-end benchmark: throughput per core and event→finding latency.
@@ -104,6 +109,48 @@ struct EnforceArgs {
 }
 
 #[derive(Debug, Args)]
+struct BlockArgs {
+    /// The UUID to block.
+    uuid: uuid::Uuid,
+    /// How long: `90s`, `30m`, `2h`, `7d`; without it, until unblocked.
+    #[arg(long = "for", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Why, recorded in the enforcement state's `reason` (`manual: ...`).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct UnblockArgs {
+    /// The UUID to make active again.
+    uuid: uuid::Uuid,
+    /// Why, recorded in the enforcement state's `reason`.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+/// `90s`, `30m`, `2h`, `7d` (or a bare number of seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = number.parse().map_err(|_| format!("expected a duration such as 90s, 30m, 2h or 7d, found {s:?}"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("expected a duration unit s, m, h or d, found {unit:?} in {s:?}")),
+    };
+    Ok(Duration::from_secs(n * secs))
+}
+
+#[derive(Debug, Args)]
 struct SimulateArgs {
     /// Kafka bootstrap servers, `host:port[,host:port]`.
     #[arg(long)]
@@ -138,6 +185,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => runtime.block_on(run(cfg, args)),
         Command::Enforce(args) => runtime.block_on(enforce(cfg, args)),
+        Command::Block(args) => {
+            let until = args.duration.map(|d| chrono::Utc::now().timestamp_millis() + d.as_millis() as i64);
+            runtime.block_on(control(cfg, args.brokers, args.uuid, meshguard_schemas::output::ControlAction::Block, until, args.reason))
+        }
+        Command::Unblock(args) => {
+            runtime.block_on(control(cfg, args.brokers, args.uuid, meshguard_schemas::output::ControlAction::Unblock, None, args.reason))
+        }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
         Command::Bench(b) => {
             drop(runtime);
@@ -312,6 +366,42 @@ async fn enforce(mut cfg: Config, args: EnforceArgs) -> anyhow::Result<()> {
     stop_on_signal(stop, stop_tx, None);
     let service = EnforcerService::start(cfg.enforcer, &kafka, cfg.topics, &registry).await.context("starting the enforcer")?;
     service.run(stopped(stop_rx)).await.context("the enforcer")
+}
+
+/// `meshguard block` / `unblock`: one command on the control topic, acknowledged by the broker.
+async fn control(
+    cfg: Config,
+    brokers: Option<String>,
+    uuid: uuid::Uuid,
+    command: meshguard_schemas::output::ControlAction,
+    until: Option<i64>,
+    reason: String,
+) -> anyhow::Result<()> {
+    let brokers = brokers.or_else(|| cfg.kafka.brokers.clone()).context("needs --brokers HOST:PORT (or kafka.brokers)")?;
+    let kafka = cfg.kafka.connection(&brokers);
+    check_reachable(&kafka, Duration::from_secs(10))?;
+    ensure_topics(&kafka, &cfg.topics, cfg.kafka.partitions).await?;
+    let cmd = meshguard_schemas::output::ControlCommand {
+        id: uuid::Uuid::new_v4(),
+        ts: chrono::Utc::now().timestamp_millis(),
+        uuid,
+        command,
+        until,
+        reason,
+    };
+    let sink = meshguard_ingest::KafkaSink::new(&kafka)?;
+    let mut key = [0u8; 36];
+    sink.send(&cfg.topics.control, uuid.hyphenated().encode_lower(&mut key).as_bytes(), &serde_json::to_vec(&cmd)?)?;
+    sink.flush(Duration::from_secs(30)).context("publishing the command")?;
+    let what = match (command, until) {
+        (meshguard_schemas::output::ControlAction::Block, Some(until)) => {
+            format!("block of {uuid} until {}", meshguard_schemas::time::format_ms(until))
+        }
+        (meshguard_schemas::output::ControlAction::Block, None) => format!("block of {uuid} until unblocked"),
+        (meshguard_schemas::output::ControlAction::Unblock, _) => format!("unblock of {uuid}"),
+    };
+    eprintln!("meshguard: {what} published on {}; the pipeline applies it", cfg.topics.control);
+    Ok(())
 }
 
 async fn simulate(cfg: Config, args: SimulateArgs) -> anyhow::Result<()> {

@@ -348,6 +348,7 @@ impl Pipeline {
         let messages_partitions = pipeline.source.partition_count(&pipeline.topics.messages, KAFKA_TIMEOUT)?;
         pipeline.engine.set_messages_partitions(u32::try_from(messages_partitions).unwrap_or(0));
         pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
+        pipeline.source.start_control(KAFKA_TIMEOUT)?;
         let mut raw = RawBatch::default();
         pipeline.source.catch_up_globals(&mut raw, Duration::from_secs(120))?;
         let n = raw.len();
@@ -369,7 +370,22 @@ impl Pipeline {
         while !stop.load(Ordering::Relaxed) {
             raw.clear();
             self.source.poll(&mut raw, max_records, max_wait);
+
             self.apply_rebalance();
+            // Manual overrides, in the control topic's order, before the batch is judged; only
+            // once the group has given this worker its partitions (the owner of a UUID's home
+            // partition applies its overrides, and until then this worker owns none).
+            if !self.owned.is_empty() {
+                let mut commands = Vec::new();
+                self.source.poll_control(&mut commands);
+                if !commands.is_empty() {
+                    for cmd in &commands {
+                        info!(message = "Applying a manual override.", uuid = %cmd.uuid, command = ?cmd.command);
+                        self.engine.apply_control(cmd);
+                    }
+                    self.publish_enforcement()?;
+                }
+            }
             for topic in [InputTopic::Messages, InputTopic::IdentityRequests] {
                 let owned = &self.owned;
                 raw.retain_partitions(topic, |p| owned.contains(&(topic, p)));
@@ -462,15 +478,8 @@ impl Pipeline {
         }
         let findings = self.engine.process(&assembled.batch, now_ms);
         self.publish(&findings, raw, now_ms)?;
-        // Enforcement changes, keyed by UUID on the compacted topic: a replay after a crash
-        // publishes the same records again, which compaction and every consumer treat as no change.
+        self.publish_enforcement()?;
         let mut key = [0u8; 36];
-        for change in self.engine.take_enforcement() {
-            let payload = serde_json::to_vec(&change)?;
-            let key = change.uuid.hyphenated().encode_lower(&mut key);
-            self.sink.send(&self.topics.enforcement, key.as_bytes(), &payload)?;
-            self.metrics.enforcement_changes.with_label_values(&[change.state.as_str()]).inc();
-        }
         for result in self.engine.take_identity_results() {
             let payload = serde_json::to_vec(&result)?;
             let key = result.device.hyphenated().encode_lower(&mut key);
@@ -488,6 +497,19 @@ impl Pipeline {
         self.metrics.duplicates.inc_by(duplicates - self.reported_duplicates);
         self.reported_duplicates = duplicates;
         self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Enforcement changes, keyed by UUID on the compacted topic: a replay after a crash publishes
+    /// the same records again, which compaction and every consumer treat as no change.
+    fn publish_enforcement(&mut self) -> anyhow::Result<()> {
+        let mut key = [0u8; 36];
+        for change in self.engine.take_enforcement() {
+            let payload = serde_json::to_vec(&change)?;
+            let key = change.uuid.hyphenated().encode_lower(&mut key);
+            self.sink.send(&self.topics.enforcement, key.as_bytes(), &payload)?;
+            self.metrics.enforcement_changes.with_label_values(&[change.state.as_str()]).inc();
+        }
         Ok(())
     }
 

@@ -594,3 +594,70 @@ async fn identity_requests_are_answered_the_same_by_two_workers() {
     let all = meshguard_testkit::consume_available(&broker.bootstrap(), "meshguard.identity-results.v1", Duration::from_secs(5)).unwrap();
     assert_eq!(all.len(), 3, "each request answered once");
 }
+
+/// Manual overrides: `meshguard block` and `meshguard unblock` publish on the control topic; the
+/// running pipeline applies them in order, publishes the state, and judges attempts by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_block_and_unblock_from_the_command_line() {
+    let (r, t) = ("a3000000-0000-4000-8000-000000000001", "b3000000-0000-4000-8000-000000000001");
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let names = Topics::default();
+    let now = || chrono::Utc::now().timestamp_millis();
+    let registry: Vec<ProduceRecord> = [r, t]
+        .iter()
+        .map(|u| {
+            (
+                Some(u.as_bytes().to_vec()),
+                Some(serde_json::json!({"uuid": u, "kind": "device"}).to_string().into_bytes()),
+                Some(now() - 60_000),
+            )
+        })
+        .collect();
+    produce(&broker.bootstrap(), names.input(InputTopic::Registry), &registry).await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut child = KillOnDrop(Some(spawn_meshguard(&broker, state.path(), "e2e-manual", 1, 1_000)));
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshguard")).args(args).args(["--brokers", &broker.bootstrap()]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let attempt = |n: u32, auth: &str| -> ProduceRecord {
+        let ts = now() + 1_000;
+        let v = serde_json::json!({"id": format!("00000000-0000-4000-8000-0000000003{n:02}"), "ts": ts, "action": "send", "from": r, "to": t, "auth": auth});
+        (Some(r.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(ts))
+    };
+
+    let said = cli(&["block", r, "--for", "2h", "--reason", "stolen token"]);
+    assert!(said.contains("block of") && said.contains("published"), "{said}");
+    let changes = consume_all(&broker.bootstrap(), "meshguard.enforcement.v1", 1, Duration::from_secs(60)).unwrap();
+    let v: Value = serde_json::from_slice(changes[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((v["state"].as_str(), v["reason"].as_str()), (Some("blocked"), Some("manual: stolen token")));
+    assert!(v["until"].is_string());
+    produce(&broker.bootstrap(), names.input(InputTopic::Messages), &[attempt(1, "valid")]).await.unwrap();
+    let found = consume_all(&broker.bootstrap(), FINDINGS, 1, Duration::from_secs(60)).unwrap();
+    let f: Value = serde_json::from_slice(found[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((f["kind"].as_str(), f["rule"].as_str()), (Some("blocked_requester"), Some("enforcement:blocked")));
+
+    cli(&["unblock", r]);
+    let changes = consume_all(&broker.bootstrap(), "meshguard.enforcement.v1", 2, Duration::from_secs(60)).unwrap();
+    let v: Value = serde_json::from_slice(changes[1].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((v["state"].as_str(), v["reason"].as_str()), (Some("active"), Some("manual")));
+    produce(&broker.bootstrap(), names.input(InputTopic::Messages), &[attempt(2, "invalid")]).await.unwrap();
+    let found = consume_all(&broker.bootstrap(), FINDINGS, 2, Duration::from_secs(60)).unwrap();
+    let f: Value = serde_json::from_slice(found[1].payload.as_ref().unwrap()).unwrap();
+    assert_eq!(f["kind"], "bad_credentials", "active again: judged normally");
+    terminate(child.0.take().unwrap());
+}
+
+/// Kills the process if the test fails before stopping it properly.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -115,11 +115,13 @@ pub struct Offender {
     pub status: Status,
     /// Ids of the latest findings counted (at most [`RECENT_FINDINGS`]).
     recent: Vec<Uuid>,
+    /// Time of the latest manual override applied (a replayed override changes nothing).
+    manual_ts: i64,
 }
 
 impl Default for Offender {
     fn default() -> Self {
-        Self { counted: Vec::new(), status: Status::Active, recent: Vec::new() }
+        Self { counted: Vec::new(), status: Status::Active, recent: Vec::new(), manual_ts: i64::MIN }
     }
 }
 
@@ -172,6 +174,24 @@ impl Offender {
         Some(status)
     }
 
+    /// Applies a manual override issued at `ts`: `Some(until)` blocks from `ts` (until `until`, or
+    /// until lifted), `None` makes the offender active again with a clean count. Returns whether
+    /// it changed anything (an override at or before the latest applied one is a replay).
+    pub fn apply_manual(&mut self, ts: i64, block_until: Option<Option<i64>>) -> bool {
+        if ts <= self.manual_ts {
+            return false;
+        }
+        self.manual_ts = ts;
+        self.status = match block_until {
+            Some(until) => Status::Blocked { since: ts, until: until.unwrap_or(i64::MAX) },
+            None => {
+                self.counted.clear();
+                Status::Active
+            }
+        };
+        true
+    }
+
     /// Ends a block whose `until` is at or before `watermark_ms` (an event-time timer): returns
     /// the time the offender became active again.
     pub fn expire(&mut self, watermark_ms: i64) -> Option<i64> {
@@ -193,7 +213,7 @@ impl Offender {
             Status::Blocked { since, until } => (
                 EnforcementStateKind::Blocked,
                 since,
-                Some(until),
+                (until != i64::MAX).then_some(until),
                 format!("{} unauthorized attempts in {}", cfg.block_at, duration(cfg.short_window_s)),
             ),
             Status::Unregistered { since } => (

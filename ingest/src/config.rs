@@ -94,6 +94,8 @@ pub struct Topics {
     pub identity_results: String,
     /// Rejected input records.
     pub deadletter: String,
+    /// Manual enforcement overrides (`meshguard block`/`unblock`), applied by the pipeline.
+    pub control: String,
 }
 
 impl Default for Topics {
@@ -109,6 +111,7 @@ impl Default for Topics {
             notifications: "meshguard.notifications.v1".into(),
             identity_results: "meshguard.identity-results.v1".into(),
             deadletter: "meshguard.deadletter.v1".into(),
+            control: "meshguard.control.v1".into(),
         }
     }
 }
@@ -143,6 +146,7 @@ impl Topics {
             (&self.notifications, false),
             (&self.identity_results, false),
             (&self.deadletter, false),
+            (&self.control, false),
         ]
     }
 }

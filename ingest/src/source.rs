@@ -236,6 +236,8 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaSource {
     group: BaseConsumer<GroupContext>,
     global: BaseConsumer,
+    /// Reads the control topic (manual overrides) in full, from the beginning, outside the group.
+    control: BaseConsumer,
     topics: Topics,
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
 }
@@ -276,7 +278,44 @@ impl KafkaSource {
             .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(Error::kafka("creating the global-table consumer"))?;
-        Ok(Self { group, global, topics, events })
+        let control: BaseConsumer = kafka
+            .client_config()
+            .set("group.id", format!("{}-control", kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .map_err(Error::kafka("creating the control consumer"))?;
+        Ok(Self { group, global, control, topics, events })
+    }
+
+    /// Assigns every partition of the control topic from its beginning: every worker reads every
+    /// manual override in order (the engine applies each once; see `Engine::apply_control`).
+    pub fn start_control(&self, timeout: Duration) -> Result<()> {
+        let name = &self.topics.control;
+        let md = self.control.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(name, p.id(), Offset::Beginning).map_err(Error::kafka("building the control assignment"))?;
+            }
+        }
+        self.control.assign(&tpl).map_err(Error::kafka("assigning the control topic"))
+    }
+
+    /// The manual overrides fetched so far, without waiting. A record that is not a command is
+    /// logged and skipped (it changes nothing).
+    pub fn poll_control(&self, out: &mut Vec<meshguard_schemas::output::ControlCommand>) {
+        while let Some(m) = self.control.poll(Duration::ZERO) {
+            match m {
+                Ok(m) => match m.payload().map(serde_json::from_slice::<meshguard_schemas::output::ControlCommand>) {
+                    Some(Ok(cmd)) => out.push(cmd),
+                    Some(Err(e)) => warn!(message = "Skipping a control record that is not a command.", offset = m.offset(), error = %e),
+                    None => {}
+                },
+                Err(e) => warn!(message = "Control consumer error.", error = %e),
+            }
+        }
     }
 
     /// Number of partitions of `topic`, from the cluster's metadata.

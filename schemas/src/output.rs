@@ -87,6 +87,38 @@ pub struct EnforcementState {
     pub findings: Vec<Uuid>,
 }
 
+/// A manual enforcement override (`meshguard.control.v1`, keyed by `uuid`): written by `meshguard
+/// block` and `meshguard unblock`, applied by the detection pipeline in the order of the topic, so
+/// that enforcement state keeps one owner. Not part of the platform contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlCommand {
+    /// Id of the command.
+    pub id: Uuid,
+    /// When it was issued.
+    #[serde(with = "serde_ms")]
+    pub ts: EpochMs,
+    /// The UUID it is about.
+    pub uuid: Uuid,
+    /// `block` or `unblock`.
+    pub command: ControlAction,
+    /// For `block`: when the block ends; null: until lifted.
+    #[serde(default, with = "serde_ms::option")]
+    pub until: Option<EpochMs>,
+    /// Why, in words (recorded in the enforcement state's `reason`).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// What a [`ControlCommand`] asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlAction {
+    /// Block the UUID from `ts` until `until`.
+    Block,
+    /// Make the UUID active again from `ts`.
+    Unblock,
+}
+
 /// A notice to a device or owner (`meshguard.notifications.v1`, keyed by `recipient`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {

@@ -27,7 +27,7 @@ use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT06";
+const MAGIC: &[u8; 8] = b"MGCKPT07";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

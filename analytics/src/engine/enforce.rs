@@ -3,7 +3,7 @@
 //! against the requester (see [`crate::enforcement`] for the rules). Runs row by row in the order
 //! of the batch, which within a partition is the order of the log.
 
-use meshguard_schemas::output::{EnforcementState, Finding};
+use meshguard_schemas::output::{ControlAction, ControlCommand, EnforcementState, Finding};
 use meshguard_schemas::time::format_ms;
 use meshguard_schemas::{Action, FindingKind, InputTopic, Severity};
 use serde_json::json;
@@ -124,6 +124,47 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Applies a manual override from the control topic, in the topic's order. Only the worker
+    /// that holds the UUID's home partition applies it (the state has one owner); a replayed
+    /// override (after a restart, the control topic is read from its beginning) changes nothing.
+    pub fn apply_control(&mut self, cmd: &ControlCommand) {
+        let home = if self.messages_partitions == 0 {
+            self.owned_messages.iter().min().copied().unwrap_or(0)
+        } else {
+            let home = (cmd.uuid.as_u128() % u128::from(self.messages_partitions)) as i32;
+            if !self.owned_messages.contains(&home) {
+                return;
+            }
+            home
+        };
+        let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
+        let offender = state.enforcement.entry(cmd.uuid).or_default();
+        let block = match cmd.command {
+            ControlAction::Block => Some(cmd.until),
+            ControlAction::Unblock => None,
+        };
+        if !offender.apply_manual(cmd.ts, block) {
+            return;
+        }
+        let mut record = offender.record(cmd.uuid, &self.cfg.enforcement, cmd.ts);
+        record.reason = if cmd.reason.is_empty() { "manual".to_owned() } else { format!("manual: {}", cmd.reason) };
+        match offender.status {
+            Status::Active => {
+                self.enforcement_view.remove(&cmd.uuid);
+            }
+            status => {
+                if let Status::Blocked { until, .. } = status
+                    && until != i64::MAX
+                {
+                    state.timers.insert((until, cmd.uuid));
+                }
+                self.enforcement_view.insert(cmd.uuid, status);
+            }
+        }
+        self.enforcement_out.push(record);
+        self.stats.enforcement_changes += 1;
     }
 
     /// Enforcement records produced since the last call, in the order they happened, for the
