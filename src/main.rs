@@ -7,6 +7,7 @@
 mod bench;
 mod config;
 mod pipeline;
+mod quality;
 mod simulate;
 mod summary;
 
@@ -54,6 +55,8 @@ enum Command {
     Block(BlockArgs),
     /// Make a blocked or unregistered UUID active again from now on (its count starts afresh).
     Unblock(UnblockArgs),
+    /// Precision and recall per finding kind on labelled simulated traffic, in process (QUALITY.md).
+    Quality(QualityCli),
     /// Publish simulated contract traffic with injected violations to a cluster.
     Simulate(SimulateArgs),
     /// The end-to-end benchmark: throughput per core and event→finding latency.
@@ -106,6 +109,22 @@ struct EnforceArgs {
     /// Call no target, only log what would be done; notifications are still published (`enforcer.dry_run`).
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct QualityCli {
+    /// Traffic records after the directory.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: usize,
+    /// Simulator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Registered UUIDs.
+    #[arg(long, default_value_t = 2_000)]
+    devices: usize,
+    /// Share of attempts that are violations.
+    #[arg(long, default_value_t = 0.05)]
+    violation_ratio: f64,
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +210,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unblock(args) => {
             runtime.block_on(control(cfg, args.brokers, args.uuid, meshguard_schemas::output::ControlAction::Unblock, None, args.reason))
+        }
+        Command::Quality(q) => {
+            let args = quality::QualityArgs { records: q.records, seed: q.seed, devices: q.devices, violation_ratio: q.violation_ratio };
+            quality::run(&cfg, &args).map(|_| ())
         }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
         Command::Bench(b) => {
