@@ -25,8 +25,8 @@ impl Engine {
     ) {
         let enabled = self.cfg.enforcement.enabled;
         let mut ids: Vec<Uuid> = Vec::new();
-        let findings: Vec<(u32, Finding)> = std::mem::take(found);
-        let mut findings = findings.into_iter().peekable();
+        // Drained, not taken: the caller's buffer keeps its capacity for the next batch.
+        let mut findings = found.drain(..).peekable();
         for row in 0..view.len() {
             let mut of_row: Vec<Finding> = Vec::new();
             while let Some((r, _)) = findings.peek() {
