@@ -348,7 +348,7 @@ impl Pipeline {
         let messages_partitions = pipeline.source.partition_count(&pipeline.topics.messages, KAFKA_TIMEOUT)?;
         pipeline.engine.set_messages_partitions(u32::try_from(messages_partitions).unwrap_or(0));
         pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
-        pipeline.source.start_control(KAFKA_TIMEOUT)?;
+        pipeline.source.start_readers(KAFKA_TIMEOUT)?;
         let mut raw = RawBatch::default();
         pipeline.source.catch_up_globals(&mut raw, Duration::from_secs(120))?;
         let n = raw.len();
@@ -375,6 +375,12 @@ impl Pipeline {
             // Manual overrides, in the control topic's order, before the batch is judged; only
             // once the group has given this worker its partitions (the owner of a UUID's home
             // partition applies its overrides, and until then this worker owns none).
+            // Other workers' enforcement state, for requesters and targets homed on them.
+            let mut remote = Vec::new();
+            self.source.poll_enforcement(&mut remote);
+            for state in &remote {
+                self.engine.apply_remote_enforcement(state);
+            }
             if !self.owned.is_empty() {
                 let mut commands = Vec::new();
                 self.source.poll_control(&mut commands);

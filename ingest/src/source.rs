@@ -237,9 +237,62 @@ pub struct KafkaSource {
     group: BaseConsumer<GroupContext>,
     global: BaseConsumer,
     /// Reads the control topic (manual overrides) in full, from the beginning, outside the group.
-    control: BaseConsumer,
+    control: TopicReader,
+    /// Reads the compacted enforcement topic in full, likewise: other workers' enforcement state.
+    enforcement: TopicReader,
     topics: Topics,
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
+}
+
+/// Reads every partition of one small topic from its beginning, outside the group, one JSON record
+/// per message (meshguard's own control and enforcement topics).
+struct TopicReader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl TopicReader {
+    fn new(kafka: &KafkaConfig, topic: &str, what: &str) -> Result<Self> {
+        let consumer: BaseConsumer = kafka
+            .client_config()
+            .set("group.id", format!("{}-{what}", kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .map_err(Error::kafka(format!("creating the {what} consumer")))?;
+        Ok(Self { consumer, topic: topic.to_owned() })
+    }
+
+    fn start(&self, timeout: Duration) -> Result<()> {
+        let name = &self.topic;
+        let md = self.consumer.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(name, p.id(), Offset::Beginning)
+                    .map_err(Error::kafka(format!("building the assignment of {name}")))?;
+            }
+        }
+        self.consumer.assign(&tpl).map_err(Error::kafka(format!("assigning {name}")))
+    }
+
+    /// The records fetched so far, without waiting. A record that does not decode is logged and
+    /// skipped (it changes nothing); a tombstone is skipped.
+    fn poll_json<T: serde::de::DeserializeOwned>(&self, out: &mut Vec<T>) {
+        while let Some(m) = self.consumer.poll(Duration::ZERO) {
+            match m {
+                Ok(m) => match m.payload().map(serde_json::from_slice::<T>) {
+                    Some(Ok(v)) => out.push(v),
+                    Some(Err(e)) => {
+                        warn!(message = "Skipping a record that does not decode.", topic = %self.topic, offset = m.offset(), error = %e)
+                    }
+                    None => {}
+                },
+                Err(e) => warn!(message = "Consumer error.", topic = %self.topic, error = %e),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -278,44 +331,27 @@ impl KafkaSource {
             .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(Error::kafka("creating the global-table consumer"))?;
-        let control: BaseConsumer = kafka
-            .client_config()
-            .set("group.id", format!("{}-control", kafka.group_id))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .map_err(Error::kafka("creating the control consumer"))?;
-        Ok(Self { group, global, control, topics, events })
+        let control = TopicReader::new(kafka, &topics.control, "control")?;
+        let enforcement = TopicReader::new(kafka, &topics.enforcement, "enforcement")?;
+        Ok(Self { group, global, control, enforcement, topics, events })
     }
 
-    /// Assigns every partition of the control topic from its beginning: every worker reads every
-    /// manual override in order (the engine applies each once; see `Engine::apply_control`).
-    pub fn start_control(&self, timeout: Duration) -> Result<()> {
-        let name = &self.topics.control;
-        let md = self.control.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
-        let mut tpl = TopicPartitionList::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                tpl.add_partition_offset(name, p.id(), Offset::Beginning).map_err(Error::kafka("building the control assignment"))?;
-            }
-        }
-        self.control.assign(&tpl).map_err(Error::kafka("assigning the control topic"))
+    /// Starts reading the control topic and the enforcement topic from their beginnings: every
+    /// worker reads every manual override in order (the engine applies each once; see
+    /// `Engine::apply_control`) and every worker's enforcement state.
+    pub fn start_readers(&self, timeout: Duration) -> Result<()> {
+        self.control.start(timeout)?;
+        self.enforcement.start(timeout)
     }
 
-    /// The manual overrides fetched so far, without waiting. A record that is not a command is
-    /// logged and skipped (it changes nothing).
+    /// The manual overrides fetched so far, without waiting.
     pub fn poll_control(&self, out: &mut Vec<meshguard_schemas::output::ControlCommand>) {
-        while let Some(m) = self.control.poll(Duration::ZERO) {
-            match m {
-                Ok(m) => match m.payload().map(serde_json::from_slice::<meshguard_schemas::output::ControlCommand>) {
-                    Some(Ok(cmd)) => out.push(cmd),
-                    Some(Err(e)) => warn!(message = "Skipping a control record that is not a command.", offset = m.offset(), error = %e),
-                    None => {}
-                },
-                Err(e) => warn!(message = "Control consumer error.", error = %e),
-            }
-        }
+        self.control.poll_json(out);
+    }
+
+    /// The enforcement records fetched so far, without waiting.
+    pub fn poll_enforcement(&self, out: &mut Vec<meshguard_schemas::output::EnforcementState>) {
+        self.enforcement.poll_json(out);
     }
 
     /// Number of partitions of `topic`, from the cluster's metadata.

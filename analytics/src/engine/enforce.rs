@@ -45,11 +45,11 @@ impl Engine {
 
             if enabled {
                 // The requester's own state comes first in the contract's order.
-                if let Some(status) = self.enforcement_view.get(&from).copied().filter(|s| s.refuses(ts)) {
+                if let Some(status) = self.status_of(&from).filter(|s| s.refuses(ts)) {
                     of_row.clear();
                     of_row.push(blocked_finding(view, row, from, event_id, ts, status, now_ms));
                 } else if let Some(to) = MessagesView::uuid(view.to, row)
-                    && self.enforcement_view.get(&to).is_some_and(|s| s.refuses(ts))
+                    && self.status_of(&to).is_some_and(|s| s.refuses(ts))
                 {
                     // Attempts addressed to a blocked or unregistered UUID give no finding.
                     continue;
@@ -165,6 +165,40 @@ impl Engine {
         }
         self.enforcement_out.push(record);
         self.stats.enforcement_changes += 1;
+    }
+
+    /// Applies an enforcement record read back from the enforcement topic: the state of a UUID
+    /// whose home partition another worker holds (this worker's own offenders are authoritative
+    /// here and their records are ignored). Applied as read, not by event time: an attempt that
+    /// arrives here before the other worker's record does is judged by the state before it.
+    pub fn apply_remote_enforcement(&mut self, rec: &EnforcementState) {
+        let owned_home = if self.messages_partitions == 0 {
+            self.enforcement_view.contains_key(&rec.uuid)
+        } else {
+            let home = (rec.uuid.as_u128() % u128::from(self.messages_partitions)) as i32;
+            self.owned_messages.contains(&home)
+        };
+        if owned_home {
+            return;
+        }
+        match rec.state {
+            meshguard_schemas::EnforcementStateKind::Active => {
+                self.remote_enforcement.remove(&rec.uuid);
+            }
+            meshguard_schemas::EnforcementStateKind::Blocked => {
+                self.remote_enforcement.insert(rec.uuid, Status::Blocked { since: rec.since, until: rec.until.unwrap_or(i64::MAX) });
+            }
+            meshguard_schemas::EnforcementStateKind::Unregistered => {
+                self.remote_enforcement.insert(rec.uuid, Status::Unregistered { since: rec.since });
+            }
+        }
+    }
+
+    /// The enforcement status of `uuid` as this worker knows it: its own offenders', else the
+    /// last record another worker published.
+    #[inline]
+    fn status_of(&self, uuid: &Uuid) -> Option<Status> {
+        self.enforcement_view.get(uuid).or_else(|| self.remote_enforcement.get(uuid)).copied()
     }
 
     /// Enforcement records produced since the last call, in the order they happened, for the

@@ -193,6 +193,8 @@ pub struct Engine {
     /// The status of every non-active offender of the owned partitions, for lookups by UUID
     /// (requester or target) without knowing its partition.
     enforcement_view: FastMap<Uuid, Status>,
+    /// The status of UUIDs homed on other workers, from their enforcement records.
+    remote_enforcement: FastMap<Uuid, Status>,
     /// Enforcement records not yet taken by the caller.
     enforcement_out: Vec<meshguard_schemas::output::EnforcementState>,
     /// Partitions of the messages topic (0: unknown), for requesters' home partitions.
@@ -223,6 +225,7 @@ impl Engine {
             sink_positions: Vec::new(),
             enforcement_view: FastMap::default(),
             enforcement_out: Vec::new(),
+            remote_enforcement: FastMap::default(),
             messages_partitions: 0,
             owned_messages: hashbrown::HashSet::new(),
             interactions: InteractionStore::default(),

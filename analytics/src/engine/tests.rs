@@ -363,3 +363,40 @@ fn a_requester_whose_attempts_arrive_on_two_partitions_is_counted_in_one() {
     assert_eq!(run(true), 1, "one home partition: eleven in a second");
     assert_eq!(run(false), 0, "without it the count splits six and five");
 }
+
+#[test]
+fn enforcement_published_by_another_worker_applies_to_requesters_and_targets_homed_there() {
+    let mut e = Engine::new(EngineConfig::default());
+    // This worker holds partition 0 of 2; A and B are homed where their UUID mod 2 says.
+    e.set_messages_partitions(2);
+    e.assign(&[(InputTopic::Messages, 0)]);
+    let (a, b) = (Uuid::parse_str(A).unwrap(), Uuid::parse_str(B).unwrap());
+    let remote_home = |u: Uuid| u.as_u128() % 2 == 1;
+    assert!(remote_home(b) && !remote_home(a), "the test's UUIDs: B homed on the other worker, A here");
+    e.process(&batch(vec![registered(A, T0 - 1_000), registered(B, T0 - 1_000)], &[]), T0);
+    let record = |uuid: Uuid, state| meshguard_schemas::output::EnforcementState {
+        uuid,
+        state,
+        since: T0,
+        until: Some(T0 + 3_600_000),
+        reason: "test".into(),
+        attempts: 5,
+        findings: vec![],
+    };
+    use meshguard_schemas::EnforcementStateKind::{Active, Blocked};
+    // B (the target of `attempt`) blocked elsewhere: an attempt to it gives no finding; once
+    // active again, the same bad attempt gives its finding.
+    e.apply_remote_enforcement(&record(b, Blocked));
+    let found = e.process(&batch(vec![], &[attempt(1, T0 + 10, A, "invalid")]), T0);
+    assert!(found.is_empty(), "attempts addressed to a blocked UUID give no finding");
+    e.apply_remote_enforcement(&record(b, Active));
+    e.apply_remote_enforcement(&record(a, Blocked));
+    let found = e.process(&batch(vec![], &[attempt(2, T0 + 20, A, "invalid")]), T0);
+    // A is homed here: another worker's record about it is not this worker's state.
+    assert_eq!(kinds(&found), vec![(FindingKind::BadCredentials, A.to_owned())]);
+    // A record about B blocking it as a requester applies here.
+    e.apply_remote_enforcement(&record(b, Blocked));
+    let from_b = attempt(3, T0 + 30, B, "valid").replace(&format!(r#""to":"{B}""#), &format!(r#""to":"{A}""#));
+    let found = e.process(&batch(vec![], &[from_b]), T0);
+    assert_eq!(kinds(&found), vec![(FindingKind::BlockedRequester, B.to_owned())]);
+}
