@@ -159,18 +159,22 @@ impl Default for EngineSection {
     }
 }
 
-/// `[http]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[http]`. (Not `Serialize`: it holds a secret.)
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
-    /// Address of the HTTP listener serving `/metrics`; loopback by default. Empty: no listener.
+    /// Address of the HTTP listener serving `/metrics` and the control API; loopback by default.
+    /// Empty: no listener.
     pub listen: String,
+    /// Bearer token every request must carry (`Authorization: Bearer ...`); required when
+    /// `listen` is not a loopback address. A secret: never logged.
+    pub token: Option<meshguard_enforcer::Secret>,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         // 9464: the port OpenTelemetry's Prometheus exporters use by convention.
-        Self { listen: "127.0.0.1:9464".into() }
+        Self { listen: "127.0.0.1:9464".into(), token: None }
     }
 }
 
@@ -242,8 +246,13 @@ impl Config {
                 bail!("invalid configuration: `{field}` {reason}");
             }
         }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            bail!("invalid configuration: `http.listen` must be an address like 127.0.0.1:9464, found {:?}", self.http.listen);
+        if !self.http.listen.is_empty() {
+            let Ok(addr) = self.http.listen.parse::<std::net::SocketAddr>() else {
+                bail!("invalid configuration: `http.listen` must be an address like 127.0.0.1:9464, found {:?}", self.http.listen);
+            };
+            if !addr.ip().is_loopback() && self.http.token.as_ref().is_none_or(|t| t.expose().is_empty()) {
+                bail!("invalid configuration: `http.token` must be set when `http.listen` ({addr}) is not a loopback address");
+            }
         }
         if let Some(b) = &self.kafka.brokers
             && b.trim().is_empty()
@@ -378,6 +387,18 @@ meter = { max = 0, per_s = 40 }
         .unwrap();
         let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
         assert!(err.contains("throttles.by_type.meter.max") && err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn a_listener_beyond_loopback_needs_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("h.toml");
+        std::fs::write(&f, "[http]\nlisten = \"0.0.0.0:9464\"\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&f)).unwrap_err());
+        assert!(err.contains("http.token") && err.contains("loopback"), "{err}");
+        std::fs::write(&f, "[http]\nlisten = \"0.0.0.0:9464\"\ntoken = \"t0ken\"\n").unwrap();
+        let cfg = Config::load(Some(&f)).unwrap();
+        assert!(!format!("{:?}", cfg.http).contains("t0ken"), "the token is never printed");
     }
 
     #[test]

@@ -307,13 +307,14 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    let kafka = cfg.kafka.connection(&brokers);
     if !cfg.http.listen.is_empty() {
         let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
-        summary::serve_metrics(addr, registry.clone()).await?;
-        eprintln!("meshguard: metrics on http://{addr}/metrics");
+        let control = summary::ControlApi { sink: Arc::new(meshguard_ingest::KafkaSink::new(&kafka)?), topic: cfg.topics.control.clone() };
+        summary::serve(addr, registry.clone(), Some(control), cfg.http.token.clone()).await?;
+        eprintln!("meshguard: metrics on http://{addr}/metrics, manual overrides on POST http://{addr}/api/block and /api/unblock");
     }
 
-    let kafka = cfg.kafka.connection(&brokers);
     // The enforcer service, in-process: its own consumer group, on this runtime.
     let enforcer = if cfg.enforcer.enabled {
         match EnforcerService::start(cfg.enforcer.clone(), &kafka, cfg.topics.clone(), &registry).await {
@@ -381,7 +382,7 @@ async fn enforce(mut cfg: Config, args: EnforceArgs) -> anyhow::Result<()> {
     let registry = Registry::new();
     if !cfg.http.listen.is_empty() {
         let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
-        summary::serve_metrics(addr, registry.clone()).await?;
+        summary::serve_metrics(addr, registry.clone(), cfg.http.token.clone()).await?;
         eprintln!("meshguard: metrics on http://{addr}/metrics");
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -16,9 +16,48 @@ use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::pipeline::{LiveStats, findings_by_kind};
 
-/// Serves `GET /metrics` on `addr` in the background.
-pub async fn serve_metrics(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
-    let app = axum::Router::new().route(
+/// The control API's way to Kafka: `POST /api/block` and `/api/unblock` publish on the control
+/// topic, as `meshguard block` and `unblock` do.
+#[derive(Clone)]
+pub struct ControlApi {
+    /// The producer.
+    pub sink: Arc<meshguard_ingest::KafkaSink>,
+    /// The control topic.
+    pub topic: String,
+}
+
+/// `POST /api/block` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockRequest {
+    uuid: uuid::Uuid,
+    /// Seconds; absent: until unblocked.
+    #[serde(default)]
+    for_s: Option<u64>,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /api/unblock` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnblockRequest {
+    uuid: uuid::Uuid,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Serves `GET /metrics` and, with `control`, `POST /api/block` and `POST /api/unblock` on `addr`
+/// in the background. With `token`, every request needs `Authorization: Bearer <token>`
+/// (configuration refuses a non-loopback address without one).
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    control: Option<ControlApi>,
+    token: Option<meshguard_enforcer::Secret>,
+) -> anyhow::Result<()> {
+    use axum::http::StatusCode;
+    let mut app = axum::Router::new().route(
         "/metrics",
         get(move || {
             let registry = registry.clone();
@@ -30,11 +69,66 @@ pub async fn serve_metrics(addr: SocketAddr, registry: Registry) -> anyhow::Resu
             }
         }),
     );
+    if let Some(api) = control {
+        let publish = move |cmd: meshguard_schemas::output::ControlCommand| -> (StatusCode, String) {
+            let mut key = [0u8; 36];
+            let key = cmd.uuid.hyphenated().encode_lower(&mut key).to_owned();
+            let sent = serde_json::to_vec(&cmd)
+                .map_err(anyhow::Error::from)
+                .and_then(|payload| api.sink.send(&api.topic, key.as_bytes(), &payload).map_err(anyhow::Error::from))
+                .and_then(|()| api.sink.flush(Duration::from_secs(10)).map_err(anyhow::Error::from));
+            match sent {
+                Ok(()) => (StatusCode::ACCEPTED, serde_json::json!({ "published": cmd }).to_string()),
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": format!("{e:#}") }).to_string()),
+            }
+        };
+        let command = |uuid, command, until, reason| meshguard_schemas::output::ControlCommand {
+            id: uuid::Uuid::new_v4(),
+            ts: chrono::Utc::now().timestamp_millis(),
+            uuid,
+            command,
+            until,
+            reason,
+        };
+        let block = publish.clone();
+        app = app
+            .route(
+                "/api/block",
+                axum::routing::post(move |axum::Json(r): axum::Json<BlockRequest>| async move {
+                    let until = r.for_s.map(|s| chrono::Utc::now().timestamp_millis() + (s as i64) * 1000);
+                    block(command(r.uuid, meshguard_schemas::output::ControlAction::Block, until, r.reason))
+                }),
+            )
+            .route(
+                "/api/unblock",
+                axum::routing::post(move |axum::Json(r): axum::Json<UnblockRequest>| async move {
+                    publish(command(r.uuid, meshguard_schemas::output::ControlAction::Unblock, None, r.reason))
+                }),
+            );
+    }
+    if let Some(token) = token {
+        let expected = format!("Bearer {}", token.expose());
+        app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let ok = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(expected.as_str());
+            async move {
+                if ok {
+                    next.run(req).await
+                } else {
+                    axum::response::IntoResponse::into_response((StatusCode::UNAUTHORIZED, "a bearer token is required (http.token)\n"))
+                }
+            }
+        }));
+    }
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (http.listen)"))?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     Ok(())
+}
+
+/// Serves `GET /metrics` only (the enforcer service alone).
+pub async fn serve_metrics(addr: SocketAddr, registry: Registry, token: Option<meshguard_enforcer::Secret>) -> anyhow::Result<()> {
+    serve(addr, registry, None, token).await
 }
 
 fn kinds_line(stats: &LiveStats) -> String {
