@@ -8,10 +8,13 @@
 //!
 //! **The model** is an online one, kept per key in the partition that owns the requester (and so
 //! in its checkpoints): the counts of the key's attempts per hour of the day and per day of the
-//! week. An hour or day *is used* when it holds at least `used_share` (5 %) of the history, so a
-//! few stray attempts do not teach the schedule that 3 a.m. is normal. An attempt whose hour or
-//! weekday is unused is a `timing_anomaly`; its score is `1 − share`, where `share` is the smaller
-//! of its hour's and weekday's shares divided by `used_share` (0 for a never-used slot). Each
+//! week. An hour or day *is used* when it holds at least `used_share` (2 %) of the history, so a
+//! few stray attempts do not teach the schedule that 3 a.m. is normal. A schedule is *regular* in
+//! its hours when it uses at most `max_used_hours` (12) of them, and in its weekdays when it uses at
+//! most `max_used_days` (5): a key active around the clock has no schedule to break. An attempt at
+//! an unused hour of a schedule regular in its hours, or on an unused weekday of one regular in its
+//! weekdays, is a `timing_anomaly`; its score is `1 − share / used_share` of the deciding slot (1
+//! for a never-used one). Each
 //! attempt is judged before it joins the history. Scoring is a lookup; nothing is fitted on the
 //! hot path.
 //!
@@ -33,11 +36,16 @@ pub struct TimingConfig {
     pub min_attempts: u32,
     /// Share of the history an hour or weekday needs to count as used.
     pub used_share: f64,
+    /// A schedule is regular in its hours when it uses at most this many hours of the day; an
+    /// unused hour is anomalous only then (a key active around the clock has no schedule to break).
+    pub max_used_hours: u32,
+    /// Likewise for weekdays: an unused weekday is anomalous only when at most this many are used.
+    pub max_used_days: u32,
 }
 
 impl Default for TimingConfig {
     fn default() -> Self {
-        Self { enabled: true, min_days: 14, min_attempts: 50, used_share: 0.05 }
+        Self { enabled: true, min_days: 14, min_attempts: 50, used_share: 0.02, max_used_hours: 12, max_used_days: 5 }
     }
 }
 
@@ -120,11 +128,21 @@ impl Schedule {
         let total = f64::from(self.total.max(1));
         let share = |n: u32| f64::from(n) / total;
         let (hour_share, day_share) = (share(self.hours[h as usize]), share(self.days[d as usize]));
-        if hour_share >= cfg.used_share && day_share >= cfg.used_share {
+        let used_count = |counts: &[u32]| counts.iter().filter(|&&n| share(n) >= cfg.used_share).count() as u32;
+        // Off schedule: an unused hour of a schedule regular in its hours, or an unused weekday of
+        // one regular in its weekdays.
+        let off_hour = hour_share < cfg.used_share && used_count(&self.hours) <= cfg.max_used_hours;
+        let off_day = day_share < cfg.used_share && used_count(&self.days) <= cfg.max_used_days;
+        if !off_hour && !off_day {
             return None;
         }
         let used = |counts: &[u32]| (0..counts.len() as u32).filter(|&i| share(counts[i as usize]) >= cfg.used_share).collect::<Vec<u32>>();
-        let score = 1.0 - (hour_share.min(day_share) / cfg.used_share).min(1.0);
+        let deciding = match (off_hour, off_day) {
+            (true, true) => hour_share.min(day_share),
+            (true, false) => hour_share,
+            _ => day_share,
+        };
+        let score = 1.0 - (deciding / cfg.used_share).min(1.0);
         Some(Anomaly { score, hours: used(&self.hours), days: used(&self.days), at: (h, d), history: self.total })
     }
 
@@ -178,6 +196,20 @@ mod tests {
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
         assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    #[test]
+    fn a_key_active_around_the_clock_has_no_schedule_to_break() {
+        // 14 days of attempts at pseudo-random times: every hour and weekday is in use.
+        let cfg = TimingConfig::default();
+        let mut s = Schedule::default();
+        let mut x: i64 = 7;
+        for _ in 0..400 {
+            x = (x * 1_103_515_245 + 12_345) % 2_147_483_648;
+            s.add(MONDAY + x % (14 * DAY));
+        }
+        let judged = (0..24 * 7).filter(|h| s.judge(&cfg, MONDAY + 14 * DAY + h * 60 * MIN).is_some()).count();
+        assert_eq!(judged, 0, "no regular schedule, no anomaly");
     }
 
     #[test]
