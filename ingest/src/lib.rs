@@ -31,4 +31,4 @@ pub use embedded::EmbeddedBroker;
 pub use error::{Error, Result};
 pub use metrics::IngestMetrics;
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, RawBatch, RebalanceEvent};
+pub use source::{KafkaSource, RawBatch, RebalanceEvent, TopicReader, read_to_end};

@@ -244,27 +244,90 @@ pub struct KafkaSource {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
 }
 
-/// Reads every partition of one small topic from its beginning, outside the group, one JSON record
-/// per message (meshguard's own control and enforcement topics).
-struct TopicReader {
+/// Reads `consumer`'s assignment up to where it ends now, handing every record to `visit`; returns
+/// how many it read. One `ListOffsets` request finds every partition's end (a timestamp of -1,
+/// `Offset::End`, asks for the latest offset); a partition is then read until the consumer's
+/// position reaches its end. The start of a partition nothing was consumed from yet (the assigned
+/// offset, or for `Beginning` the log start, which compaction and retention move past 0) is looked
+/// up only then, and at most once per call: `fetch_watermarks` costs two requests.
+pub fn read_to_end(consumer: &BaseConsumer, what: &str, timeout: Duration, mut visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
+    let deadline = Instant::now() + timeout;
+    let assignment = consumer.assignment().map_err(Error::kafka(format!("reading the assignment of {what}")))?;
+    let mut query = TopicPartitionList::new();
+    for e in assignment.elements() {
+        query.add_partition_offset(e.topic(), e.partition(), Offset::End).map_err(Error::kafka("building the end-offset query"))?;
+    }
+    let ends = consumer.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {what}")))?;
+    let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
+    for e in ends.elements() {
+        let end = e.offset().to_raw().unwrap_or(0);
+        if end > 0 {
+            let start = match assignment.find_partition(e.topic(), e.partition()).map(|a| a.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            targets.push((e.topic().to_owned(), e.partition(), start, end));
+        }
+    }
+    let mut read = 0;
+    loop {
+        let positions = consumer.position().map_err(Error::kafka(format!("reading the positions in {what}")))?;
+        let mut behind = false;
+        for (topic, partition, start, end) in &mut targets {
+            let at = match positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0) {
+                Some(at) => at,
+                None => {
+                    *start.get_or_insert_with(|| consumer.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0))
+                }
+            };
+            behind |= at < *end;
+        }
+        if !behind {
+            return Ok(read);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout { what: format!("reading {what} to their end"), after_ms: timeout.as_millis() as u64 });
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                visit(&m);
+                read += 1;
+            }
+            Some(Err(e)) => warn!(message = "Consumer error.", what, error = %e),
+            None => {}
+        }
+    }
+}
+
+/// Reads every partition of one topic from its beginning, outside any group (meshguard's own
+/// control and enforcement topics; the enforcer's registry table).
+pub struct TopicReader {
     consumer: BaseConsumer,
     topic: String,
 }
 
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicReader").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
 impl TopicReader {
-    fn new(kafka: &KafkaConfig, topic: &str, what: &str) -> Result<Self> {
+    /// A reader of `topic`; `client` names the client (`group.id`; nothing is committed).
+    pub fn new(kafka: &KafkaConfig, topic: &str, client: &str) -> Result<Self> {
         let consumer: BaseConsumer = kafka
             .client_config()
-            .set("group.id", format!("{}-{what}", kafka.group_id))
+            .set("group.id", client)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50")
+            .set("fetch.wait.max.ms", "20")
             .create()
-            .map_err(Error::kafka(format!("creating the {what} consumer")))?;
+            .map_err(Error::kafka(format!("creating the reader of {topic}")))?;
         Ok(Self { consumer, topic: topic.to_owned() })
     }
 
-    fn start(&self, timeout: Duration) -> Result<()> {
+    /// Assigns every partition of the topic from its beginning.
+    pub fn start(&self, timeout: Duration) -> Result<()> {
         let name = &self.topic;
         let md = self.consumer.fetch_metadata(Some(name), timeout).map_err(Error::kafka(format!("reading metadata of {name}")))?;
         let mut tpl = TopicPartitionList::new();
@@ -277,21 +340,36 @@ impl TopicReader {
         self.consumer.assign(&tpl).map_err(Error::kafka(format!("assigning {name}")))
     }
 
-    /// The records fetched so far, without waiting. A record that does not decode is logged and
-    /// skipped (it changes nothing); a tombstone is skipped.
-    fn poll_json<T: serde::de::DeserializeOwned>(&self, out: &mut Vec<T>) {
+    /// Hands every record fetched so far to `visit`, without waiting; returns how many.
+    pub fn poll_with(&self, mut visit: impl FnMut(&BorrowedMessage<'_>)) -> usize {
+        let mut read = 0;
         while let Some(m) = self.consumer.poll(Duration::ZERO) {
             match m {
-                Ok(m) => match m.payload().map(serde_json::from_slice::<T>) {
-                    Some(Ok(v)) => out.push(v),
-                    Some(Err(e)) => {
-                        warn!(message = "Skipping a record that does not decode.", topic = %self.topic, offset = m.offset(), error = %e)
-                    }
-                    None => {}
-                },
+                Ok(m) => {
+                    visit(&m);
+                    read += 1;
+                }
                 Err(e) => warn!(message = "Consumer error.", topic = %self.topic, error = %e),
             }
         }
+        read
+    }
+
+    /// The records fetched so far, decoded from JSON, without waiting. A record that does not
+    /// decode is logged and skipped (it changes nothing); a tombstone is skipped.
+    pub fn poll_json<T: serde::de::DeserializeOwned>(&self, out: &mut Vec<T>) {
+        self.poll_with(|m| match m.payload().map(serde_json::from_slice::<T>) {
+            Some(Ok(v)) => out.push(v),
+            Some(Err(e)) => {
+                warn!(message = "Skipping a record that does not decode.", topic = %self.topic, offset = m.offset(), error = %e)
+            }
+            None => {}
+        });
+    }
+
+    /// Reads the topic up to where it ends now (see [`read_to_end`]), handing every record to `visit`.
+    pub fn read_to_end(&self, timeout: Duration, visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
+        read_to_end(&self.consumer, &self.topic, timeout, visit)
     }
 }
 
@@ -331,8 +409,8 @@ impl KafkaSource {
             .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(Error::kafka("creating the global-table consumer"))?;
-        let control = TopicReader::new(kafka, &topics.control, "control")?;
-        let enforcement = TopicReader::new(kafka, &topics.enforcement, "enforcement")?;
+        let control = TopicReader::new(kafka, &topics.control, &format!("{}-control", kafka.group_id))?;
+        let enforcement = TopicReader::new(kafka, &topics.enforcement, &format!("{}-enforcement", kafka.group_id))?;
         Ok(Self { group, global, control, enforcement, topics, events })
     }
 
@@ -388,60 +466,7 @@ impl KafkaSource {
     /// independently (Kafka Streams' timestamp synchronisation solves the same problem by waiting;
     /// here one `ListOffsets` request for all global partitions tells how far to read).
     pub fn catch_up_globals(&self, out: &mut RawBatch, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        let assignment = self.global.assignment().map_err(Error::kafka("reading the global assignment"))?;
-        let mut query = TopicPartitionList::new();
-        for e in assignment.elements() {
-            query.add_partition_offset(e.topic(), e.partition(), Offset::End).map_err(Error::kafka("building the end-offset query"))?;
-        }
-        // A timestamp of -1 (`Offset::End`) asks for the latest offset: one request per broker for
-        // every partition, where `fetch_watermarks` costs two per partition.
-        let ends = self.global.offsets_for_times(query, timeout).map_err(Error::kafka("reading the end of the global topics"))?;
-        // Where each partition must be read to. Its position is compared below; the start of a
-        // partition nothing was consumed from yet (the assigned offset, or for `Beginning` the
-        // log start, which compaction and retention move past 0) is looked up only then, and at
-        // most once per call: `fetch_watermarks` costs two requests.
-        let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
-        for e in ends.elements() {
-            let end = e.offset().to_raw().unwrap_or(0);
-            if end > 0 {
-                let start = match assignment.find_partition(e.topic(), e.partition()).map(|a| a.offset()) {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None,
-                };
-                targets.push((e.topic().to_owned(), e.partition(), start, end));
-            }
-        }
-        let mut read = 0;
-        loop {
-            let positions = self.global.position().map_err(Error::kafka("reading the global positions"))?;
-            let mut behind = false;
-            for (topic, partition, start, end) in &mut targets {
-                let at = match positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0) {
-                    Some(at) => at,
-                    None => *start
-                        .get_or_insert_with(|| self.global.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0)),
-                };
-                behind |= at < *end;
-            }
-            if !behind {
-                return Ok(read);
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: "reading the registry and presence topics to their end".into(),
-                    after_ms: timeout.as_millis() as u64,
-                });
-            }
-            match self.global.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    self.push(out, &m);
-                    read += 1;
-                }
-                Some(Err(e)) => warn!(message = "Global-table consumer error.", error = %e),
-                None => {}
-            }
-        }
+        read_to_end(&self.global, "the registry, presence and interactions topics", timeout, |m| self.push(out, m))
     }
 
     fn push(&self, out: &mut RawBatch, m: &BorrowedMessage<'_>) {

@@ -4,15 +4,13 @@
 //! This module owns how the service talks to Kafka and nothing else: it must never decide what to
 //! publish (the service does) and never log a client property's value (they may hold credentials).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use meshguard_ingest::KafkaConfig;
+use meshguard_ingest::{KafkaConfig, TopicReader};
 use meshguard_schemas::time::format_ms;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 use serde::Serialize;
 
@@ -86,104 +84,40 @@ impl DeadLetterSink for KafkaDeadLetters {
     }
 }
 
-/// Reads every partition of the registry topic from its beginning, outside any consumer group
-/// (each enforcer holds the whole table, as the pipeline's global tables do).
+/// Reads the registry topic into the owner table: every partition from the beginning, outside
+/// any group (ingest's [`TopicReader`]).
+#[derive(Debug)]
 pub struct RegistryReader {
-    consumer: BaseConsumer,
-    topic: String,
-}
-
-impl std::fmt::Debug for RegistryReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryReader").field("topic", &self.topic).finish_non_exhaustive()
-    }
+    reader: TopicReader,
 }
 
 impl RegistryReader {
     /// Assigns every partition of `topic` from the beginning. `group_id` only names the client
     /// (nothing is committed).
     pub fn new(kafka: &KafkaConfig, topic: &str, group_id: &str, timeout: Duration) -> Result<Self> {
-        let consumer: BaseConsumer = kafka
-            .client_config()
-            .set("group.id", format!("{group_id}-registry"))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
-            .create()
-            .map_err(Error::kafka("creating the registry reader"))?;
-        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(Error::kafka(format!("reading metadata of {topic}")))?;
-        let mut assignment = TopicPartitionList::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                assignment
-                    .add_partition_offset(topic, p.id(), Offset::Beginning)
-                    .map_err(Error::kafka("building the registry assignment"))?;
-            }
-        }
-        consumer.assign(&assignment).map_err(Error::kafka(format!("assigning {topic}")))?;
-        Ok(Self { consumer, topic: topic.to_owned() })
+        let reader =
+            TopicReader::new(kafka, topic, &format!("{group_id}-registry")).map_err(ingest_error("creating the registry reader"))?;
+        reader.start(timeout).map_err(ingest_error("assigning the registry topic"))?;
+        Ok(Self { reader })
     }
 
-    /// Applies whatever the client has already fetched, without waiting. Blocking only briefly.
+    /// Applies whatever the client has already fetched, without waiting.
     pub fn poll_available(&self, table: &mut OwnerTable) -> usize {
-        let mut read = 0;
-        while let Some(message) = self.consumer.poll(Duration::ZERO) {
-            match message {
-                Ok(m) => {
-                    apply(table, m.key(), m.payload());
-                    read += 1;
-                }
-                Err(error) => tracing::warn!(message = "Registry reader error.", %error),
-            }
-        }
-        read
+        self.reader.poll_with(|m| apply(table, m.key(), m.payload()))
     }
 
     /// Reads the topic up to where it ends now (one `ListOffsets` request), so a registry change
     /// published before a finding applies to it. Blocking: call it off the async workers.
     pub fn catch_up(&self, table: &mut OwnerTable, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        let assignment = self.consumer.assignment().map_err(Error::kafka("reading the registry assignment"))?;
-        let mut query = TopicPartitionList::new();
-        for e in assignment.elements() {
-            query.add_partition_offset(e.topic(), e.partition(), Offset::End).map_err(Error::kafka("building the end-offset query"))?;
-        }
-        let ends = self.consumer.offsets_for_times(query, timeout).map_err(Error::kafka("reading the end of the registry topic"))?;
-        let mut targets = Vec::new();
-        for e in ends.elements() {
-            let end = e.offset().to_raw().unwrap_or(0);
-            if end > 0 {
-                let low = self.consumer.fetch_watermarks(e.topic(), e.partition(), timeout).map(|(low, _)| low).unwrap_or(0);
-                targets.push((e.partition(), low, end));
-            }
-        }
-        let mut read = 0;
-        loop {
-            let positions = self.consumer.position().map_err(Error::kafka("reading the registry positions"))?;
-            let behind = targets.iter().any(|(partition, low, end)| {
-                let at =
-                    positions.find_partition(&self.topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).unwrap_or(*low);
-                at < *end
-            });
-            if !behind {
-                return Ok(read);
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Kafka {
-                    context: format!("reading {} to its end", self.topic),
-                    reason: format!("not done within {timeout:?}"),
-                });
-            }
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    apply(table, m.key(), m.payload());
-                    read += 1;
-                }
-                Some(Err(error)) => tracing::warn!(message = "Registry reader error.", %error),
-                None => {}
-            }
-        }
+        self.reader
+            .read_to_end(timeout, |m| apply(table, m.key(), m.payload()))
+            .map_err(ingest_error("reading the registry topic to its end"))
     }
+}
+
+/// Maps an ingest error, with what the service was doing.
+fn ingest_error(context: &'static str) -> impl FnOnce(meshguard_ingest::Error) -> Error {
+    move |cause| Error::Kafka { context: context.to_owned(), reason: cause.to_string() }
 }
 
 fn apply(table: &mut OwnerTable, key: Option<&[u8]>, value: Option<&[u8]>) {
