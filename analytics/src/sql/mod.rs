@@ -1,5 +1,6 @@
 //! The SQL surface: one DataFusion [`SessionContext`] over the archive and the worker's live rows,
-//! with the tables `findings`, `enforcement`, `attempts` and `devices`, read-only.
+//! with the tables `findings`, `enforcement` (every change; `enforcement_current`: the latest per
+//! UUID), `attempts` and `devices`, read-only.
 //!
 //! ```text
 //!  <archive dir>/findings/date=…/part-*.parquet   ─┐
@@ -59,6 +60,12 @@ const ATTEMPTS_VIEW: &str = r#"CREATE VIEW attempts AS SELECT
     CAST(auth AS VARCHAR) AS auth, target_token, uuid_text(route) AS route, location, payload_type, payload, payload_bytes,
     encrypted, protocol, broker
   FROM attempts_raw"#;
+
+/// `enforcement_current`: each UUID's latest enforcement change, i.e. its state now.
+const ENFORCEMENT_CURRENT_VIEW: &str = r#"CREATE VIEW enforcement_current AS
+  SELECT ts, uuid, state, since, until, reason, attempts, findings FROM (
+    SELECT *, row_number() OVER (PARTITION BY uuid ORDER BY since DESC, ts DESC) AS latest FROM enforcement
+  ) WHERE latest = 1"#;
 
 /// Where the tables' rows come from.
 #[derive(Debug, Clone, Default)]
@@ -147,6 +154,7 @@ impl SqlSurface {
         )?;
         ctx.register_table("devices", Arc::new(DevicesTable::new(sources.devices.clone(), sources.devices_snapshot())))?;
         ctx.sql(ATTEMPTS_VIEW).await?.collect().await?;
+        ctx.sql(ENFORCEMENT_CURRENT_VIEW).await?.collect().await?;
         Ok(Self { ctx: Arc::new(ctx) })
     }
 
