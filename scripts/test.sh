@@ -78,6 +78,12 @@ eval "$(bash scripts/install-psql.sh)"
 export MESHGUARD_PSQL_BIN
 "$MESHGUARD_PSQL_BIN" --version
 
+section "Headless browser (Chromium)"
+# The status page is rendered in a real browser by the tests (Debian package, if missing).
+eval "$(bash scripts/install-chromium.sh)"
+export MESHGUARD_CHROMIUM_BIN
+"$MESHGUARD_CHROMIUM_BIN" --version 2>/dev/null || true
+
 section "Format (cargo fmt --check)"
 cargo fmt --all --check
 

@@ -10,6 +10,7 @@ mod pipeline;
 mod quality;
 mod simulate;
 mod sql;
+mod status;
 mod summary;
 
 use std::path::PathBuf;
@@ -360,9 +361,9 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     if !cfg.http.listen.is_empty() {
         let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
         let control = summary::ControlApi { sink: Arc::new(meshguard_ingest::KafkaSink::new(&kafka)?), topic: cfg.topics.control.clone() };
-        summary::serve(addr, registry.clone(), Some(control), Some(surface.clone()), cfg.http.token.clone()).await?;
+        summary::serve(addr, registry.clone(), Some(control), Some(surface.clone()), Some(stats.clone()), cfg.http.token.clone()).await?;
         eprintln!(
-            "meshguard: metrics on http://{addr}/metrics, SQL on POST http://{addr}/api/sql, manual overrides on POST http://{addr}/api/block and /api/unblock"
+            "meshguard: status page on http://{addr}/, metrics on /metrics, SQL on POST /api/sql, manual overrides on POST /api/block and /api/unblock"
         );
     }
 

@@ -892,3 +892,76 @@ async fn the_sql_surface_answers_over_psql_http_and_the_cli() {
         Command::new(env!("CARGO_BIN_EXE_meshguard")).args(["sql", "DELETE FROM findings", "--archive"]).arg(&archive).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("read-only"));
 }
+
+/// The status page, as a person sees it: headless Chromium (the real browser) loads `meshguard
+/// run`'s page, its script fetches `/api/status`, and the rendered page shows findings, offenders
+/// and the events/s. A screenshot is kept in the test artifacts (`status-page.png` in cargo's test
+/// temporary folder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_in_a_real_browser() {
+    let chromium = std::env::var("MESHGUARD_CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--quiet", "--rate", "3000"])
+        .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", "1000")
+        .env("MESHGUARD_ENFORCEMENT__BLOCK_AT", "1")
+        .env("MESHGUARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/");
+    // Wait until the worker has findings and a block to show.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Ok(resp) = client.get(format!("{url}api/status")).send().await
+            && resp.status() == 200
+        {
+            let v: Value = resp.json().await.unwrap();
+            if v["findings_total"].as_i64().unwrap_or(0) > 0
+                && v["blocked"].as_i64().unwrap_or(0) > 0
+                && v["records"].as_u64().unwrap_or(0) > 0
+            {
+                break v;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no findings and blocks on /api/status after 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let kind = status["recent_findings"][0]["kind"].as_str().unwrap().to_owned();
+
+    let profile = tempfile::tempdir().unwrap();
+    let browse = |extra: &[&str]| {
+        Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(["--window-size=1400,1000", "--virtual-time-budget=6000"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium runs (scripts/test.sh installs it)")
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(dom.status.success(), "chromium: {}", String::from_utf8_lossy(&dom.stderr));
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(r#"data-loaded="true""#), "the page's script loaded /api/status: {dom}");
+    for section in ["Recent findings", "Top offenders", "Enforcement states", "events/s"] {
+        assert!(dom.contains(section), "{section} on the page");
+    }
+    assert!(dom.contains(&format!(r#"<td class="kind" title="{kind}">{kind}</td>"#)), "a finding of kind {kind} rendered: {dom}");
+    assert!(dom.contains(r#"<td class="blocked" title="blocked">blocked</td>"#), "a blocked UUID rendered");
+    assert!(!dom.contains(r#"<td class="empty""#), "every section shows rows");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = browse(&[&format!("--screenshot={}", shot.display())]);
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+    eprintln!("status page screenshot: {}", shot.display());
+    terminate(child.0.take().unwrap());
+}
