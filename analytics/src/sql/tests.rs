@@ -192,3 +192,26 @@ async fn results_render_in_every_format() {
     assert!("yaml".parse::<Format>().unwrap_err().contains("table, csv, json or arrow"));
     let _ = rows[0].column(0).len();
 }
+
+/// The README's ten canned queries run as written (on tables with a few rows).
+#[tokio::test]
+async fn the_readme_queries_run() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("Ten queries an operator will want").expect("the README's canned queries");
+    let block = &readme[start..];
+    let block = &block[block.find("```sql").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let statements: Vec<&str> = block.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
+    assert_eq!(statements.len(), 10, "{block}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let sources = SqlSources::live(dir.path());
+    let now = chrono::Utc::now().timestamp_millis();
+    sources.findings.as_ref().unwrap().push(1, tables::findings_batch(&[finding(1, now), finding(2, now)]).unwrap());
+    let surface = SqlSurface::new(&sources).await.unwrap();
+    for sql in statements {
+        if let Err(e) = surface.query(sql).await {
+            panic!("README query fails: {e}\n{sql}");
+        }
+    }
+}
