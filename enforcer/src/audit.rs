@@ -65,9 +65,10 @@ use crate::error::{Error, Result};
 pub struct AuditConfig {
     /// Write the audit trail.
     pub enabled: bool,
-    /// Its folder: `date=YYYY-MM-DD/part-….parquet` below it. Beside the attempt archive's
-    /// `attempts` folder by default.
-    pub dir: PathBuf,
+    /// Its folder: `date=YYYY-MM-DD/part-….parquet` below it. Unset: `<archive.dir>/audit`, beside
+    /// the attempt archive's `attempts` (the binary fills it in), or [`DEFAULT_AUDIT_DIR`] for a
+    /// service started without it.
+    pub dir: Option<PathBuf>,
     /// Rows buffered before a flush whatever the commit interval says (and the most rows per file).
     pub max_rows_per_file: usize,
     /// `date=` folders more than this many days before today (UTC) are deleted.
@@ -76,15 +77,18 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { enabled: true, dir: PathBuf::from(".meshguard/archive/audit"), max_rows_per_file: 100_000, retention_days: 365 }
+        Self { enabled: true, dir: None, max_rows_per_file: 100_000, retention_days: 365 }
     }
 }
+
+/// The audit folder when `dir` is unset: beside the default attempt archive's `attempts`.
+pub const DEFAULT_AUDIT_DIR: &str = ".meshguard/archive/audit";
 
 impl AuditConfig {
     /// Checks what types alone cannot; the error names the field (`enforcer.audit.…`).
     pub fn validate(&self) -> Result<()> {
         let invalid = |field: &str, reason: String| Err(Error::ServiceConfig { field: format!("enforcer.audit.{field}"), reason });
-        if self.dir.as_os_str().is_empty() {
+        if self.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return invalid("dir", String::from("must not be empty"));
         }
         if self.max_rows_per_file == 0 {
@@ -321,6 +325,8 @@ const RETENTION_EVERY_MS: i64 = 3_600_000;
 /// The audit trail's writer; see the module documentation.
 pub struct AuditLog {
     config: AuditConfig,
+    /// The folder.
+    dir: PathBuf,
     schema: SchemaRef,
     props: WriterProperties,
     /// `part-<writer>-<run>-`.
@@ -336,7 +342,7 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("dir", &self.config.dir).field("buffered", &self.buffered).finish_non_exhaustive()
+        f.debug_struct("AuditLog").field("dir", &self.dir).field("buffered", &self.buffered).finish_non_exhaustive()
     }
 }
 
@@ -354,13 +360,15 @@ impl AuditLog {
     /// applies retention. `writer` names this enforcer's files (sanitized); `now_ms` names the run.
     pub fn open(config: &AuditConfig, writer: &str, now_ms: i64) -> Result<Self> {
         config.validate()?;
-        fs::create_dir_all(&config.dir).map_err(io_error("creating", &config.dir))?;
+        let dir = config.dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_DIR));
+        fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
         let writer = sanitize(writer);
         let run = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
         let prefix = format!("part-{writer}-{run}-{:08x}-", Uuid::new_v4().as_u128() as u32);
         let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
         let mut this = Self {
             config: config.clone(),
+            dir,
             schema: audit_schema(),
             props,
             prefix,
@@ -372,7 +380,7 @@ impl AuditLog {
         };
         let removed = this.remove_stale_temporaries()?;
         if removed > 0 {
-            info!(message = "Removed temporary audit files of an interrupted run.", files = removed, dir = %this.config.dir.display());
+            info!(message = "Removed temporary audit files of an interrupted run.", files = removed, dir = %this.dir.display());
         }
         this.apply_retention(now_ms)?;
         Ok(this)
@@ -380,7 +388,7 @@ impl AuditLog {
 
     /// The audit folder.
     pub fn dir(&self) -> &Path {
-        &self.config.dir
+        &self.dir
     }
 
     /// Buffers one row; it is durable once [`flush`](Self::flush) returned.
@@ -425,10 +433,10 @@ impl AuditLog {
     /// Writes one date's rows: temporary name, fsync, rename, folder fsync.
     fn write(&mut self, day: i64, rows: &[AuditRow]) -> Result<ClosedFile> {
         let date = DateTime::from_timestamp_millis(day * MS_PER_DAY).unwrap_or_default().date_naive();
-        let folder = self.config.dir.join(format!("date={}", date.format("%Y-%m-%d")));
+        let folder = self.dir.join(format!("date={}", date.format("%Y-%m-%d")));
         if !folder.exists() {
             fs::create_dir_all(&folder).map_err(io_error("creating", &folder))?;
-            sync_dir(&self.config.dir)?;
+            sync_dir(&self.dir)?;
         }
         self.sequence += 1;
         let name = format!("{}{:06}.parquet", self.prefix, self.sequence);
@@ -455,7 +463,7 @@ impl AuditLog {
         let Some(oldest_kept) = today.checked_sub_days(chrono::Days::new(u64::from(self.config.retention_days))) else {
             return Ok(Vec::new());
         };
-        let root = &self.config.dir;
+        let root = &self.dir;
         let mut deleted = Vec::new();
         for entry in fs::read_dir(root).map_err(io_error("listing", root))? {
             let entry = entry.map_err(io_error("listing", root))?;
@@ -483,7 +491,7 @@ impl AuditLog {
 
     /// Deletes this writer's temporary files in every date folder.
     fn remove_stale_temporaries(&self) -> Result<usize> {
-        let root = &self.config.dir;
+        let root = &self.dir;
         let mut removed = 0;
         for folder in fs::read_dir(root).map_err(io_error("listing", root))? {
             let folder = folder.map_err(io_error("listing", root))?.path();
@@ -536,7 +544,7 @@ mod tests {
     const NOW: i64 = 1_795_539_790_000;
 
     fn config(dir: &Path) -> AuditConfig {
-        AuditConfig { dir: dir.join("audit"), ..Default::default() }
+        AuditConfig { dir: Some(dir.join("audit")), ..Default::default() }
     }
 
     fn read(path: &Path) -> RecordBatch {
@@ -590,7 +598,7 @@ mod tests {
     fn temporaries_of_a_crashed_run_are_removed_and_retention_deletes_old_dates() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = AuditConfig { retention_days: 2, ..config(dir.path()) };
-        let root = cfg.dir.clone();
+        let root = cfg.dir.clone().unwrap();
         for (folder, name) in [
             ("date=2026-11-24", ".part-enforcer-20261124T000000000Z-0-000001.parquet.tmp"),
             ("date=2026-11-24", ".part-other-20261124T000000000Z-0-000001.parquet.tmp"),
