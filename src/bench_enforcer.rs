@@ -245,7 +245,8 @@ fn latency_phase(
     let target: TargetConfig = toml_target(port)?;
     let enforcer_cfg = enforcer_config(&base, "latency", dir.path(), vec![target]);
     let registry = prometheus::Registry::new();
-    let service = runtime.block_on(EnforcerService::start(enforcer_cfg, kafka, topics.clone(), &registry)).context("starting the enforcer")?;
+    let service =
+        runtime.block_on(EnforcerService::start(enforcer_cfg, kafka, topics.clone(), &registry)).context("starting the enforcer")?;
     let (enforcer_stop_tx, enforcer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let enforcer = runtime.spawn(service.run(async move {
         let _ = enforcer_stop_rx.await;
@@ -277,7 +278,8 @@ fn latency_phase(
         let key = offender.hyphenated().to_string();
         let now = chrono::Utc::now().timestamp_millis();
         for j in 0..5u64 {
-            let attempt = json!({"id": uuid_of(8, i * 5 + j), "ts": now, "action": "send", "from": offender, "to": target, "auth": "invalid"});
+            let attempt =
+                json!({"id": uuid_of(8, i * 5 + j), "ts": now, "action": "send", "from": offender, "to": target, "auth": "invalid"});
             sink.send_record(&topics.messages, key.as_bytes(), Some(attempt.to_string().as_bytes()), Some(now))?;
         }
         sink.flush(Duration::from_secs(10))?;

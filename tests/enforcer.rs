@@ -275,6 +275,7 @@ async fn meshguard_enforce_runs_alone_and_takes_dry_run_from_the_command_line() 
     let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["enforce", "--brokers", &broker.bootstrap(), "--dry-run", "--config"])
         .arg(&config)
+        .env("MESHGUARD_ENFORCER__AUDIT__DIR", dir.path().join("audit"))
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -288,6 +289,10 @@ async fn meshguard_enforce_runs_alone_and_takes_dry_run_from_the_command_line() 
     wait_for_metric(port, "meshguard_enforcement_actions_total", &["target=\"mosquitto\"", "result=\"dry_run\""], 1.0);
     assert_eq!(metric(port, "meshguard_enforcement_actions_total", &["result=\"failed\""]), 0.0);
     terminate(child);
+    // The audit trail, written at the final commit: the state change and the call a dry run skipped.
+    let rows = audit_rows(&dir.path().join("audit"));
+    let events: Vec<(&str, Option<&str>, Option<&str>)> = rows.iter().map(|r| (r.0.as_str(), r.2.as_deref(), r.3.as_deref())).collect();
+    assert_eq!(events, [("state_change", None, None), ("target_call", Some("mosquitto"), Some("dry_run"))]);
 }
 
 #[test]
@@ -351,7 +356,9 @@ fn crash_findings(i: u32) -> Vec<(uuid::Uuid, Value)> {
 /// The findings of a round of devices, on the findings topic.
 async fn produce_findings(broker: &Broker, devices: std::ops::Range<u32>) {
     let findings: Vec<ProduceRecord> = devices
-        .flat_map(|i| crash_findings(i).into_iter().map(move |(_, f)| (Some(crash_device(i).into_bytes()), Some(f.to_string().into_bytes()), None)))
+        .flat_map(|i| {
+            crash_findings(i).into_iter().map(move |(_, f)| (Some(crash_device(i).into_bytes()), Some(f.to_string().into_bytes()), None))
+        })
         .collect();
     produce(&broker.bootstrap(), "meshguard.findings.v1", &findings).await.unwrap();
 }
@@ -359,7 +366,9 @@ async fn produce_findings(broker: &Broker, devices: std::ops::Range<u32>) {
 /// The enforcement records of a round of devices, on the enforcement topic.
 async fn produce_states(broker: &Broker, devices: std::ops::Range<u32>) {
     let states: Vec<ProduceRecord> = devices
-        .flat_map(|i| crash_states(i).into_iter().map(move |s| (Some(crash_device(i).into_bytes()), Some(serde_json::to_vec(&s).unwrap()), None)))
+        .flat_map(|i| {
+            crash_states(i).into_iter().map(move |s| (Some(crash_device(i).into_bytes()), Some(serde_json::to_vec(&s).unwrap()), None))
+        })
         .collect();
     produce(&broker.bootstrap(), ENFORCEMENT, &states).await.unwrap();
 }
@@ -608,6 +617,9 @@ async fn a_killed_enforcer_restarts_and_changes_nothing_a_consumer_can_see() {
             rows.iter().any(|r| r.0 == "target_call" && r.1 == id && r.2.as_deref() == Some("soc") && r.3.as_deref() == Some("applied")),
             "webhook call {id} audited"
         );
-        assert!(rows.iter().any(|r| r.0 == "target_call" && r.1 == id && r.2.as_deref() == Some("mosquitto")), "mosquitto call {id} audited");
+        assert!(
+            rows.iter().any(|r| r.0 == "target_call" && r.1 == id && r.2.as_deref() == Some("mosquitto")),
+            "mosquitto call {id} audited"
+        );
     }
 }

@@ -409,6 +409,9 @@ mod tests {
 
         let bad: EnforcementConfig = serde_json::from_str(r#"{"by_type": {"smart-lock": {"short_window_s": 0}}}"#).unwrap();
         assert_eq!(bad.validate().unwrap_err().0, "enforcement.by_type.smart-lock.short_window_s");
-        assert!(serde_json::from_str::<EnforcementConfig>(r#"{"by_type": {"x": {"block_after": 1}}}"#).is_err(), "unknown fields are refused");
+        assert!(
+            serde_json::from_str::<EnforcementConfig>(r#"{"by_type": {"x": {"block_after": 1}}}"#).is_err(),
+            "unknown fields are refused"
+        );
     }
 }

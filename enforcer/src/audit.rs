@@ -473,7 +473,8 @@ impl AuditLog {
             else {
                 continue;
             };
-            let buffered = self.rows.keys().any(|day| DateTime::from_timestamp_millis(day * MS_PER_DAY).map(|d| d.date_naive()) == Some(date));
+            let buffered =
+                self.rows.keys().any(|day| DateTime::from_timestamp_millis(day * MS_PER_DAY).map(|d| d.date_naive()) == Some(date));
             if date >= oldest_kept || buffered {
                 continue;
             }
@@ -584,7 +585,10 @@ mod tests {
         };
         assert_eq!(text("event", 0).as_deref(), Some("state_change"));
         assert_eq!(text("event", 1).as_deref(), Some("target_call"));
-        assert_eq!((text("outcome", 0), text("outcome", 1).as_deref(), text("outcome", 2).as_deref()), (None, Some("failed"), Some("applied")));
+        assert_eq!(
+            (text("outcome", 0), text("outcome", 1).as_deref(), text("outcome", 2).as_deref()),
+            (None, Some("failed"), Some("applied"))
+        );
         assert_eq!(col("action_id").as_fixed_size_binary().value(2), action.id().as_bytes());
         assert_eq!(col("uuid").as_fixed_size_binary().value(0), action.uuid().as_bytes());
         assert_eq!(col("attempt").as_primitive::<arrow::datatypes::UInt32Type>().value(2), 2);

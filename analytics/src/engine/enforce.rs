@@ -311,8 +311,12 @@ mod tests {
             ..Default::default()
         };
         let mut e = Engine::new(cfg);
-        let registry =
-            vec![registered(LOCK, Some("smart-lock")), registered(BULB, Some("smart-bulb")), registered(UNTYPED, None), registered(TARGET, None)];
+        let registry = vec![
+            registered(LOCK, Some("smart-lock")),
+            registered(BULB, Some("smart-bulb")),
+            registered(UNTYPED, None),
+            registered(TARGET, None),
+        ];
         process(&mut e, registry, &attempts(1, 2, LOCK));
         let changes = e.take_enforcement();
         assert_eq!(changes.len(), 1, "the lock is blocked at its second attempt");
@@ -327,6 +331,9 @@ mod tests {
         process(&mut e, vec![], &attempts(200, 5, UNTYPED));
         let changes = e.take_enforcement();
         assert_eq!(changes.len(), 1, "no type: the base thresholds (5 in 10 minutes)");
-        assert_eq!((changes[0].state, changes[0].since, changes[0].until), (EnforcementStateKind::Blocked, T0 + 40_000, Some(T0 + 40_000 + 3_600_000)));
+        assert_eq!(
+            (changes[0].state, changes[0].since, changes[0].until),
+            (EnforcementStateKind::Blocked, T0 + 40_000, Some(T0 + 40_000 + 3_600_000))
+        );
     }
 }

@@ -173,7 +173,8 @@ pub fn read_notification_tail(
     let assign = |ranges: &[(i32, i64, i64)]| -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for (partition, from, _) in ranges {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from)).map_err(Error::kafka("assigning the notifications topic"))?;
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(Error::kafka("assigning the notifications topic"))?;
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning the notifications topic"))
     };
@@ -182,7 +183,10 @@ pub fn read_notification_tail(
     let mut last_ts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     while last_ts.len() < ranges.len() {
         if std::time::Instant::now() > deadline {
-            return Err(Error::Kafka { context: String::from("reading the notifications topic's last records"), reason: format!("not within {timeout:?}") });
+            return Err(Error::Kafka {
+                context: String::from("reading the notifications topic's last records"),
+                reason: format!("not within {timeout:?}"),
+            });
         }
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m.map_err(Error::kafka("reading the notifications topic"))?;
@@ -205,7 +209,10 @@ pub fn read_notification_tail(
     let mut done: std::collections::BTreeSet<i32> = ranges.iter().filter(|(_, from, end)| from >= end).map(|(p, _, _)| *p).collect();
     while done.len() < ranges.len() {
         if std::time::Instant::now() > deadline {
-            return Err(Error::Kafka { context: String::from("reading the notifications topic's tail"), reason: format!("not within {timeout:?}") });
+            return Err(Error::Kafka {
+                context: String::from("reading the notifications topic's tail"),
+                reason: format!("not within {timeout:?}"),
+            });
         }
         let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = m.map_err(Error::kafka("reading the notifications topic"))?;

@@ -21,6 +21,15 @@
 //! stays before it, so a restart applies it (and what follows) again; every target is idempotent
 //! on the action id, and notices keep their ids, so the replay is harmless.
 //!
+//! **Audit.** Each enforcement record gives one `state_change` row and one `target_call` row per
+//! try of each target ([`crate::audit`]). Rows are buffered and written to closed Parquet files
+//! before every commit, so a commit never covers a record whose rows are not on disk; a failure to
+//! write them stops the service (nothing more is committed).
+//!
+//! **Restarts.** At start the notification limiter is seeded from the tail of the notifications
+//! topic (each notice carries its finding's `event_ts` in the [`EVENT_TS_HEADER`] header), so the
+//! findings a restart replays are held back by the notices the previous run already published.
+//!
 //! This module owns the loop, the order of work and the commit rule. It must never compute
 //! enforcement state (the pipeline owns it), never call a target in dry run, and never log a
 //! secret (targets' credentials, Kafka client properties).
