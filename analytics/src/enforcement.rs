@@ -399,7 +399,7 @@ mod tests {
         let cfg: EnforcementConfig = serde_json::from_str(
             r#"{"block_at": 6, "by_type": {"smart-lock": {"block_at": 2, "block_for_s": 600}, "meter": {"long_window_s": 172800}}}"#,
         )
-        .unwrap();
+        .expect("parses");
         let base = cfg.thresholds(None);
         assert_eq!((base.block_at, base.block_for_s, base.short_window_s), (6, 3_600, 600));
         assert_eq!(cfg.thresholds(Some("no-such-type")), base);
@@ -407,8 +407,8 @@ mod tests {
         assert_eq!((lock.block_at, lock.block_for_s, lock.short_window_s, lock.unregister_after), (2, 600, 600, 20));
         assert_eq!(cfg.longest_window_s(), 172_800, "counts are kept as long as the longest window of any type");
 
-        let bad: EnforcementConfig = serde_json::from_str(r#"{"by_type": {"smart-lock": {"short_window_s": 0}}}"#).unwrap();
-        assert_eq!(bad.validate().unwrap_err().0, "enforcement.by_type.smart-lock.short_window_s");
+        let bad: EnforcementConfig = serde_json::from_str(r#"{"by_type": {"smart-lock": {"short_window_s": 0}}}"#).expect("parses");
+        assert_eq!(bad.validate().expect_err("a zero window").0, "enforcement.by_type.smart-lock.short_window_s");
         assert!(
             serde_json::from_str::<EnforcementConfig>(r#"{"by_type": {"x": {"block_after": 1}}}"#).is_err(),
             "unknown fields are refused"

@@ -392,7 +392,7 @@ mod tests {
             // The restart: the topic's tail seeded, the findings replayed from the committed offset.
             let mut limiter = NotificationLimiter::new(60_000);
             for n in &published {
-                let event_ts = findings.iter().find(|f| f.id == n.finding).unwrap().event_ts;
+                let event_ts = findings.iter().find(|f| f.id == n.finding).expect("a notice is about one of the findings").event_ts;
                 limiter.seed(n.recipient, n.about, n.kind, event_ts);
             }
             let again: Vec<Notification> = findings[committed..].iter().flat_map(|f| notices(f, &owners, &mut limiter).send).collect();
