@@ -43,7 +43,7 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
 /// CPU seconds of this process's threads, leaving out the embedded broker's (`rdk:mock…`), which
 /// stands in for the cluster and is not meshguard's work. Threads that ended are not counted, so
 /// measure phases whose threads outlive them.
-fn meshguard_cpu_seconds() -> f64 {
+pub(crate) fn meshguard_cpu_seconds() -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return cpu_seconds("self").unwrap_or(0.0) };
     let mut total = 0.0;
     for task in tasks.flatten() {
@@ -72,9 +72,12 @@ pub struct BenchArgs {
     pub latency_seconds: u64,
     /// The broker's pid, to report its CPU.
     pub broker_pid: Option<String>,
+    /// Measure the enforcer instead (`bench_enforcer`): `events` findings, `latency_rate`
+    /// offenders per second crossing the block threshold.
+    pub enforcer: bool,
 }
 
-fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::TempDir)> {
+pub(crate) fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::TempDir)> {
     let mut cfg = base.clone();
     let dir = tempfile::Builder::new().prefix("meshguard-bench-").tempdir()?;
     cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
@@ -85,7 +88,7 @@ fn fresh_config(base: &Config, tag: &str) -> anyhow::Result<(Config, tempfile::T
 
 /// Every topic of `topics` with a suffix naming the run and phase: each phase starts from empty
 /// topics, whatever earlier runs left on the broker.
-fn phase_topics(topics: &Topics, tag: &str) -> Topics {
+pub(crate) fn phase_topics(topics: &Topics, tag: &str) -> Topics {
     let suffix = format!(".bench-{}-{tag}", std::process::id());
     let t = |name: &String| format!("{name}{suffix}");
     Topics {
@@ -104,7 +107,7 @@ fn phase_topics(topics: &Topics, tag: &str) -> Topics {
 }
 
 /// Runs a pipeline until it has read `target` records (or `stop`), returning (wall, cpu) seconds.
-fn run_pipeline_until(
+pub(crate) fn run_pipeline_until(
     cfg: Config,
     kafka: &KafkaConfig,
     target: u64,
@@ -148,6 +151,9 @@ fn run_pipeline_until(
 
 /// Runs both phases and prints the JSON report.
 pub fn run(base: &Config, args: &BenchArgs) -> anyhow::Result<()> {
+    if args.enforcer {
+        return crate::bench_enforcer::run(base, args);
+    }
     let mut base = base.clone();
     if args.brokers.is_some() {
         base.topics = phase_topics(&base.topics, "throughput");

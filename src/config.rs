@@ -237,7 +237,7 @@ impl Config {
             }
             fig = fig.merge(Toml::file(file));
         }
-        let cfg: Config = fig
+        let mut cfg: Config = fig
             // Every field lives in a section, so overrides are exactly the `MESHGUARD_<SECTION>__…`
             // variables; `MESHGUARD_LOG`, `MESHGUARD_CONFIG`, `MESHGUARD_CACHE` are not configuration.
             .merge(Env::prefixed("MESHGUARD_").filter(|k| k.as_str().contains("__")).split("__"))
@@ -247,6 +247,8 @@ impl Config {
                 Some(f) => format!("invalid configuration ({} and MESHGUARD_* variables)", f.display()),
                 None => "invalid configuration (MESHGUARD_* variables)".to_owned(),
             })?;
+        // The enforcer's audit trail sits beside the attempt archive unless placed elsewhere.
+        cfg.enforcer.audit.dir.get_or_insert_with(|| cfg.archive.dir.join("audit"));
         cfg.validate()?;
         Ok(cfg)
     }

@@ -5,6 +5,7 @@
 #![allow(unreachable_pub, reason = "a binary crate: `pub` marks what a module offers the others")]
 
 mod bench;
+mod bench_enforcer;
 mod config;
 mod pipeline;
 mod quality;
@@ -98,6 +99,10 @@ struct BenchCli {
     /// The broker's pid, to report its CPU time separately.
     #[arg(long)]
     broker_pid: Option<String>,
+    /// Benchmark the enforcer: findings/s per core (`--events` findings) and threshold crossing →
+    /// enforcement state latency (`--latency-rate` offenders per second).
+    #[arg(long)]
+    enforcer: bool,
 }
 
 #[derive(Debug, Args)]
@@ -243,6 +248,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 latency_rate: b.latency_rate,
                 latency_seconds: b.latency_seconds,
                 broker_pid: b.broker_pid,
+                enforcer: b.enforcer,
             };
             bench::run(&cfg, &args)
         }
@@ -320,6 +326,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
             let dir = tempfile::Builder::new().prefix("meshguard-run-").tempdir()?;
             cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
             cfg.archive.dir = dir.path().join("archive");
+            cfg.enforcer.audit.dir = Some(dir.path().join("archive").join("audit"));
             _state_dir = Some(dir);
             _embedded = Some(broker);
             eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");

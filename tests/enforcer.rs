@@ -276,6 +276,7 @@ async fn meshguard_enforce_runs_alone_and_takes_dry_run_from_the_command_line() 
     let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["enforce", "--brokers", &broker.bootstrap(), "--dry-run", "--config"])
         .arg(&config)
+        .env("MESHGUARD_ENFORCER__AUDIT__DIR", dir.path().join("audit"))
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -289,6 +290,10 @@ async fn meshguard_enforce_runs_alone_and_takes_dry_run_from_the_command_line() 
     wait_for_metric(port, "meshguard_enforcement_actions_total", &["target=\"mosquitto\"", "result=\"dry_run\""], 1.0);
     assert_eq!(metric(port, "meshguard_enforcement_actions_total", &["result=\"failed\""]), 0.0);
     terminate(child);
+    // The audit trail, written at the final commit: the state change and the call a dry run skipped.
+    let rows = audit_rows(&dir.path().join("audit"));
+    let events: Vec<(&str, Option<&str>, Option<&str>)> = rows.iter().map(|r| (r.0.as_str(), r.2.as_deref(), r.3.as_deref())).collect();
+    assert_eq!(events, [("state_change", None, None), ("target_call", Some("mosquitto"), Some("dry_run"))]);
 }
 
 #[test]
@@ -297,4 +302,325 @@ fn meshguard_enforce_without_brokers_says_how() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("needs --brokers"), "{stderr}");
+}
+
+// ---- effectively once: the enforcer killed mid-stream -----------------------------------------
+
+/// Devices of the crash scenario: even rounds of 12, each with its own Mosquitto client.
+const CRASH_DEVICES: u32 = 24;
+/// Devices of the first round (before the crash round).
+const FIRST_ROUND: u32 = 12;
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn crash_device(i: u32) -> String {
+    format!("00000000-0000-4000-a000-{i:012}")
+}
+
+/// What each device goes through: `i % 3 == 0` blocked; `1` blocked, then unblocked; `2` blocked,
+/// then unregistered. Records of the contract's shape, keyed by the device.
+fn crash_states(i: u32) -> Vec<meshguard_schemas::output::EnforcementState> {
+    use meshguard_schemas::EnforcementStateKind::{Active, Blocked, Unregistered};
+    let uuid = uuid::Uuid::parse_str(&crash_device(i)).unwrap();
+    let since = T0 + i64::from(i) * 1_000;
+    let state = |kind, since, until: Option<i64>| meshguard_schemas::output::EnforcementState {
+        uuid,
+        state: kind,
+        since,
+        until,
+        reason: String::from("5 unauthorized attempts in 10 minutes"),
+        attempts: 5,
+        findings: vec![],
+    };
+    let block = state(Blocked, since, Some(since + 3_600_000));
+    match i % 3 {
+        0 => vec![block],
+        1 => vec![block, state(Active, since + 600_000, None)],
+        _ => vec![block, state(Unregistered, since + 700_000, None)],
+    }
+}
+
+/// Three `bad_credentials` findings of device `i` against TARGET (owned by OWNER), 30 s apart in
+/// event time: the first and the third notify each recipient (one per minute), the second does not.
+fn crash_findings(i: u32) -> Vec<(uuid::Uuid, Value)> {
+    (0..3i64)
+        .map(|j| {
+            let id = uuid::Uuid::parse_str(&format!("f0000000-0000-4000-8000-{i:06}{j:06}")).unwrap();
+            let ts = meshguard_schemas::time::format_ms(T0 + i64::from(i) * 1_000 + j * 30_000);
+            let finding = serde_json::json!({"id": id, "ts": ts, "event_ts": ts, "event_id": uuid::Uuid::new_v4(),
+                "kind": "bad_credentials", "offender": crash_device(i), "target": TARGET, "action": "send",
+                "rule": "auth:requester", "detail": {"auth": "invalid"}, "score": 1.0, "severity": "high"});
+            (id, finding)
+        })
+        .collect()
+}
+
+/// The findings of a round of devices, on the findings topic.
+async fn produce_findings(broker: &Broker, devices: std::ops::Range<u32>) {
+    let findings: Vec<ProduceRecord> = devices
+        .flat_map(|i| {
+            crash_findings(i).into_iter().map(move |(_, f)| (Some(crash_device(i).into_bytes()), Some(f.to_string().into_bytes()), None))
+        })
+        .collect();
+    produce(&broker.bootstrap(), "meshguard.findings.v1", &findings).await.unwrap();
+}
+
+/// The enforcement records of a round of devices, on the enforcement topic.
+async fn produce_states(broker: &Broker, devices: std::ops::Range<u32>) {
+    let states: Vec<ProduceRecord> = devices
+        .flat_map(|i| {
+            crash_states(i).into_iter().map(move |s| (Some(crash_device(i).into_bytes()), Some(serde_json::to_vec(&s).unwrap()), None))
+        })
+        .collect();
+    produce(&broker.bootstrap(), ENFORCEMENT, &states).await.unwrap();
+}
+
+/// A webhook receiver that records every delivery and, at the `kill_at`-th distinct action id,
+/// SIGKILLs the enforcer before answering: that action is in flight when the process dies.
+struct Receiver {
+    deliveries: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
+    kill_at: usize,
+    victim: std::sync::Mutex<Option<u32>>,
+    /// The number of distinct ids received, and whether the victim was killed.
+    progress: tokio::sync::watch::Sender<(usize, bool)>,
+}
+
+impl Receiver {
+    fn distinct(&self) -> BTreeSet<String> {
+        self.deliveries.lock().unwrap().iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    async fn wait_until(&self, what: &str, done: impl Fn(&(usize, bool)) -> bool) {
+        let mut rx = self.progress.subscribe();
+        tokio::time::timeout(WAIT, rx.wait_for(|p| done(p)))
+            .await
+            .unwrap_or_else(|_| panic!("waiting for {what}: got {:?}", *self.progress.borrow()))
+            .unwrap();
+    }
+}
+
+async fn start_receiver(kill_at: usize) -> (std::sync::Arc<Receiver>, u16) {
+    use axum::extract::State;
+    use axum::http::HeaderMap;
+    let (progress, _) = tokio::sync::watch::channel((0, false));
+    let receiver = std::sync::Arc::new(Receiver { deliveries: Default::default(), kill_at, victim: Default::default(), progress });
+    async fn hook(State(r): State<std::sync::Arc<Receiver>>, headers: HeaderMap, body: axum::body::Bytes) -> &'static str {
+        let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let distinct = {
+            let mut d = r.deliveries.lock().unwrap();
+            d.push((id, body.to_vec()));
+            d.iter().map(|(id, _)| id).collect::<BTreeSet<_>>().len()
+        };
+        let mut killed = r.progress.borrow().1;
+        if distinct >= r.kill_at
+            && let Some(pid) = r.victim.lock().unwrap().take()
+        {
+            let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+            assert!(status.success(), "kill -KILL {pid}");
+            killed = true;
+        }
+        r.progress.send_replace((distinct, killed));
+        "ok"
+    }
+    let app = axum::Router::new().route("/hook", axum::routing::post(hook)).with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (receiver, port)
+}
+
+/// `meshguard enforce` with the webhook and Mosquitto targets and the audit trail in `dir`, with
+/// `commit_interval_ms` and the audit's `max_rows_per_file`.
+fn spawn_enforcer(
+    broker: &Broker,
+    mosquitto: &Mosquitto,
+    webhook_port: u16,
+    metrics_port: u16,
+    dir: &std::path::Path,
+    (commit_interval_ms, audit_rows): (u64, usize),
+) -> Child {
+    let config = dir.join("enforcer.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+             [enforcer]\ncommit_interval_ms = {commit_interval_ms}\nretry_base_delay_ms = 100\n\n\
+             [enforcer.audit]\ndir = \"{audit}\"\nmax_rows_per_file = {audit_rows}\n\n\
+             [[enforcer.targets]]\ntype = \"webhook\"\nname = \"soc\"\nurl = \"http://127.0.0.1:{webhook_port}/hook\"\nsecret = \"{WEBHOOK_SECRET}\"\nbase_delay_ms = 50\nmax_delay_ms = 200\n\n\
+             [[enforcer.targets]]\ntype = \"mosquitto\"\nname = \"mosquitto\"\nport = {port}\nusername = \"{admin}\"\npassword = \"{password}\"\nreconnect_delay_ms = 100\n",
+            audit = dir.join("audit").display(),
+            port = mosquitto.port(),
+            admin = Mosquitto::ADMIN_USERNAME,
+            password = mosquitto.admin_password(),
+        ),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["enforce", "--brokers", &broker.bootstrap(), "--config"])
+        .arg(&config)
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Every audit row in `dir`: (event, action id, target, outcome).
+fn audit_rows(dir: &std::path::Path) -> Vec<(String, uuid::Uuid, Option<String>, Option<String>)> {
+    use arrow::array::{Array as _, AsArray as _};
+    use arrow::datatypes::UInt8Type;
+    let mut rows = Vec::new();
+    for folder in std::fs::read_dir(dir).unwrap() {
+        let folder = folder.unwrap().path();
+        assert!(folder.file_name().unwrap().to_str().unwrap().starts_with("date="), "{}", folder.display());
+        for file in std::fs::read_dir(&folder).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            assert!(name.starts_with("part-") && name.ends_with(".parquet"), "{name}");
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                assert_eq!(batch.schema(), meshguard_enforcer::audit_schema());
+                let text = |name: &str, row: usize| {
+                    let c = batch.column_by_name(name).unwrap();
+                    let d = c.as_dictionary::<UInt8Type>();
+                    (!d.is_null(row)).then(|| d.values().as_string::<i32>().value(d.keys().value(row) as usize).to_owned())
+                };
+                let ids = batch.column_by_name("action_id").unwrap().as_fixed_size_binary().clone();
+                let targets = batch.column_by_name("target").unwrap().as_string::<i32>().clone();
+                for row in 0..batch.num_rows() {
+                    rows.push((
+                        text("event", row).unwrap(),
+                        uuid::Uuid::from_slice(ids.value(row)).unwrap(),
+                        (!targets.is_null(row)).then(|| targets.value(row).to_owned()),
+                        text("outcome", row),
+                    ));
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// The enforcer is SIGKILLed in the middle of a stream of enforcement changes (while a webhook
+/// delivery is in flight), with notices published for findings it had not committed, then started
+/// again. What a consumer can see is what one run without a crash shows: every action applied,
+/// each under its one deterministic id (a repeat of an id carries the same body; no action arrives
+/// under a second id); Mosquitto's clients end in the state of their last change; the
+/// notifications topic holds each expected notice exactly once (the restarted enforcer publishes
+/// none: the replayed findings are judged against the notices already on the topic); the audit
+/// trail has every state change and the target calls.
+///
+/// Three runs, so that what is committed at the kill is decided by the test, not by timing: the
+/// first handles the first round and stops cleanly (everything committed); the second, whose
+/// commit interval is 10 minutes, handles the second round's findings (their notices published,
+/// not committed) and is killed in the middle of its actions; the third replays the second round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_enforcer_restarts_and_changes_nothing_a_consumer_can_see() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let mosquitto = Mosquitto::start().unwrap();
+    for i in 0..CRASH_DEVICES {
+        mosquitto.ctrl(&["createClient", &crash_device(i), "-p", DEVICE_PASSWORD]).unwrap();
+    }
+    produce(&broker.bootstrap(), "meshguard.registry.v1", &registry()).await.unwrap();
+    let actions = |devices: std::ops::Range<u32>| -> BTreeSet<String> {
+        devices.flat_map(crash_states).map(|s| meshguard_enforcer::EnforcementAction::id_of(&s).to_string()).collect()
+    };
+    let (first_round, all) = (actions(0..FIRST_ROUND), actions(0..CRASH_DEVICES));
+    // Killed at the eighth action of the second round.
+    let (receiver, webhook_port) = start_receiver(first_round.len() + 8).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Round one: findings and actions handled, then a clean stop commits them.
+    let child = spawn_enforcer(&broker, &mosquitto, webhook_port, free_port(), dir.path(), (200, 100_000));
+    produce_findings(&broker, 0..FIRST_ROUND).await;
+    produce_states(&broker, 0..FIRST_ROUND).await;
+    receiver.wait_until("the first round's actions", |(n, _)| *n >= first_round.len()).await;
+    let first_notices = 4 * FIRST_ROUND as usize;
+    assert_eq!(consume_all(&broker.bootstrap(), NOTIFICATIONS, first_notices, WAIT).unwrap().len(), first_notices);
+    terminate(child);
+
+    // Round two: the findings' notices are published (and not committed) ...
+    let mut child = spawn_enforcer(&broker, &mosquitto, webhook_port, free_port(), dir.path(), (600_000, 100_000));
+    *receiver.victim.lock().unwrap() = Some(child.id());
+    produce_findings(&broker, FIRST_ROUND..CRASH_DEVICES).await;
+    let notices = 4 * CRASH_DEVICES as usize;
+    assert_eq!(consume_all(&broker.bootstrap(), NOTIFICATIONS, notices, WAIT).unwrap().len(), notices);
+    // ... then the actions, in the middle of which the receiver kills the enforcer.
+    produce_states(&broker, FIRST_ROUND..CRASH_DEVICES).await;
+    receiver.wait_until("the kill", |(_, killed)| *killed).await;
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the enforcer was killed: {status}");
+    let at_kill = receiver.distinct();
+    assert!(at_kill.len() < all.len(), "killed mid-stream: {} of {} actions seen", at_kill.len(), all.len());
+
+    // The restart replays from the committed offsets and finishes the stream.
+    let port = free_port();
+    let child = spawn_enforcer(&broker, &mosquitto, webhook_port, port, dir.path(), (200, 100_000));
+    receiver.wait_until("every action", |(n, _)| *n >= all.len()).await;
+    // The second round's 36 findings again: 72 candidate notices, none published (48 are on the
+    // topic already, 24 were held back by the limit then and are now).
+    wait_for_metric(port, "meshguard_notifications_suppressed_total", &["kind=\"bad_credentials\""], 72.0);
+    assert_eq!(metric(port, "meshguard_notifications_total", &[]), 0.0, "the restarted enforcer publishes no notice");
+    terminate(child);
+
+    // Webhook: exactly the expected ids; a repeated id (the replay) carries the same body.
+    assert_eq!(receiver.distinct(), all);
+    let deliveries = receiver.deliveries.lock().unwrap().clone();
+    let mut bodies: std::collections::BTreeMap<&str, &[u8]> = std::collections::BTreeMap::new();
+    for (id, body) in &deliveries {
+        let first = *bodies.entry(id).or_insert(body);
+        assert_eq!(first, &body[..], "every delivery of {id} has the same body");
+    }
+    assert!(deliveries.len() > all.len(), "the actions after the last commit were delivered again after the restart, same ids");
+
+    // Mosquitto: each client in the state of its last change.
+    for i in 0..CRASH_DEVICES {
+        let client = mosquitto.ctrl(&["getClient", &crash_device(i)]);
+        match i % 3 {
+            0 => assert!(client.unwrap().contains("Disabled: true"), "device {i} stays blocked"),
+            1 => assert!(!client.unwrap().contains("Disabled: true"), "device {i} is unblocked"),
+            _ => assert!(client.is_err_and(|e| e.to_string().contains("not found")), "device {i} is deleted"),
+        }
+    }
+
+    // Notifications: every expected notice once, no id twice, nothing else.
+    let published = consume_available(&broker.bootstrap(), NOTIFICATIONS, Duration::from_secs(10)).unwrap();
+    let mut seen = BTreeSet::new();
+    for n in &published {
+        let v: Value = serde_json::from_slice(n.payload.as_ref().unwrap()).unwrap();
+        assert!(seen.insert(v["id"].as_str().unwrap().to_owned()), "notice {} published twice: {v}", v["id"]);
+    }
+    let mut want = BTreeSet::new();
+    for i in 0..CRASH_DEVICES {
+        let findings = crash_findings(i);
+        for (finding, _) in [&findings[0], &findings[2]] {
+            for recipient in [TARGET, OWNER] {
+                let recipient = uuid::Uuid::parse_str(recipient).unwrap();
+                want.insert(meshguard_enforcer::service::notify::notification_id(finding, &recipient).to_string());
+            }
+        }
+    }
+    assert_eq!(seen, want);
+
+    // Audit: every state change, and a call of each target for every action.
+    let rows = audit_rows(&dir.path().join("audit"));
+    for id in &all {
+        let id = uuid::Uuid::parse_str(id).unwrap();
+        assert!(rows.iter().any(|r| r.0 == "state_change" && r.1 == id), "state change {id} audited");
+        assert!(
+            rows.iter().any(|r| r.0 == "target_call" && r.1 == id && r.2.as_deref() == Some("soc") && r.3.as_deref() == Some("applied")),
+            "webhook call {id} audited"
+        );
+        assert!(
+            rows.iter().any(|r| r.0 == "target_call" && r.1 == id && r.2.as_deref() == Some("mosquitto")),
+            "mosquitto call {id} audited"
+        );
+    }
 }

@@ -14,6 +14,13 @@
 //! `blocked_requester` and count no further; an attempt at or after `until` finds it active
 //! again. Exempt UUIDs are never blocked. Attempts addressed to a blocked or unregistered UUID
 //! give no finding at all.
+//!
+//! **Per device type.** `[enforcement.by_type.<type>]` overrides any of the windows, counts and the
+//! block's length for offenders whose registered `type` (as of the attempt's `ts`) is `<type>`
+//! ([`EnforcementConfig::thresholds`]); everything else (what counts, exemptions) is the same for
+//! every type. An offender that is not registered, or has no `type`, gets the base thresholds.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -40,6 +47,62 @@ pub struct EnforcementConfig {
     pub unregister_after: u32,
     /// Whether `timing_anomaly` findings count (contract default: no).
     pub count_timing_anomalies: bool,
+    /// Overrides of the thresholds for offenders of one registered device `type`
+    /// (`[enforcement.by_type.smart-lock]`); a field left out keeps the base value.
+    pub by_type: BTreeMap<String, ThresholdOverrides>,
+}
+
+/// `[enforcement.by_type.<type>]`: the thresholds of one device type; unset fields keep the base
+/// `[enforcement]` values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThresholdOverrides {
+    /// Length of the short window, seconds.
+    pub short_window_s: Option<u64>,
+    /// Counted attempts within the short window that block.
+    pub block_at: Option<u32>,
+    /// How long a block lasts, seconds.
+    pub block_for_s: Option<u64>,
+    /// Length of the long window, seconds.
+    pub long_window_s: Option<u64>,
+    /// Counted attempts within the long window past which the UUID is unregistered.
+    pub unregister_after: Option<u32>,
+}
+
+/// The thresholds that apply to one offender: the base `[enforcement]` values, or those of its
+/// device type ([`EnforcementConfig::thresholds`]). Small and `Copy`: resolved per counted attempt
+/// without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Length of the short window, seconds.
+    pub short_window_s: u64,
+    /// Counted attempts within the short window that block.
+    pub block_at: u32,
+    /// How long a block lasts, seconds.
+    pub block_for_s: u64,
+    /// Length of the long window, seconds.
+    pub long_window_s: u64,
+    /// Counted attempts within the long window past which the UUID is unregistered.
+    pub unregister_after: u32,
+}
+
+impl From<&EnforcementConfig> for Thresholds {
+    /// The base thresholds (no device type).
+    fn from(cfg: &EnforcementConfig) -> Self {
+        Thresholds {
+            short_window_s: cfg.short_window_s,
+            block_at: cfg.block_at,
+            block_for_s: cfg.block_for_s,
+            long_window_s: cfg.long_window_s,
+            unregister_after: cfg.unregister_after,
+        }
+    }
+}
+
+impl From<&Thresholds> for Thresholds {
+    fn from(t: &Thresholds) -> Self {
+        *t
+    }
 }
 
 impl Default for EnforcementConfig {
@@ -52,6 +115,7 @@ impl Default for EnforcementConfig {
             long_window_s: 86_400,
             unregister_after: 20,
             count_timing_anomalies: false,
+            by_type: BTreeMap::new(),
         }
     }
 }
@@ -70,7 +134,41 @@ impl EnforcementConfig {
                 return Err((field.to_owned(), "must be at least 1".to_owned()));
             }
         }
+        for (device_type, o) in &self.by_type {
+            let positive = [
+                ("short_window_s", o.short_window_s),
+                ("block_for_s", o.block_for_s),
+                ("long_window_s", o.long_window_s),
+                ("block_at", o.block_at.map(u64::from)),
+            ];
+            for (field, v) in positive {
+                if v == Some(0) {
+                    return Err((format!("enforcement.by_type.{device_type}.{field}"), "must be at least 1".to_owned()));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The thresholds for an offender of registered type `device_type` (`None`: not registered, or
+    /// no type): the base values with the type's overrides, if `[enforcement.by_type]` has it.
+    #[inline]
+    pub fn thresholds(&self, device_type: Option<&str>) -> Thresholds {
+        let mut t = Thresholds::from(self);
+        if let Some(o) = device_type.filter(|_| !self.by_type.is_empty()).and_then(|d| self.by_type.get(d)) {
+            t.short_window_s = o.short_window_s.unwrap_or(t.short_window_s);
+            t.block_at = o.block_at.unwrap_or(t.block_at);
+            t.block_for_s = o.block_for_s.unwrap_or(t.block_for_s);
+            t.long_window_s = o.long_window_s.unwrap_or(t.long_window_s);
+            t.unregister_after = o.unregister_after.unwrap_or(t.unregister_after);
+        }
+        t
+    }
+
+    /// The longest window of any type (the base included): how long counted attempts matter.
+    pub fn longest_window_s(&self) -> u64 {
+        let base = self.long_window_s.max(self.short_window_s);
+        self.by_type.values().flat_map(|o| [o.long_window_s, o.short_window_s]).flatten().fold(base, u64::max)
     }
 }
 
@@ -131,15 +229,17 @@ pub const RECENT_FINDINGS: usize = 5;
 impl Offender {
     /// Counts `units` unauthorized units at `ts` (behind `findings`) and returns the new status
     /// when a threshold is crossed. `registered` and `exempt` are the offender's, as of `ts`.
+    /// `cfg` is the offender's [`Thresholds`] (or an [`EnforcementConfig`] for the base ones).
     pub fn count(
         &mut self,
-        cfg: &EnforcementConfig,
+        cfg: impl Into<Thresholds>,
         ts: i64,
         units: u32,
         findings: &[Uuid],
         registered: bool,
         exempt: bool,
     ) -> Option<Status> {
+        let cfg: Thresholds = cfg.into();
         if self.status.refuses(ts) {
             // Attempts while blocked or unregistered count no further.
             return None;
@@ -206,7 +306,9 @@ impl Offender {
 
     /// The contract's record of this offender's status; `active_since` is when an active one
     /// became active.
-    pub fn record(&self, uuid: Uuid, cfg: &EnforcementConfig, active_since: i64) -> EnforcementState {
+    /// `cfg` gives the reason's numbers: the offender's [`Thresholds`] (or the base ones).
+    pub fn record(&self, uuid: Uuid, cfg: impl Into<Thresholds>, active_since: i64) -> EnforcementState {
+        let cfg: Thresholds = cfg.into();
         let attempts = self.counted.len() as u64;
         let (state, since, until, reason) = match self.status {
             Status::Active => (EnforcementStateKind::Active, active_since, None, "block expired".to_owned()),
@@ -227,8 +329,9 @@ impl Offender {
     }
 
     /// Whether nothing about this offender matters any more at `horizon_ms`.
+    /// The longest window of any device type decides, so no type's count is cut short.
     pub fn is_spent(&self, horizon_ms: i64, cfg: &EnforcementConfig) -> bool {
-        let long_ms = (cfg.long_window_s * 1000) as i64;
+        let long_ms = (cfg.longest_window_s() * 1000) as i64;
         matches!(self.status, Status::Active) && self.counted.last().is_none_or(|t| *t <= horizon_ms - long_ms)
     }
 }
@@ -289,5 +392,26 @@ mod tests {
         let mut o = Offender::default();
         let got: Vec<_> = (0..5).map(|i| o.count(&cfg, i, 1, &[], false, false)).collect();
         assert_eq!(got[4], Some(Status::Blocked { since: 4, until: 4 + 3_600_000 }), "not registered: blocked, never unregistered");
+    }
+
+    #[test]
+    fn per_type_overrides_keep_the_base_for_what_they_leave_out_and_are_validated() {
+        let cfg: EnforcementConfig = serde_json::from_str(
+            r#"{"block_at": 6, "by_type": {"smart-lock": {"block_at": 2, "block_for_s": 600}, "meter": {"long_window_s": 172800}}}"#,
+        )
+        .expect("parses");
+        let base = cfg.thresholds(None);
+        assert_eq!((base.block_at, base.block_for_s, base.short_window_s), (6, 3_600, 600));
+        assert_eq!(cfg.thresholds(Some("no-such-type")), base);
+        let lock = cfg.thresholds(Some("smart-lock"));
+        assert_eq!((lock.block_at, lock.block_for_s, lock.short_window_s, lock.unregister_after), (2, 600, 600, 20));
+        assert_eq!(cfg.longest_window_s(), 172_800, "counts are kept as long as the longest window of any type");
+
+        let bad: EnforcementConfig = serde_json::from_str(r#"{"by_type": {"smart-lock": {"short_window_s": 0}}}"#).expect("parses");
+        assert_eq!(bad.validate().expect_err("a zero window").0, "enforcement.by_type.smart-lock.short_window_s");
+        assert!(
+            serde_json::from_str::<EnforcementConfig>(r#"{"by_type": {"x": {"block_after": 1}}}"#).is_err(),
+            "unknown fields are refused"
+        );
     }
 }

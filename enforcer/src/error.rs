@@ -73,6 +73,18 @@ pub enum Error {
     #[error("registering the enforcer's metrics: {0}")]
     Metrics(String),
 
+    /// The audit trail could not be written (its folder, a file, a batch). The enforcer stops
+    /// rather than commit offsets past records whose audit rows are not on disk.
+    #[error("audit trail: {what} {}: {reason}", path.display())]
+    Audit {
+        /// What was being done (`creating`, `writing`, `syncing`, `renaming`, …).
+        what: &'static str,
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The cause.
+        reason: String,
+    },
+
     /// An action could not be delivered and could not be stored in the dead-letter sink either.
     #[error("dead-letter sink `{sink}` could not store {action_id}: {reason}")]
     DeadLetter {

@@ -23,8 +23,9 @@
 //! `meshguard enforce` (and `meshguard run`, in-process) runs: it consumes the enforcement and
 //! findings topics in its own consumer group, applies every record to every target (or only logs
 //! in dry run), publishes notifications to targets and owners, writes undeliverable actions to the
-//! Kafka dead-letter topic ([`service::KafkaDeadLetters`]) and commits offsets only past records
-//! whose actions completed.
+//! Kafka dead-letter topic ([`service::KafkaDeadLetters`]), records every state change and target
+//! call in the Parquet [`audit`] trail, and commits offsets only past records whose actions
+//! completed and whose audit rows are in closed files.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -54,6 +55,7 @@
 //! ```
 
 mod action;
+pub mod audit;
 pub mod dead_letter;
 mod error;
 mod secret;
@@ -61,6 +63,7 @@ pub mod service;
 pub mod targets;
 
 pub use action::{ActionKind, ActionOutcome, EnforcementAction};
+pub use audit::{AuditConfig, audit_schema};
 pub use dead_letter::{DeadLetter, DeadLetterSink, MemoryDeadLetters};
 pub use error::{Error, Result};
 pub use secret::Secret;

@@ -1,6 +1,7 @@
 //! The engine's last stage for message attempts: the enforcement state of requester and target
 //! decides what of an attempt's findings is published, and the published findings are counted
-//! against the requester (see [`crate::enforcement`] for the rules). Runs row by row in the order
+//! against the requester (see [`crate::enforcement`] for the rules), with the thresholds of the
+//! requester's registered device type (`[enforcement.by_type]`). Runs row by row in the order
 //! of the batch, which within a partition is the order of the log.
 
 use meshguard_schemas::output::{ControlAction, ControlCommand, EnforcementState, Finding};
@@ -87,11 +88,13 @@ impl Engine {
             }
             let requester = self.registry.get(&from, ts).and_then(|r| r.as_deref());
             let (registered, exempt) = (requester.is_some(), requester.is_some_and(|r| r.record.exempt));
+            // `[enforcement.by_type]`: the thresholds of the requester's registered type, as of `ts`.
+            let thresholds = self.cfg.enforcement.thresholds(requester.and_then(|r| r.record.device_type.as_deref()));
             let home = Engine::home(self.messages_partitions, &self.owned_messages, &from, partition.1);
             let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
             let offender = state.enforcement.entry(from).or_default();
-            if let Some(status) = offender.count(&self.cfg.enforcement, ts, units, &ids, registered, exempt) {
-                let record = offender.record(from, &self.cfg.enforcement, ts);
+            if let Some(status) = offender.count(thresholds, ts, units, &ids, registered, exempt) {
+                let record = offender.record(from, thresholds, ts);
                 if let Status::Blocked { until, .. } = status {
                     state.timers.insert((until, from));
                 }
@@ -245,5 +248,92 @@ fn blocked_finding(view: &MessagesView<'_>, row: usize, from: Uuid, event_id: Uu
         detail,
         score: 1.0,
         severity: Severity::High,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use meshguard_schemas::registry::RegistryRecord;
+    use meshguard_schemas::{BatchDecoder, EnforcementStateKind};
+
+    use super::super::*;
+    use crate::enforcement::{EnforcementConfig, ThresholdOverrides};
+
+    const LOCK: &str = "9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
+    const BULB: &str = "a1a1a1a1-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
+    const UNTYPED: &str = "b2b2b2b2-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
+    const TARGET: &str = "c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f";
+    const T0: i64 = 1_795_539_600_000;
+
+    fn registered(uuid: &str, device_type: Option<&str>) -> RegistryChange {
+        let json = match device_type {
+            Some(t) => format!(r#"{{"uuid":"{uuid}","kind":"device","type":"{t}"}}"#),
+            None => format!(r#"{{"uuid":"{uuid}","kind":"device"}}"#),
+        };
+        RegistryChange {
+            uuid: Uuid::parse_str(uuid).unwrap(),
+            record: Some(Arc::new(RegistryRecord::from_json(0, json.as_bytes()).unwrap())),
+            effective_ms: T0 - 60_000,
+        }
+    }
+
+    /// `n` attempts with invalid credentials by `from`, 10 s apart from `T0`.
+    fn attempts(first: u32, n: u32, from: &str) -> Vec<String> {
+        (first..first + n)
+            .map(|i| {
+                let ts = T0 + i64::from(i - first) * 10_000;
+                format!(r#"{{"id":"00000000-0000-4000-8000-{i:012}","ts":{ts},"action":"send","from":"{from}","to":"{TARGET}","auth":"invalid"}}"#)
+            })
+            .collect()
+    }
+
+    fn process(e: &mut Engine, registry: Vec<RegistryChange>, records: &[String]) {
+        let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let out = BatchDecoder::new(InputTopic::Messages).decode(&slices);
+        let rows = RowsBatch { partition: vec![0; out.batch.num_rows()], batch: out.batch };
+        e.process(&MicroBatch { registry, messages: Some(rows), ..Default::default() }, T0);
+    }
+
+    #[test]
+    fn a_device_types_thresholds_replace_the_base_ones_for_offenders_of_that_type() {
+        let by_type = [
+            // Smart locks: blocked at the second counted attempt, for ten minutes.
+            ("smart-lock".to_owned(), ThresholdOverrides { block_at: Some(2), block_for_s: Some(600), ..Default::default() }),
+            // Smart bulbs: a short window of 20 s, so attempts 10 s apart never reach 5 in it.
+            ("smart-bulb".to_owned(), ThresholdOverrides { short_window_s: Some(20), ..Default::default() }),
+        ];
+        let cfg = EngineConfig {
+            enforcement: EnforcementConfig { by_type: by_type.into_iter().collect(), ..Default::default() },
+            ..Default::default()
+        };
+        let mut e = Engine::new(cfg);
+        let registry = vec![
+            registered(LOCK, Some("smart-lock")),
+            registered(BULB, Some("smart-bulb")),
+            registered(UNTYPED, None),
+            registered(TARGET, None),
+        ];
+        process(&mut e, registry, &attempts(1, 2, LOCK));
+        let changes = e.take_enforcement();
+        assert_eq!(changes.len(), 1, "the lock is blocked at its second attempt");
+        assert_eq!(
+            (changes[0].state, changes[0].since, changes[0].until, changes[0].reason.as_str()),
+            (EnforcementStateKind::Blocked, T0 + 10_000, Some(T0 + 10_000 + 600_000), "2 unauthorized attempts in 10 minutes")
+        );
+
+        process(&mut e, vec![], &attempts(100, 6, BULB));
+        assert!(e.take_enforcement().is_empty(), "six bulb attempts 10 s apart: never five within its 20 s window");
+
+        process(&mut e, vec![], &attempts(200, 5, UNTYPED));
+        let changes = e.take_enforcement();
+        assert_eq!(changes.len(), 1, "no type: the base thresholds (5 in 10 minutes)");
+        assert_eq!(
+            (changes[0].state, changes[0].since, changes[0].until),
+            (EnforcementStateKind::Blocked, T0 + 40_000, Some(T0 + 40_000 + 3_600_000))
+        );
     }
 }

@@ -126,3 +126,114 @@ fn apply(table: &mut OwnerTable, key: Option<&[u8]>, value: Option<&[u8]>) {
         tracing::debug!(message = "Registry record skipped by the enforcer.", reason = ?why);
     }
 }
+
+/// The Kafka header of a notification that holds its finding's `event_ts` (decimal Unix ms): what
+/// the limiter needs to be rebuilt from the topic, kept out of the contract's JSON record.
+pub const EVENT_TS_HEADER: &str = "meshguard-event-ts";
+
+/// Reads the tail of the notifications topic: in each partition, the records produced within
+/// `lookback` before that partition's last record (by record timestamp), up to where the partition
+/// ends now. Measured from each partition's own end, not from now, so a restart after a long
+/// downtime still sees the notices the crashed run published last. Hands `visit` each record's
+/// payload and its [`EVENT_TS_HEADER`] (`None` when absent). Blocking: call it off the async workers.
+pub fn read_notification_tail(
+    kafka: &KafkaConfig,
+    topic: &str,
+    client: &str,
+    lookback: Duration,
+    timeout: Duration,
+    mut visit: impl FnMut(&[u8], Option<i64>),
+) -> Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::Headers as _;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", client)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .map_err(Error::kafka("creating the reader of the notifications topic"))?;
+    let md = consumer.fetch_metadata(Some(topic), timeout).map_err(Error::kafka("reading metadata of the notifications topic"))?;
+    // (partition, first offset to read, end): partitions with records only.
+    let mut ranges: Vec<(i32, i64, i64)> = Vec::new();
+    for p in md.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) =
+            consumer.fetch_watermarks(topic, p.id(), timeout).map_err(Error::kafka("reading the notifications topic's offsets"))?;
+        if high > low {
+            ranges.push((p.id(), high - 1, high));
+        }
+    }
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let assign = |ranges: &[(i32, i64, i64)]| -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, from, _) in ranges {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*from))
+                .map_err(Error::kafka("assigning the notifications topic"))?;
+        }
+        consumer.assign(&tpl).map_err(Error::kafka("assigning the notifications topic"))
+    };
+    // Each partition's last record gives the time its tail is measured back from.
+    assign(&ranges)?;
+    let mut last_ts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    while last_ts.len() < ranges.len() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Kafka {
+                context: String::from("reading the notifications topic's last records"),
+                reason: format!("not within {timeout:?}"),
+            });
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.map_err(Error::kafka("reading the notifications topic"))?;
+            last_ts.entry(m.partition()).or_insert(m.timestamp().to_millis().unwrap_or(0));
+        }
+    }
+    let mut times = TopicPartitionList::new();
+    for (partition, _, _) in &ranges {
+        let from = last_ts.get(partition).copied().unwrap_or(0).saturating_sub(lookback.as_millis() as i64);
+        times.add_partition_offset(topic, *partition, Offset::Offset(from)).map_err(Error::kafka("looking up the notifications' tail"))?;
+    }
+    let starts = consumer.offsets_for_times(times, timeout).map_err(Error::kafka("looking up the notifications' tail"))?;
+    for (partition, from, _) in &mut ranges {
+        if let Some(Offset::Offset(start)) = starts.find_partition(topic, *partition).map(|e| e.offset()) {
+            *from = start.min(*from);
+        }
+    }
+    assign(&ranges)?;
+    let mut read = 0;
+    let mut done: std::collections::BTreeSet<i32> = ranges.iter().filter(|(_, from, end)| from >= end).map(|(p, _, _)| *p).collect();
+    while done.len() < ranges.len() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Kafka {
+                context: String::from("reading the notifications topic's tail"),
+                reason: format!("not within {timeout:?}"),
+            });
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = m.map_err(Error::kafka("reading the notifications topic"))?;
+        let Some(&(_, _, end)) = ranges.iter().find(|(p, _, _)| *p == m.partition()) else { continue };
+        if m.offset() >= end {
+            done.insert(m.partition());
+            continue;
+        }
+        let event_ts = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == EVENT_TS_HEADER))
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        if let Some(payload) = m.payload() {
+            visit(payload, event_ts);
+            read += 1;
+        }
+        if m.offset() + 1 >= end {
+            done.insert(m.partition());
+        }
+    }
+    Ok(read)
+}

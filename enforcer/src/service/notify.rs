@@ -7,6 +7,11 @@
 //! give the same notices however fast they are replayed. A notice's id is UUIDv5 (in
 //! [`ID_NAMESPACE`]) of the finding id and the recipient: a replayed notice has the same id.
 //!
+//! The limiter's memory is the notifications topic itself: at start the service reads the topic's
+//! tail and [`seeds`](NotificationLimiter::seed) the limiter with every notice in it, so findings
+//! replayed after a restart are judged against the notices already published (their own included:
+//! a notice already on the topic is not published again).
+//!
 //! This module is pure: no I/O, no clock. It must never decide enforcement and never put a secret
 //! or a payload into a text (only UUIDs, the kind, the action, profile names and limits).
 
@@ -112,14 +117,18 @@ fn rule_note(rule: &str) -> String {
 
 /// At most one notice per recipient, offender and kind within an interval of event time.
 ///
-/// A candidate is admitted unless a notice for the same key was admitted at an event time less
-/// than the interval away from the latest one admitted. Decisions depend only on the findings and
-/// their order in the partition (findings are keyed by offender, so every key lives in one
-/// partition): a replay of the same partition from the same offset decides the same.
+/// A candidate is admitted unless a notice for the same key was admitted (or seeded) at an event
+/// time less than the interval away from it, before or after. Decisions depend only on the
+/// findings and their order in the partition (findings are keyed by offender, so every key lives
+/// in one partition): a replay of the same partition from the same offset decides the same. With
+/// the notices of a crashed run seeded, a replay decides as the crashed run did: a finding whose
+/// notice went out is held back by that very notice (it is on the topic already), and one that was
+/// held back is held back again by the notice that held it back then.
 #[derive(Debug)]
 pub struct NotificationLimiter {
     interval_ms: i64,
-    latest: HashMap<(Uuid, Uuid, FindingKind), i64>,
+    /// Event times of the notices admitted or seeded per key, within the prune horizon.
+    admitted: HashMap<(Uuid, Uuid, FindingKind), Vec<i64>>,
     newest_seen: i64,
     since_prune: usize,
 }
@@ -134,7 +143,25 @@ const PRUNE_EVERY: usize = 10_000;
 impl NotificationLimiter {
     /// A limiter with `interval_ms` of event time; 0 admits everything.
     pub fn new(interval_ms: u64) -> Self {
-        Self { interval_ms: i64::try_from(interval_ms).unwrap_or(i64::MAX), latest: HashMap::new(), newest_seen: i64::MIN, since_prune: 0 }
+        Self {
+            interval_ms: i64::try_from(interval_ms).unwrap_or(i64::MAX),
+            admitted: HashMap::new(),
+            newest_seen: i64::MIN,
+            since_prune: 0,
+        }
+    }
+
+    /// Records a notice already published (read back from the notifications topic) to
+    /// `recipient` about `offender`'s finding of `kind` at `event_ts`.
+    pub fn seed(&mut self, recipient: Uuid, offender: Uuid, kind: FindingKind, event_ts: i64) {
+        if self.interval_ms == 0 {
+            return;
+        }
+        self.newest_seen = self.newest_seen.max(event_ts);
+        let times = self.admitted.entry((recipient, offender, kind)).or_default();
+        if !times.contains(&event_ts) {
+            times.push(event_ts);
+        }
     }
 
     /// Whether a notice to `recipient` about `offender`'s finding of `kind` at `event_ts` may go out;
@@ -148,28 +175,32 @@ impl NotificationLimiter {
         if self.interval_ms == 0 {
             return true;
         }
-        let latest = self.latest.entry((recipient, offender, kind)).or_insert(i64::MIN);
-        if *latest != i64::MIN && event_ts.abs_diff(*latest) < self.interval_ms.unsigned_abs() {
+        let interval = self.interval_ms.unsigned_abs();
+        let times = self.admitted.entry((recipient, offender, kind)).or_default();
+        if times.iter().any(|t| event_ts.abs_diff(*t) < interval) {
             return false;
         }
-        *latest = (*latest).max(event_ts);
+        times.push(event_ts);
         true
     }
 
     fn prune(&mut self) {
         self.since_prune = 0;
         let horizon = self.newest_seen.saturating_sub(self.interval_ms).saturating_sub(PRUNE_SLACK_MS);
-        self.latest.retain(|_, latest| *latest >= horizon);
+        self.admitted.retain(|_, times| {
+            times.retain(|t| *t >= horizon);
+            !times.is_empty()
+        });
     }
 
     /// Keys remembered (for tests and state-size reporting).
     pub fn len(&self) -> usize {
-        self.latest.len()
+        self.admitted.len()
     }
 
     /// Whether no key is remembered.
     pub fn is_empty(&self) -> bool {
-        self.latest.is_empty()
+        self.admitted.is_empty()
     }
 }
 
@@ -337,5 +368,46 @@ mod tests {
         }
         assert_eq!(limiter.len(), 1);
         assert!(NotificationLimiter::new(0).admit(TARGET, OFFENDER, FindingKind::BadCredentials, 0));
+    }
+
+    /// A crash after some notices were published but before the findings behind them were
+    /// committed: the restarted service reads the published notices back (seeds them) and replays
+    /// the findings from the committed offset. What it publishes then, added to what the crashed
+    /// run published, is exactly what one run without a crash publishes: nothing twice, nothing
+    /// new within the minute.
+    #[test]
+    fn a_restart_seeded_with_the_published_notices_publishes_exactly_the_rest() {
+        let owners = owners();
+        // Findings 20 s apart for 5 minutes: a notice per recipient at 0, 60, 120 s …
+        let findings: Vec<Finding> = (0..16).map(|i| finding(FindingKind::BadCredentials, "auth:requester", i * 20_000)).collect();
+        let mut limiter = NotificationLimiter::new(60_000);
+        let whole: Vec<Notification> = findings.iter().flat_map(|f| notices(f, &owners, &mut limiter).send).collect();
+        assert_eq!(whole.len(), 2 * 6, "at 0, 60, … 300 s");
+
+        for (crash_after, committed) in [(7, 2), (7, 4), (8, 8), (16, 0), (3, 1)] {
+            // The crashed run: findings up to `crash_after` handled, their notices published.
+            let mut limiter = NotificationLimiter::new(60_000);
+            let published: Vec<Notification> =
+                findings[..crash_after].iter().flat_map(|f| notices(f, &owners, &mut limiter).send).collect();
+            // The restart: the topic's tail seeded, the findings replayed from the committed offset.
+            let mut limiter = NotificationLimiter::new(60_000);
+            for n in &published {
+                let event_ts = findings.iter().find(|f| f.id == n.finding).expect("a notice is about one of the findings").event_ts;
+                limiter.seed(n.recipient, n.about, n.kind, event_ts);
+            }
+            let again: Vec<Notification> = findings[committed..].iter().flat_map(|f| notices(f, &owners, &mut limiter).send).collect();
+            let mut topic: Vec<Uuid> = published.iter().chain(&again).map(|n| n.id).collect();
+            topic.sort();
+            let mut want: Vec<Uuid> = whole.iter().map(|n| n.id).collect();
+            want.sort();
+            assert_eq!(topic, want, "crash after {crash_after}, committed {committed}");
+        }
+
+        // Unseeded (the old behaviour), the restart re-sends within the minute under new ids.
+        let mut limiter = NotificationLimiter::new(60_000);
+        let first: Vec<Notification> = findings[..2].iter().flat_map(|f| notices(f, &owners, &mut limiter).send).collect();
+        let mut fresh = NotificationLimiter::new(60_000);
+        let again: Vec<Notification> = findings[1..2].iter().flat_map(|f| notices(f, &owners, &mut fresh).send).collect();
+        assert!(again.iter().all(|n| first.iter().all(|m| m.id != n.id)), "a second notice within the minute, with a new id");
     }
 }
