@@ -10,6 +10,7 @@ mod pipeline;
 mod quality;
 mod simulate;
 mod summary;
+mod train;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -61,6 +62,28 @@ enum Command {
     Simulate(SimulateArgs),
     /// The end-to-end benchmark: throughput per core and event→finding latency.
     Bench(BenchCli),
+    /// Train the timing model from the attempt archive now, save it as the next version and print
+    /// a summary (the pipeline also trains every `timing.train_every_s`).
+    Train(TrainCli),
+}
+
+#[derive(Debug, Args)]
+struct TrainCli {
+    /// The attempt archive's root (default: `archive.dir`).
+    #[arg(long)]
+    archive: Option<PathBuf>,
+    /// Where models are kept (default: `timing.models_dir`).
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// End of the training horizon, RFC 3339 (default: now); the horizon is the
+    /// `timing.horizon_days` before it.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+}
+
+/// An RFC 3339 time as epoch milliseconds.
+fn parse_time(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| format!("expected an RFC 3339 time such as 2026-11-24T17:00:00Z, found {s:?}: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +239,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             quality::run(&cfg, &args).map(|_| ())
         }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
+        Command::Train(t) => {
+            drop(runtime);
+            let archive = t.archive.unwrap_or_else(|| cfg.archive.dir.clone());
+            let models = t.models.unwrap_or_else(|| cfg.timing.models_dir.clone());
+            train::run(&cfg.timing, archive, models, t.until)
+        }
         Command::Bench(b) => {
             drop(runtime);
             let args = bench::BenchArgs {
@@ -292,6 +321,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
             let dir = tempfile::Builder::new().prefix("meshguard-run-").tempdir()?;
             cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
             cfg.archive.dir = dir.path().join("archive");
+            cfg.timing.models_dir = dir.path().join("models");
             _state_dir = Some(dir);
             _embedded = Some(broker);
             eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");
