@@ -64,20 +64,29 @@ impl Engine {
             if let Some((rule, subject, verdict)) = judged {
                 let kind = FindingKind::TimingAnomaly;
                 let (explanation, a, model) = match &verdict {
-                    Verdict::Online(a) => (a.explain(subject, ts), a.clone(), json!({"kind": "online"})),
+                    Verdict::Online(a) => (a.explain(subject, ts), a.clone(), None),
                     Verdict::Trained(j, version) => (
                         j.explain(subject, ts),
                         j.as_anomaly(),
-                        json!({
-                            "kind": "trained",
+                        Some(json!({
                             "version": version,
                             "cluster": j.key.cluster,
                             "usual_hours_of_week": j.usual_hours_of_week(),
                             "gap_median_s": j.key.gap_median_s,
                             "gap_iqr_s": j.key.gap_iqr_s,
-                        }),
+                        })),
                     ),
                 };
+                let mut detail = json!({
+                    "explanation": explanation,
+                    "usual_hours_utc": a.hours,
+                    "usual_weekdays": a.days.iter().map(|d| ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][*d as usize]).collect::<Vec<_>>(),
+                    "history": a.history,
+                });
+                // Verdicts of the trained model say which model version and cluster decided.
+                if let (Some(model), Some(object)) = (model, detail.as_object_mut()) {
+                    object.insert("trained_model".into(), model);
+                }
                 let finding = Finding {
                     id: Finding::evidence_id(kind, &id),
                     ts: now_ms,
@@ -88,13 +97,7 @@ impl Engine {
                     target: to,
                     action: Action::from_code(view.action.value(row)),
                     rule: rule.to_owned(),
-                    detail: json!({
-                        "explanation": explanation,
-                        "usual_hours_utc": a.hours,
-                        "usual_weekdays": a.days.iter().map(|d| ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][*d as usize]).collect::<Vec<_>>(),
-                        "history": a.history,
-                        "model": model,
-                    }),
+                    detail,
                     score: a.score,
                     severity: Severity::Low,
                 };

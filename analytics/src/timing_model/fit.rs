@@ -72,12 +72,16 @@ pub fn train(features: &Features, cfg: &TimingConfig, from_ms: i64, until_ms: i6
             x[(i, b)] = (f64::from(f.profile[b]) / n).sqrt();
         }
     }
-    let k = (cfg.clusters as usize).min(distinct_rows(&x));
+    // Centroids are fitted on the well-observed keys only (twice the attempts a schedule needs),
+    // whose profiles are reliable; every key, sparse ones included, then takes the nearest.
+    let well_observed: Vec<usize> = (0..keys.len()).filter(|&i| keys[i].1.attempts >= cfg.min_attempts.saturating_mul(2)).collect();
+    let fit_rows: Vec<usize> = if well_observed.is_empty() { (0..keys.len()).collect() } else { well_observed };
+    let step = fit_rows.len().div_ceil(FIT_SAMPLE);
+    let sample = Array2::from_shape_fn((fit_rows.len().div_ceil(step), BINS), |(i, b)| x[(fit_rows[i * step], b)]);
+    let k = (cfg.clusters as usize).min(distinct_rows(&sample));
     let (centroids, assignment) = if k <= 1 {
-        (x.mean_axis(ndarray::Axis(0)).map(|m| m.insert_axis(ndarray::Axis(0))).unwrap_or_else(|| Array2::zeros((1, BINS))), vec![0; keys.len()])
+        (sample.mean_axis(ndarray::Axis(0)).map(|m| m.insert_axis(ndarray::Axis(0))).unwrap_or_else(|| Array2::zeros((1, BINS))), vec![0; keys.len()])
     } else {
-        let step = keys.len().div_ceil(FIT_SAMPLE);
-        let sample = Array2::from_shape_fn((keys.len().div_ceil(step), BINS), |(i, b)| x[(i * step, b)]);
         let model = KMeans::params(k)
             .n_runs(KMEANS_RUNS)
             .max_n_iterations(KMEANS_ITERATIONS)

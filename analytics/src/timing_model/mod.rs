@@ -25,10 +25,12 @@
 //! online model reads it. Keys below it get no entry, so no verdict of their own (the engine may
 //! still judge them by the online model once *it* has learned them).
 //!
-//! **Borrowing strength (the rule).** The qualifying keys' hour-of-week profiles (shares, square
-//! rooted: Euclidean distance between √shares is the Hellinger distance between the profiles, so no
-//! single busy hour dominates) are clustered with k-means (`min(clusters, keys)` clusters, fixed
-//! seed). Each key's profile is then smoothed towards its cluster's centroid `μ` as by a Dirichlet
+//! **Borrowing strength (the rule).** The hour-of-week profiles (shares, square rooted: Euclidean
+//! distance between √shares is the Hellinger distance between the profiles, so no single busy hour
+//! dominates) of the well-observed qualifying keys (at least twice `min_attempts`, whose profiles
+//! are reliable; all qualifying keys when there are none) are clustered with k-means (`clusters`
+//! clusters, fewer when there are fewer distinct profiles; fixed seed; at most 10,000 keys, evenly
+//! sampled in key order), and every qualifying key takes the nearest centroid. Each key's profile is then smoothed towards its cluster's centroid `μ` as by a Dirichlet
 //! prior of `prior_weight` (50) pseudo-attempts: `p̃(b) = (count(b) + α·μ(b)) / (attempts + α)`.
 //! Why: a key at the threshold has 50 attempts for 168 bins, so a schedule of 30 hours of the week
 //! leaves several of its own hours empty by chance; the centroid, estimated from every key of the
