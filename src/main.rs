@@ -83,7 +83,9 @@ struct TrainCli {
 
 /// An RFC 3339 time as epoch milliseconds.
 fn parse_time(s: &str) -> Result<i64, String> {
-    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.timestamp_millis()).map_err(|e| format!("expected an RFC 3339 time such as 2026-11-24T17:00:00Z, found {s:?}: {e}"))
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-11-24T17:00:00Z, found {s:?}: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +150,10 @@ struct QualityCli {
     /// Share of attempts that are violations.
     #[arg(long, default_value_t = 0.05)]
     violation_ratio: f64,
+    /// Requesters of the timing scenario (labelled schedules over five weeks, measured separately);
+    /// 0 skips it.
+    #[arg(long, default_value_t = 2_000)]
+    timing_requesters: usize,
 }
 
 #[derive(Debug, Args)]
@@ -236,7 +242,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Quality(q) => {
             let args = quality::QualityArgs { records: q.records, seed: q.seed, devices: q.devices, violation_ratio: q.violation_ratio };
-            quality::run(&cfg, &args).map(|_| ())
+            quality::run(&cfg, &args)?;
+            if q.timing_requesters > 0 {
+                quality::run_timing(&cfg, &quality::TimingArgs { requesters: q.timing_requesters, seed: q.seed })?;
+            }
+            Ok(())
         }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
         Command::Train(t) => {

@@ -38,13 +38,25 @@ pub struct Trained {
 }
 
 /// Trains from `archive_dir` up to `until_ms` and saves into `models_dir`.
-pub fn train_once(cfg: &TimingConfig, archive_dir: &std::path::Path, models_dir: &std::path::Path, until_ms: i64) -> anyhow::Result<Trained> {
+pub fn train_once(
+    cfg: &TimingConfig,
+    archive_dir: &std::path::Path,
+    models_dir: &std::path::Path,
+    until_ms: i64,
+) -> anyhow::Result<Trained> {
     let started = Instant::now();
     let outcome = train_from_archive(archive_dir, cfg, until_ms).with_context(|| format!("training from {}", archive_dir.display()))?;
     let store = ModelStore::open(models_dir)?;
     let mut model = outcome.model;
     let manifest = store.save(&mut model, cfg.keep_models).with_context(|| format!("saving the model in {}", models_dir.display()))?;
-    Ok(Trained { model, manifest, keys_seen: outcome.keys_seen, files: outcome.files, elapsed: started.elapsed(), features: outcome.features_time })
+    Ok(Trained {
+        model,
+        manifest,
+        keys_seen: outcome.keys_seen,
+        files: outcome.files,
+        elapsed: started.elapsed(),
+        features: outcome.features_time,
+    })
 }
 
 /// `meshguard train`: one training, and a summary on stdout.
@@ -105,9 +117,8 @@ impl Trainer {
         let (stop, stop_rx) = channel::<()>();
         let every = Duration::from_secs(cfg.train_every_s.max(1));
         let now = chrono::Utc::now().timestamp_millis();
-        let first = newest_trained_at_ms.map_or(Duration::ZERO, |t| {
-            Duration::from_millis(u64::try_from(t + every.as_millis() as i64 - now).unwrap_or(0)).min(every)
-        });
+        let first = newest_trained_at_ms
+            .map_or(Duration::ZERO, |t| Duration::from_millis(u64::try_from(t + every.as_millis() as i64 - now).unwrap_or(0)).min(every));
         let thread = std::thread::Builder::new().name("timing-trainer".into()).spawn(move || {
             let mut wait = first;
             loop {

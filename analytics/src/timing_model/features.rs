@@ -115,11 +115,8 @@ pub fn extract(archive_dir: &Path, from_ms: i64, until_ms: i64) -> Result<Featur
     }
     let polars = |what: &'static str| move |cause: PolarsError| ModelError::Polars { what, cause: cause.to_string() };
     let paths = files.iter().map(|p| PlRefPath::try_from_path(p)).collect::<PolarsResult<Vec<_>>>().map_err(polars("naming the files"))?;
-    let args = ScanArgsParquet {
-        hive_options: HiveOptions { enabled: Some(false), ..Default::default() },
-        glob: false,
-        ..Default::default()
-    };
+    let args =
+        ScanArgsParquet { hive_options: HiveOptions { enabled: Some(false), ..Default::default() }, glob: false, ..Default::default() };
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 86_400_000;
     let ts = col("ts").cast(DataType::Int64);
@@ -152,7 +149,12 @@ pub fn extract(archive_dir: &Path, from_ms: i64, until_ms: i64) -> Result<Featur
         let summary = base
             .clone()
             .sort(sort_by, SortMultipleOptions::default())
-            .with_column(when(same_key).then((col("ts") - col("ts").shift(lit(1))).cast(DataType::Float64) / lit(1000.0)).otherwise(lit(Null {})).alias("gap"))
+            .with_column(
+                when(same_key)
+                    .then((col("ts") - col("ts").shift(lit(1))).cast(DataType::Float64) / lit(1000.0))
+                    .otherwise(lit(Null {}))
+                    .alias("gap"),
+            )
             .group_by(by.clone())
             .agg([
                 len().alias("attempts"),
@@ -175,10 +177,22 @@ pub fn extract(archive_dir: &Path, from_ms: i64, until_ms: i64) -> Result<Featur
             Ok((from, to))
         };
         let int = |df: &DataFrame, name: &str| -> Result<Int64Chunked, ModelError> {
-            Ok(df.column(name).and_then(|c| c.cast(&DataType::Int64)).map_err(polars("reading a column"))?.i64().map_err(polars("reading a column"))?.clone())
+            Ok(df
+                .column(name)
+                .and_then(|c| c.cast(&DataType::Int64))
+                .map_err(polars("reading a column"))?
+                .i64()
+                .map_err(polars("reading a column"))?
+                .clone())
         };
         let float = |df: &DataFrame, name: &str| -> Result<Float64Chunked, ModelError> {
-            Ok(df.column(name).and_then(|c| c.cast(&DataType::Float64)).map_err(polars("reading a column"))?.f64().map_err(polars("reading a column"))?.clone())
+            Ok(df
+                .column(name)
+                .and_then(|c| c.cast(&DataType::Float64))
+                .map_err(polars("reading a column"))?
+                .f64()
+                .map_err(polars("reading a column"))?
+                .clone())
         };
         let (n, days, first, last) = (int(&summary, "attempts")?, int(&summary, "days")?, int(&summary, "first")?, int(&summary, "last")?);
         let (median, p25, p75) = (float(&summary, "gap_median")?, float(&summary, "gap_p25")?, float(&summary, "gap_p75")?);

@@ -80,7 +80,10 @@ pub fn train(features: &Features, cfg: &TimingConfig, from_ms: i64, until_ms: i6
     let sample = Array2::from_shape_fn((fit_rows.len().div_ceil(step), BINS), |(i, b)| x[(fit_rows[i * step], b)]);
     let k = (cfg.clusters as usize).min(distinct_rows(&sample));
     let (centroids, assignment) = if k <= 1 {
-        (sample.mean_axis(ndarray::Axis(0)).map(|m| m.insert_axis(ndarray::Axis(0))).unwrap_or_else(|| Array2::zeros((1, BINS))), vec![0; keys.len()])
+        (
+            sample.mean_axis(ndarray::Axis(0)).map(|m| m.insert_axis(ndarray::Axis(0))).unwrap_or_else(|| Array2::zeros((1, BINS))),
+            vec![0; keys.len()],
+        )
     } else {
         let model = KMeans::params(k)
             .n_runs(KMEANS_RUNS)

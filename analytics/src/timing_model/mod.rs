@@ -243,7 +243,8 @@ impl Judged<'_> {
 /// "Mon-Fri 07:00-09:00, Sat 10:00-11:00 and 20:00-21:00": days with the same usual hours grouped,
 /// hours as half-open ranges.
 pub fn describe_week(usual: &[u64; 3]) -> String {
-    let day_hours = |d: usize| -> u32 { (0..24).filter(|h| usual[(d * 24 + h) / 64] >> ((d * 24 + h) % 64) & 1 == 1).fold(0, |m, h| m | 1 << h) };
+    let day_hours =
+        |d: usize| -> u32 { (0..24).filter(|h| usual[(d * 24 + h) / 64] >> ((d * 24 + h) % 64) & 1 == 1).fold(0, |m, h| m | 1 << h) };
     let hours: Vec<u32> = (0..7).map(day_hours).collect();
     let mut groups = Vec::new();
     let mut d = 0;

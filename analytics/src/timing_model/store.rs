@@ -151,7 +151,8 @@ impl ModelStore {
         for entry in fs::read_dir(&self.dir).map_err(io("listing", &self.dir))? {
             let entry = entry.map_err(io("listing", &self.dir))?;
             let name = entry.file_name();
-            if let Some(v) = name.to_str().and_then(|n| n.strip_prefix("timing-v")).and_then(|n| n.strip_suffix(".bin")).and_then(|n| n.parse().ok())
+            if let Some(v) =
+                name.to_str().and_then(|n| n.strip_prefix("timing-v")).and_then(|n| n.strip_suffix(".bin")).and_then(|n| n.parse().ok())
             {
                 out.push(v);
             }

@@ -22,7 +22,16 @@ fn key(bins: &[usize], per_bin: u32) -> KeyFeatures {
         profile[b] = per_bin;
     }
     let attempts = profile.iter().sum();
-    KeyFeatures { profile, attempts, days: 28, first_ms: MONDAY, last_ms: MONDAY + 27 * DAY, gap_median_s: 86_400.0, gap_p25_s: 600.0, gap_p75_s: 90_000.0 }
+    KeyFeatures {
+        profile,
+        attempts,
+        days: 28,
+        first_ms: MONDAY,
+        last_ms: MONDAY + 27 * DAY,
+        gap_median_s: 86_400.0,
+        gap_p25_s: 600.0,
+        gap_p75_s: 90_000.0,
+    }
 }
 
 fn weekday_mornings() -> Vec<usize> {
@@ -142,7 +151,11 @@ fn weekdays_around_the_clock_fall_back_to_the_weekday_rule() {
     let saturday = MONDAY + 5 * DAY + 12 * HOUR;
     let j = model.judge(&pair, saturday).expect("known");
     assert_eq!(j.score, 1.0);
-    assert!(j.explain("pair", saturday).starts_with("pair usually active Mon-Fri 00:00-23:00 UTC; this attempt Sat 12:00"), "{}", j.explain("pair", saturday));
+    assert!(
+        j.explain("pair", saturday).starts_with("pair usually active Mon-Fri 00:00-23:00 UTC; this attempt Sat 12:00"),
+        "{}",
+        j.explain("pair", saturday)
+    );
     assert_eq!(model.judge(&pair, MONDAY + 3 * HOUR).map(|j| j.score), Some(0.0));
 }
 
@@ -194,7 +207,8 @@ fn a_corrupt_model_file_is_refused_with_its_path_and_reason() {
     let cfg = TimingConfig::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ModelStore::open(dir.path()).expect("opens");
-    let mut model = train(&features(vec![((uuid(1), uuid(2)), key(&weekday_mornings(), 6))]), &cfg, MONDAY, MONDAY + 28 * DAY).expect("trains");
+    let mut model =
+        train(&features(vec![((uuid(1), uuid(2)), key(&weekday_mornings(), 6))]), &cfg, MONDAY, MONDAY + 28 * DAY).expect("trains");
     store.save(&mut model, 3).expect("saves");
     store.save(&mut model, 3).expect("saves");
     let path = store.path(2);
@@ -230,7 +244,9 @@ mod engine {
         let json: Vec<String> = records
             .iter()
             .map(|(n, ts, from, to)| {
-                format!(r#"{{"id":"00000000-0000-4000-8000-{n:012}","ts":{ts},"action":"send","from":"{from}","to":"{to}","auth":"valid"}}"#)
+                format!(
+                    r#"{{"id":"00000000-0000-4000-8000-{n:012}","ts":{ts},"action":"send","from":"{from}","to":"{to}","auth":"valid"}}"#
+                )
             })
             .collect();
         let slices: Vec<&[u8]> = json.iter().map(|r| r.as_bytes()).collect();
@@ -240,11 +256,17 @@ mod engine {
             .iter()
             .map(|u| RegistryChange {
                 uuid: Uuid::parse_str(u).expect("uuid"),
-                record: Some(Arc::new(RegistryRecord::from_json(0, format!(r#"{{"uuid":"{u}","kind":"device"}}"#).as_bytes()).expect("record"))),
+                record: Some(Arc::new(
+                    RegistryRecord::from_json(0, format!(r#"{{"uuid":"{u}","kind":"device"}}"#).as_bytes()).expect("record"),
+                )),
                 effective_ms: MONDAY,
             })
             .collect();
-        MicroBatch { registry, messages: Some(RowsBatch { partition: vec![0; out.batch.num_rows()], batch: out.batch }), ..Default::default() }
+        MicroBatch {
+            registry,
+            messages: Some(RowsBatch { partition: vec![0; out.batch.num_rows()], batch: out.batch }),
+            ..Default::default()
+        }
     }
 
     fn u(s: &str) -> Uuid {
@@ -266,7 +288,8 @@ mod engine {
         e.set_timing_model(Some(model()));
         let sunday = MONDAY + 34 * DAY + 3 * HOUR + 12 * 60_000;
         let monday = MONDAY + 35 * DAY + 7 * HOUR + 30 * 60_000;
-        let found = e.process(&batch(&[(1, sunday, A, B), (2, monday, A, B), (3, sunday, C, A), (4, monday, C, B), (5, sunday, A, C)]), sunday);
+        let found =
+            e.process(&batch(&[(1, sunday, A, B), (2, monday, A, B), (3, sunday, C, A), (4, monday, C, B), (5, sunday, A, C)]), sunday);
         let timing: Vec<_> = found.iter().filter(|f| f.kind == FindingKind::TimingAnomaly).collect();
         assert_eq!(timing.len(), 2, "{timing:#?}");
         assert_eq!((timing[0].offender, timing[0].target, timing[0].rule.as_str()), (u(A), Some(u(B)), "timing:pair"));
