@@ -72,7 +72,7 @@ struct TrainCli {
     /// The attempt archive's root (default: `archive.dir`).
     #[arg(long)]
     archive: Option<PathBuf>,
-    /// Where models are kept (default: `timing.models_dir`).
+    /// Where models are kept (default: `timing.models_dir`, else `models` beside the archive).
     #[arg(long)]
     models: Option<PathBuf>,
     /// End of the training horizon, RFC 3339 (default: now); the horizon is the
@@ -252,7 +252,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Train(t) => {
             drop(runtime);
             let archive = t.archive.unwrap_or_else(|| cfg.archive.dir.clone());
-            let models = t.models.unwrap_or_else(|| cfg.timing.models_dir.clone());
+            let models = t.models.unwrap_or_else(|| cfg.timing.models_dir_beside(&archive));
             train::run(&cfg.timing, archive, models, t.until)
         }
         Command::Bench(b) => {
@@ -331,7 +331,6 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
             let dir = tempfile::Builder::new().prefix("meshguard-run-").tempdir()?;
             cfg.pipeline.checkpoint_dir = dir.path().join("checkpoints");
             cfg.archive.dir = dir.path().join("archive");
-            cfg.timing.models_dir = dir.path().join("models");
             _state_dir = Some(dir);
             _embedded = Some(broker);
             eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");

@@ -329,9 +329,11 @@ impl Pipeline {
             None
         };
         // The newest trained timing model, then a trainer that refreshes it off the hot path.
-        let model = crate::train::load_newest(&cfg.timing.models_dir);
+        let models_dir = cfg.timing.models_dir_beside(&cfg.archive.dir);
+        let model = crate::train::load_newest(&models_dir);
         let trainer = if cfg.timing.enabled && cfg.timing.train_every_s > 0 && cfg.archive.enabled {
-            Some(crate::train::Trainer::start(cfg.timing.clone(), cfg.archive.dir.clone(), model.as_ref().map(|m| m.trained_at_ms))?)
+            let newest = model.as_ref().map(|m| m.trained_at_ms);
+            Some(crate::train::Trainer::start(cfg.timing.clone(), cfg.archive.dir.clone(), models_dir, newest)?)
         } else {
             None
         };

@@ -112,7 +112,7 @@ pub struct Trainer {
 impl Trainer {
     /// Starts the thread. The first training comes `train_every_s` after the newest model's
     /// `trained_at` (at once when there is none, or it is older).
-    pub fn start(cfg: TimingConfig, archive_dir: PathBuf, newest_trained_at_ms: Option<i64>) -> anyhow::Result<Self> {
+    pub fn start(cfg: TimingConfig, archive_dir: PathBuf, models_dir: PathBuf, newest_trained_at_ms: Option<i64>) -> anyhow::Result<Self> {
         let (models_tx, models) = channel();
         let (stop, stop_rx) = channel::<()>();
         let every = Duration::from_secs(cfg.train_every_s.max(1));
@@ -127,7 +127,7 @@ impl Trainer {
                     Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
                 let until = chrono::Utc::now().timestamp_millis();
-                match train_once(&cfg, &archive_dir, &cfg.models_dir, until) {
+                match train_once(&cfg, &archive_dir, &models_dir, until) {
                     Ok(t) => {
                         info!(
                             message = "Trained the timing model.",

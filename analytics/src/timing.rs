@@ -47,9 +47,9 @@ pub struct TimingConfig {
     pub train_every_s: u64,
     /// Days of the attempt archive a training reads, back from its end (`date=` folders).
     pub horizon_days: u32,
-    /// Where trained models are kept (`timing-v<N>.bin` and a JSON manifest per version).
-    /// `meshguard run` without `--brokers` uses a fresh temporary directory instead.
-    pub models_dir: std::path::PathBuf,
+    /// Where trained models are kept (`timing-v<N>.bin` and a JSON manifest per version); unset:
+    /// `models` beside the archive's directory (`.meshguard/models` by default).
+    pub models_dir: Option<std::path::PathBuf>,
     /// Model versions kept in `models_dir`; older ones are deleted after each training.
     pub keep_models: u32,
     /// Most clusters of the k-means over hour-of-week profiles (fewer when fewer keys qualify).
@@ -79,7 +79,7 @@ impl Default for TimingConfig {
             max_used_days: 5,
             train_every_s: 3_600,
             horizon_days: 28,
-            models_dir: std::path::PathBuf::from(".meshguard/models"),
+            models_dir: None,
             keep_models: 3,
             clusters: 32,
             prior_weight: 50.0,
@@ -91,6 +91,11 @@ impl Default for TimingConfig {
 }
 
 impl TimingConfig {
+    /// The models directory: `models_dir`, or `models` beside `archive_dir`.
+    pub fn models_dir_beside(&self, archive_dir: &std::path::Path) -> std::path::PathBuf {
+        self.models_dir.clone().unwrap_or_else(|| archive_dir.parent().unwrap_or(std::path::Path::new(".")).join("models"))
+    }
+
     /// Checks every value, naming the field of the first bad one.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if !(self.used_share > 0.0 && self.used_share < 1.0) {
@@ -99,7 +104,7 @@ impl TimingConfig {
         if self.horizon_days == 0 || self.horizon_days > 3_650 {
             return Err(("timing.horizon_days".into(), format!("must be between 1 and 3650, found {}", self.horizon_days)));
         }
-        if self.models_dir.as_os_str().is_empty() {
+        if self.models_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(("timing.models_dir".into(), "must not be empty".into()));
         }
         if self.keep_models == 0 {
