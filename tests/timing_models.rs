@@ -147,13 +147,13 @@ fn meshguard_train_trains_from_an_archive_directory_and_versions_its_models() {
             stdout.starts_with(&format!("timing model v{version} saved to {}", models.join(format!("timing-v{version}.bin")).display())),
             "{stdout}"
         );
-        assert!(stdout.contains(": 2 keys with a schedule (1 pairs, 1 requesters) of 2 seen, 1 clusters, 64 attempts from "), "{stdout}");
+        assert!(stdout.contains(": 2 keys with a schedule (1 pairs, 1 requesters) of 2 seen, 2 clusters, 64 attempts from "), "{stdout}");
         assert!(stdout.contains("2026-10-26T00:00:00.000Z to 2026-11-23T00:00:00.000Z"), "{stdout}");
     }
     let store = ModelStore::open(&models).unwrap();
     assert_eq!(store.versions().unwrap(), vec![2, 3], "MESHGUARD_TIMING__KEEP_MODELS=2");
     let manifest: ModelManifest = serde_json::from_slice(&std::fs::read(models.join("timing-v3.json")).unwrap()).unwrap();
-    assert_eq!((manifest.version, manifest.keys, manifest.clusters, manifest.attempts), (3, 2, 1, 64));
+    assert_eq!((manifest.version, manifest.keys, manifest.clusters, manifest.attempts), (3, 2, 2, 64));
     assert_eq!(store.load_newest().unwrap().unwrap().version, 3);
 
     // A corrupt newest model: training still works (it writes the next version), loading names it.

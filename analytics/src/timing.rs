@@ -82,8 +82,8 @@ impl Default for TimingConfig {
             models_dir: None,
             keep_models: 3,
             clusters: 32,
-            prior_weight: 50.0,
-            usual_ratio: 0.33,
+            prior_weight: 100.0,
+            usual_ratio: 0.25,
             coverage: 0.9,
             max_usual_hours: 84,
         }

@@ -53,7 +53,7 @@ impl Engine {
             let judge = |key: &(Uuid, Uuid)| -> Option<Option<Verdict<'_>>> {
                 if let Some(j) = trained.and_then(|m| m.judge(key, ts)) {
                     let version = trained.map_or(0, |m| m.version);
-                    return Some((j.score > 0.0).then(|| Verdict::Trained(j, version)));
+                    return Some((j.score > 0.0).then_some(Verdict::Trained(j, version)));
                 }
                 schedules.get(key).filter(|s| s.is_learned(cfg, ts)).map(|s| s.judge(cfg, ts).map(Verdict::Online))
             };

@@ -211,10 +211,10 @@ pub fn extract(archive_dir: &Path, from_ms: i64, until_ms: i64) -> Result<Featur
         for i in 0..profile.height() {
             let key = key_of(&profile, i)?;
             let (Some(b), Some(c)) = (how.get(i), count.get(i)) else { continue };
-            if let (Some(f), Ok(b)) = (keys.get_mut(&key), usize::try_from(b)) {
-                if b < BINS {
-                    f.profile[b] = c.clamp(0, i64::from(u32::MAX)) as u32;
-                }
+            if let (Some(f), Ok(b)) = (keys.get_mut(&key), usize::try_from(b))
+                && b < BINS
+            {
+                f.profile[b] = c.clamp(0, i64::from(u32::MAX)) as u32;
             }
         }
     }

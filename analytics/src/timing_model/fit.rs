@@ -95,7 +95,7 @@ pub fn train(features: &Features, cfg: &TimingConfig, from_ms: i64, until_ms: i6
         (model.centroids().clone(), assignment)
     };
     // Centroids back to shares (squares, renormalised).
-    let priors: Vec<[f64; BINS]> = centroids.rows().into_iter().map(|c| to_shares(c)).collect();
+    let priors: Vec<[f64; BINS]> = centroids.rows().into_iter().map(to_shares).collect();
 
     let mut out: FastMap<Key, KeyModel> = FastMap::default();
     out.reserve(keys.len());

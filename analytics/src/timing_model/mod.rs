@@ -31,7 +31,7 @@
 //! are reliable; all qualifying keys when there are none) are clustered with k-means (`clusters`
 //! clusters, fewer when there are fewer distinct profiles; fixed seed; at most 10,000 keys, evenly
 //! sampled in key order), and every qualifying key takes the nearest centroid. Each key's profile is then smoothed towards its cluster's centroid `μ` as by a Dirichlet
-//! prior of `prior_weight` (50) pseudo-attempts: `p̃(b) = (count(b) + α·μ(b)) / (attempts + α)`.
+//! prior of `prior_weight` (100) pseudo-attempts: `p̃(b) = (count(b) + α·μ(b)) / (attempts + α)`.
 //! Why: a key at the threshold has 50 attempts for 168 bins, so a schedule of 30 hours of the week
 //! leaves several of its own hours empty by chance; the centroid, estimated from every key of the
 //! cluster, fills them, while a key with thousands of attempts is ruled by its own counts. Stray
@@ -39,7 +39,7 @@
 //! 3 a.m. usual.
 //!
 //! **The verdict, per key and hour of the week**, computed at training time into a score table:
-//! - an hour of the week is *usual* when `p̃(b) ≥ usual_ratio × Σ p̃²` (a third of the key's typical
+//! - an hour of the week is *usual* when `p̃(b) ≥ usual_ratio × Σ p̃²` (a quarter of the key's typical
 //!   share: `Σ p̃²` is `1/S` for a key spread evenly over `S` hours, so the bar adapts to narrow and
 //!   wide schedules alike);
 //! - the key's schedule is *regular by the week* when its usual hours hold at least `coverage`
