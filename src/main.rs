@@ -13,6 +13,7 @@ mod simulate;
 mod sql;
 mod status;
 mod summary;
+mod train;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,6 +69,9 @@ enum Command {
     Bench(BenchCli),
     /// Run one read-only SQL query over the archive (tables findings, enforcement, attempts, devices).
     Sql(SqlArgs),
+    /// Train the timing model from the attempt archive now, save it as the next version and print
+    /// a summary (the pipeline also trains every `timing.train_every_s`).
+    Train(TrainCli),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +84,27 @@ struct SqlArgs {
     /// The archive folder (default: `archive.dir`).
     #[arg(long)]
     archive: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct TrainCli {
+    /// The attempt archive's root (default: `archive.dir`).
+    #[arg(long)]
+    archive: Option<PathBuf>,
+    /// Where models are kept (default: `timing.models_dir`, else `models` beside the archive).
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// End of the training horizon, RFC 3339 (default: now); the horizon is the
+    /// `timing.horizon_days` before it.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<i64>,
+}
+
+/// An RFC 3339 time as epoch milliseconds.
+fn parse_time(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-11-24T17:00:00Z, found {s:?}: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +173,10 @@ struct QualityCli {
     /// Share of attempts that are violations.
     #[arg(long, default_value_t = 0.05)]
     violation_ratio: f64,
+    /// Requesters of the timing scenario (labelled schedules over five weeks, measured separately);
+    /// 0 skips it.
+    #[arg(long, default_value_t = 2_000)]
+    timing_requesters: usize,
 }
 
 #[derive(Debug, Args)]
@@ -236,10 +265,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Quality(q) => {
             let args = quality::QualityArgs { records: q.records, seed: q.seed, devices: q.devices, violation_ratio: q.violation_ratio };
-            quality::run(&cfg, &args).map(|_| ())
+            quality::run(&cfg, &args)?;
+            if q.timing_requesters > 0 {
+                quality::run_timing(&cfg, &quality::TimingArgs { requesters: q.timing_requesters, seed: q.seed })?;
+            }
+            Ok(())
         }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
         Command::Sql(args) => runtime.block_on(sql::cli(&cfg, &args.query, args.format, args.archive)),
+        Command::Train(t) => {
+            drop(runtime);
+            let archive = t.archive.unwrap_or_else(|| cfg.archive.dir.clone());
+            let models = t.models.unwrap_or_else(|| cfg.timing.models_dir_beside(&archive));
+            train::run(&cfg.timing, archive, models, t.until)
+        }
         Command::Bench(b) => {
             drop(runtime);
             let args = bench::BenchArgs {

@@ -263,6 +263,8 @@ pub struct Pipeline {
     reported_duplicates: u64,
     /// Partitions of the keyed topics the group has assigned to this worker.
     owned: std::collections::HashSet<(InputTopic, i32)>,
+    /// The background trainer of the timing model (`timing.train_every_s`), if on.
+    trainer: Option<crate::train::Trainer>,
 }
 
 /// The archive's tables.
@@ -363,6 +365,16 @@ impl Pipeline {
         } else {
             None
         };
+        // The newest trained timing model, then a trainer that refreshes it off the hot path.
+        let models_dir = cfg.timing.models_dir_beside(&cfg.archive.dir);
+        let model = crate::train::load_newest(&models_dir);
+        let trainer = if cfg.timing.enabled && cfg.timing.train_every_s > 0 && cfg.archive.enabled {
+            let newest = model.as_ref().map(|m| m.trained_at_ms);
+            Some(crate::train::Trainer::start(cfg.timing.clone(), cfg.archive.dir.clone(), models_dir, newest)?)
+        } else {
+            None
+        };
+        engine.set_timing_model(model);
         let mut pipeline = Self {
             cfg,
             source,
@@ -381,6 +393,7 @@ impl Pipeline {
             reported_tightenings: 0,
             reported_duplicates: 0,
             owned: Default::default(),
+            trainer,
         };
 
         // Requesters' per-requester state lives in a home partition whatever the case of their key.
@@ -447,6 +460,11 @@ impl Pipeline {
             }
             if !raw.is_empty() {
                 self.handle(&raw)?;
+            }
+            // A model trained in the background takes over between micro-batches.
+            if let Some(model) = self.trainer.as_ref().and_then(crate::train::Trainer::poll) {
+                info!(message = "Timing model swapped in.", version = model.version, keys = model.len());
+                self.engine.set_timing_model(Some(model));
             }
             if last_checkpoint.elapsed() >= interval {
                 self.checkpoint()?;

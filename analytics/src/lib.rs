@@ -38,6 +38,7 @@ pub mod sql;
 pub mod tables;
 pub mod throttle;
 pub mod timing;
+pub mod timing_model;
 
 pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};
 pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};

@@ -41,19 +41,89 @@ pub struct TimingConfig {
     pub max_used_hours: u32,
     /// Likewise for weekdays: an unused weekday is anomalous only when at most this many are used.
     pub max_used_days: u32,
+    /// Seconds between trainings of the timing model inside `meshguard run` (a background
+    /// thread; the pipeline swaps the new model in between micro-batches). 0: never (only
+    /// `meshguard train`). See [`crate::timing_model`].
+    pub train_every_s: u64,
+    /// Days of the attempt archive a training reads, back from its end (`date=` folders).
+    pub horizon_days: u32,
+    /// Where trained models are kept (`timing-v<N>.bin` and a JSON manifest per version); unset:
+    /// `models` beside the archive's directory (`.meshguard/models` by default).
+    pub models_dir: Option<std::path::PathBuf>,
+    /// Model versions kept in `models_dir`; older ones are deleted after each training.
+    pub keep_models: u32,
+    /// Most clusters of the k-means over hour-of-week profiles (fewer when fewer keys qualify).
+    pub clusters: u32,
+    /// Weight of the cluster centroid, in pseudo-attempts, in a key's smoothed profile: a key's
+    /// share of an hour of the week is `(count + prior_weight × centroid) / (attempts + prior_weight)`.
+    pub prior_weight: f64,
+    /// An hour of the week is *usual* for a key when its smoothed share is at least this fraction
+    /// of the key's typical share (the sum of its squared shares: `1/S` for a key spread evenly
+    /// over `S` hours).
+    pub usual_ratio: f64,
+    /// A key's hour-of-week schedule is regular when its usual hours hold at least this share of
+    /// its own attempts ...
+    pub coverage: f64,
+    /// ... and number at most this many of the week's 168 hours.
+    pub max_usual_hours: u32,
 }
 
 impl Default for TimingConfig {
     fn default() -> Self {
-        Self { enabled: true, min_days: 14, min_attempts: 50, used_share: 0.02, max_used_hours: 12, max_used_days: 5 }
+        Self {
+            enabled: true,
+            min_days: 14,
+            min_attempts: 50,
+            used_share: 0.02,
+            max_used_hours: 12,
+            max_used_days: 5,
+            train_every_s: 3_600,
+            horizon_days: 28,
+            models_dir: None,
+            keep_models: 3,
+            clusters: 32,
+            prior_weight: 100.0,
+            usual_ratio: 0.25,
+            coverage: 0.9,
+            max_usual_hours: 84,
+        }
     }
 }
 
 impl TimingConfig {
+    /// The models directory: `models_dir`, or `models` beside `archive_dir`.
+    pub fn models_dir_beside(&self, archive_dir: &std::path::Path) -> std::path::PathBuf {
+        self.models_dir.clone().unwrap_or_else(|| archive_dir.parent().unwrap_or(std::path::Path::new(".")).join("models"))
+    }
+
     /// Checks every value, naming the field of the first bad one.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if !(self.used_share > 0.0 && self.used_share < 1.0) {
             return Err(("timing.used_share".into(), format!("must be between 0 and 1, found {}", self.used_share)));
+        }
+        if self.horizon_days == 0 || self.horizon_days > 3_650 {
+            return Err(("timing.horizon_days".into(), format!("must be between 1 and 3650, found {}", self.horizon_days)));
+        }
+        if self.models_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(("timing.models_dir".into(), "must not be empty".into()));
+        }
+        if self.keep_models == 0 {
+            return Err(("timing.keep_models".into(), "must be at least 1".into()));
+        }
+        if !(1..=1_024).contains(&self.clusters) {
+            return Err(("timing.clusters".into(), format!("must be between 1 and 1024, found {}", self.clusters)));
+        }
+        if !(self.prior_weight >= 0.0 && self.prior_weight.is_finite()) {
+            return Err(("timing.prior_weight".into(), format!("must be a number at least 0, found {}", self.prior_weight)));
+        }
+        if !(self.usual_ratio > 0.0 && self.usual_ratio <= 1.0) {
+            return Err(("timing.usual_ratio".into(), format!("must be above 0 and at most 1, found {}", self.usual_ratio)));
+        }
+        if !(self.coverage > 0.0 && self.coverage <= 1.0) {
+            return Err(("timing.coverage".into(), format!("must be above 0 and at most 1, found {}", self.coverage)));
+        }
+        if !(1..=168).contains(&self.max_usual_hours) {
+            return Err(("timing.max_usual_hours".into(), format!("must be between 1 and 168, found {}", self.max_usual_hours)));
         }
         Ok(())
     }

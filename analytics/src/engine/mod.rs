@@ -208,6 +208,9 @@ pub struct Engine {
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
+    /// The trained timing model, if one is loaded (see [`crate::timing_model`]); not part of
+    /// checkpoints (it lives in the models directory).
+    timing_model: crate::timing_model::SharedModel,
 }
 
 impl Engine {
@@ -233,7 +236,19 @@ impl Engine {
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
+            timing_model: None,
         }
+    }
+
+    /// Installs a trained timing model (or removes it with `None`): from the next micro-batch on,
+    /// keys it knows are judged by it, others by the online schedules (see `engine/timing.rs`).
+    pub fn set_timing_model(&mut self, model: crate::timing_model::SharedModel) {
+        self.timing_model = model;
+    }
+
+    /// The trained timing model in use.
+    pub fn timing_model(&self) -> Option<&crate::timing_model::TimingModel> {
+        self.timing_model.as_deref()
     }
 
     /// What the engine did so far.

@@ -33,7 +33,7 @@
 //! A checkpoint says "every attempt before these offsets is processed". Because files are closed
 //! before it is saved, every attempt it covers is in a closed file. After a crash, the worker
 //! resumes from the last checkpoint and archives the attempts after it again; what the crashed
-//! run had written of them was only ever in temporary files, which [`AttemptArchive::open`] deletes
+//! run had written of them was only ever in temporary files, which [`ParquetArchive::open`] deletes
 //! (those of its own `writer` name, so workers sharing a directory must have distinct
 //! `kafka.instance_id`s, as static membership already requires). So no attempt is lost and none
 //! lands twice from a crash.
