@@ -27,7 +27,7 @@ use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT07";
+const MAGIC: &[u8; 8] = b"MGCKPT08";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -167,6 +167,8 @@ pub struct PartitionState {
     pub timers: std::collections::BTreeSet<(i64, Uuid)>,
     /// Learned schedules by (requester, target); the requester's own under the nil target.
     pub schedules: FastMap<(Uuid, Uuid), Schedule>,
+    /// Identity requests of this (identity-requests) partition read but not answered yet.
+    pub held_requests: Vec<crate::crosscheck::HeldRequest>,
 }
 
 impl PartitionState {
@@ -205,6 +207,8 @@ pub struct Engine {
     interactions: InteractionStore,
     /// Identity results not yet taken by the caller.
     identity_out: Vec<meshguard_schemas::output::IdentityResult>,
+    /// The cross-check's DataFusion plan, made at the first identity request.
+    crosscheck_plan: Option<crate::crosscheck::plan::CrossCheckPlan>,
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
@@ -230,6 +234,7 @@ impl Engine {
             owned_messages: hashbrown::HashSet::new(),
             interactions: InteractionStore::default(),
             identity_out: Vec::new(),
+            crosscheck_plan: None,
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
@@ -281,8 +286,9 @@ impl Engine {
             self.process_messages(messages, now_ms, &mut out);
         }
         if let Some(requests) = &mb.identity_requests {
-            self.process_identity_requests(requests, now_ms, &mut out);
+            self.hold_identity_requests(requests, now_ms);
         }
+        self.release_identity_requests(now_ms, &mut out);
 
         for p in &mb.positions {
             match p.topic {
