@@ -140,6 +140,23 @@ pub struct Verdict {
     pub window: u32,
 }
 
+/// Serde for a store shared by reference count (the checkpoint's hold on the engine's store).
+pub mod shared {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes the shared value.
+    pub fn serialize<S: Serializer, T: Serialize>(v: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+        T::serialize(v, s)
+    }
+
+    /// Reads a value to share.
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
+    }
+}
+
 /// The counts behind a verdict, before the outcome is decided: what the DataFusion plan computes
 /// per request, and what the reference [`InteractionStore::judge`] computes too.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -219,7 +236,8 @@ impl InteractionStore {
 
     /// Whether `r` can be answered now: the watermark reached its time, or it waited long enough.
     pub fn ready(&self, cfg: &CrossCheckConfig, r: &HeldRequest, now_ms: i64) -> bool {
-        self.watermark().is_some_and(|w| w >= r.t) || now_ms.saturating_sub(r.arrived_ms) >= i64::try_from(cfg.max_wait_ms).unwrap_or(i64::MAX)
+        self.watermark().is_some_and(|w| w >= r.t)
+            || now_ms.saturating_sub(r.arrived_ms) >= i64::try_from(cfg.max_wait_ms).unwrap_or(i64::MAX)
     }
 
     /// Number of entries held.

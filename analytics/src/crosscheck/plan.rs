@@ -272,11 +272,7 @@ fn weight_udf(args: &[ColumnarValue]) -> Result<ColumnarValue, DataFusionError> 
     else {
         return Err(DataFusionError::Internal("mg_weight takes (UInt8, Int64)".into()));
     };
-    let out: Float64Array = kind
-        .iter()
-        .zip(age.iter())
-        .map(|(k, a)| Some(weight(InteractionKind::from_code(k?)?, a?)))
-        .collect();
+    let out: Float64Array = kind.iter().zip(age.iter()).map(|(k, a)| Some(weight(InteractionKind::from_code(k?)?, a?))).collect();
     Ok(ColumnarValue::Array(Arc::new(out)))
 }
 

@@ -20,7 +20,10 @@ fn judge(s: &InteractionStore, cfg: &CrossCheckConfig, device: &Uuid, t: i64, wi
     let request = PlanRequest { device: *device, t, window: reference.window };
     let tally = plan.tallies(s, cfg.tolerance_ms(), &[request]).unwrap()[0];
     let v = tally.verdict(reference.window, reference.min_verified);
-    assert_eq!((v.outcome, v.checked, v.verified, v.unavailable), (reference.outcome, reference.checked, reference.verified, reference.unavailable));
+    assert_eq!(
+        (v.outcome, v.checked, v.verified, v.unavailable),
+        (reference.outcome, reference.checked, reference.verified, reference.unavailable)
+    );
     assert!((v.confidence - reference.confidence).abs() < 1e-9, "{} vs {}", v.confidence, reference.confidence);
     reference
 }

@@ -42,18 +42,20 @@ impl Engine {
             return;
         };
         let kind = kind.keys();
+        // Shared with the last checkpoint only while it is being saved: no copy in steady state.
+        let store = std::sync::Arc::make_mut(&mut self.interactions);
         for row in 0..b.num_rows() {
             if let Some(&p) = rows.partition.get(row)
                 && ts.is_valid(row)
             {
-                self.interactions.advance(p, ts.value(row));
+                store.advance(p, ts.value(row));
             }
             let (Some(id), Some(reporter), Some(peer), Some(k)) =
                 (uuid_at(id, row), uuid_at(reporter, row), uuid_at(peer, row), InteractionKind::from_code(kind.value(row)))
             else {
                 continue;
             };
-            self.interactions.insert(reporter, Entry { ts: ts.value(row), peer, kind: k, id });
+            store.insert(reporter, Entry { ts: ts.value(row), peer, kind: k, id });
         }
         self.stats.rows[InputTopic::Interactions as usize] += b.num_rows() as u64;
     }
@@ -61,7 +63,7 @@ impl Engine {
     /// Sets the number of partitions of the interactions topic, for its watermark (see
     /// [`HeldRequest`]).
     pub fn set_interactions_partitions(&mut self, n: u32) {
-        self.interactions.set_partitions(n);
+        std::sync::Arc::make_mut(&mut self.interactions).set_partitions(n);
     }
 
     /// Identity requests read and not answered yet.
@@ -131,7 +133,8 @@ impl Engine {
         let tallies = self.tallies(&ready);
         for (r, tally) in ready.iter().zip(tallies) {
             let (request, dev, t, partition) = (r.id, r.device, r.t, r.partition);
-            let v = tally.verdict(r.window.unwrap_or(self.cfg.cross_check.window), r.min_verified.unwrap_or(self.cfg.cross_check.min_verified));
+            let v =
+                tally.verdict(r.window.unwrap_or(self.cfg.cross_check.window), r.min_verified.unwrap_or(self.cfg.cross_check.min_verified));
             let result_id =
                 Uuid::new_v5(&meshguard_schemas::output::ID_NAMESPACE, &[b"identity-result:".as_slice(), request.as_bytes()].concat());
             // A re-delivered request is answered once (the answer's id is remembered like a finding's).

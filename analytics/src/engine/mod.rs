@@ -203,8 +203,9 @@ pub struct Engine {
     messages_partitions: u32,
     /// Messages partitions this worker holds.
     owned_messages: hashbrown::HashSet<i32>,
-    /// Every device's interaction table (a global table: see [`crate::crosscheck`]).
-    interactions: InteractionStore,
+    /// Every device's interaction table (a global table: see [`crate::crosscheck`]), shared with
+    /// a checkpoint being taken rather than copied into it.
+    interactions: Arc<InteractionStore>,
     /// Identity results not yet taken by the caller.
     identity_out: Vec<meshguard_schemas::output::IdentityResult>,
     /// The cross-check's DataFusion plan, made at the first identity request.
@@ -232,7 +233,7 @@ impl Engine {
             remote_enforcement: FastMap::default(),
             messages_partitions: 0,
             owned_messages: hashbrown::HashSet::new(),
-            interactions: InteractionStore::default(),
+            interactions: Arc::default(),
             identity_out: Vec::new(),
             crosscheck_plan: None,
             jobs: jobs::all(),
@@ -399,7 +400,7 @@ impl Engine {
             self.registry.prune(oldest_watermark);
             self.presence.prune(oldest_watermark);
             self.locations.prune(oldest_watermark);
-            self.interactions.prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
+            Arc::make_mut(&mut self.interactions).prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
         }
     }
 

@@ -365,7 +365,10 @@ fn an_identity_request_waits_for_the_interactions_it_depends_on() {
     };
     let t = T0 + 600_000;
     let request = format!(r#"{{"id":"00000000-0000-4000-8000-200000000002","ts":{t},"device":"{A}","min_verified":3}}"#);
-    let cfg = EngineConfig { cross_check: crate::crosscheck::CrossCheckConfig { max_wait_ms: 60_000, ..Default::default() }, ..Default::default() };
+    let cfg = EngineConfig {
+        cross_check: crate::crosscheck::CrossCheckConfig { max_wait_ms: 60_000, ..Default::default() },
+        ..Default::default()
+    };
     let mut e = Engine::new(cfg.clone());
     e.set_interactions_partitions(2);
     let requests = MicroBatch { identity_requests: Some(decode(InputTopic::IdentityRequests, &[request], 0)), ..Default::default() };
