@@ -1,6 +1,8 @@
 //! The reference judge's cases, each also answered by the DataFusion plan, and a property test
 //! that the plan and the reference agree on random stores and requests.
 
+#![allow(clippy::unwrap_used)]
+
 use proptest::prelude::*;
 
 use super::plan::{CrossCheckPlan, PlanRequest};
