@@ -33,16 +33,19 @@ fn store(entries: usize, devices: u32) -> InteractionStore {
     let mut rng = SmallRng::seed_from_u64(5);
     let mut s = InteractionStore::default();
     let mut n = 0u128;
+    let mut held = 0;
     let step = WEEK_MS as f64 / (entries as f64 / 1.9);
     let mut clock = 0.0f64;
-    while s.len() < entries {
+    while held < entries {
         clock += step;
         let ts = T0 + clock as i64;
         let (a, b) = (rng.random_range(0..devices), rng.random_range(0..devices));
         let kind = InteractionKind::ALL[rng.random_range(0..InteractionKind::ALL.len())];
         n += 1;
         s.insert(device(a), Entry { ts, peer: device(b), kind, id: Uuid::from_u128(n) });
+        held += 1;
         if rng.random_bool(0.9) {
+            held += 1;
             n += 1;
             let skew = rng.random_range(-60_000..=60_000);
             s.insert(device(b), Entry { ts: ts + skew, peer: device(a), kind, id: Uuid::from_u128(n) });
