@@ -72,6 +72,18 @@ export MESHGUARD_PROMETHEUS_BIN MESHGUARD_PROMTOOL_BIN
 echo "$MESHGUARD_PROMETHEUS_BIN, $MESHGUARD_PROMTOOL_BIN"
 "$MESHGUARD_PROMETHEUS_BIN" --version 2>&1 | head -n 1
 
+section "PostgreSQL client (psql)"
+# The SQL tests query meshguard's PostgreSQL endpoint with the real psql (Debian package, if missing).
+eval "$(bash scripts/install-psql.sh)"
+export MESHGUARD_PSQL_BIN
+"$MESHGUARD_PSQL_BIN" --version
+
+section "Headless browser (Chromium)"
+# The status page is rendered in a real browser by the tests (Debian package, if missing).
+eval "$(bash scripts/install-chromium.sh)"
+export MESHGUARD_CHROMIUM_BIN
+"$MESHGUARD_CHROMIUM_BIN" --version 2>/dev/null || true
+
 section "Format (cargo fmt --check)"
 cargo fmt --all --check
 

@@ -113,7 +113,8 @@ fn run_pipeline_until(
 ) -> anyhow::Result<(Arc<LiveStats>, f64, f64)> {
     let stats = Arc::new(LiveStats::default());
     let registry = Registry::new();
-    let pipeline = Pipeline::start(cfg, kafka, &registry, stats.clone())?;
+    let sources = meshguard_analytics::sql::SqlSources::live(&cfg.archive.dir);
+    let pipeline = Pipeline::start(cfg, kafka, &registry, stats.clone(), sources)?;
     if let Some(ready) = ready {
         let _ = ready.send(());
     }

@@ -43,6 +43,8 @@ pub struct Config {
     pub archive: meshguard_ingest::ArchiveConfig,
     /// The HTTP listener (metrics).
     pub http: HttpSection,
+    /// The SQL surface: the PostgreSQL endpoint and what it reads.
+    pub sql: SqlSection,
     /// The traffic simulator of `meshguard run` (embedded) and `meshguard simulate`.
     pub simulator: SimulatorSection,
 }
@@ -178,6 +180,31 @@ impl Default for HttpSection {
     }
 }
 
+/// `[sql]`. (Not `Serialize`: it holds a secret.)
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlSection {
+    /// Address of the PostgreSQL wire-protocol endpoint (psql, Grafana) of `meshguard run`;
+    /// loopback by default. Empty: none.
+    pub pg_listen: String,
+    /// The user name clients log in with.
+    pub pg_user: String,
+    /// The password clients must give (MD5 authentication); required when `pg_listen` is not a
+    /// loopback address. A secret: never logged.
+    pub pg_password: Option<meshguard_enforcer::Secret>,
+    /// Keep the rows of the attempts archive's open files readable by SQL until they close (at the
+    /// next checkpoint): queries see the last seconds of attempts, at the cost of holding them in
+    /// memory for that long. Findings and enforcement changes are always live.
+    pub live_attempts: bool,
+}
+
+impl Default for SqlSection {
+    fn default() -> Self {
+        // 5433: PostgreSQL's port plus one, so a local PostgreSQL on 5432 keeps its own.
+        Self { pg_listen: "127.0.0.1:5433".into(), pg_user: "meshguard".into(), pg_password: None, live_attempts: true }
+    }
+}
+
 /// `[simulator]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -253,6 +280,17 @@ impl Config {
             if !addr.ip().is_loopback() && self.http.token.as_ref().is_none_or(|t| t.expose().is_empty()) {
                 bail!("invalid configuration: `http.token` must be set when `http.listen` ({addr}) is not a loopback address");
             }
+        }
+        if !self.sql.pg_listen.is_empty() {
+            let Ok(addr) = self.sql.pg_listen.parse::<std::net::SocketAddr>() else {
+                bail!("invalid configuration: `sql.pg_listen` must be an address like 127.0.0.1:5433, found {:?}", self.sql.pg_listen);
+            };
+            if !addr.ip().is_loopback() && self.sql.pg_password.as_ref().is_none_or(|t| t.expose().is_empty()) {
+                bail!("invalid configuration: `sql.pg_password` must be set when `sql.pg_listen` ({addr}) is not a loopback address");
+            }
+        }
+        if self.sql.pg_user.is_empty() {
+            bail!("invalid configuration: `sql.pg_user` must not be empty");
         }
         if let Some(b) = &self.kafka.brokers
             && b.trim().is_empty()

@@ -9,6 +9,8 @@ mod config;
 mod pipeline;
 mod quality;
 mod simulate;
+mod sql;
+mod status;
 mod summary;
 
 use std::path::PathBuf;
@@ -18,6 +20,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use meshguard_analytics::sql::pg::PgEndpoint;
+use meshguard_analytics::sql::{SqlSources, SqlSurface};
 use meshguard_enforcer::EnforcerService;
 use meshguard_ingest::EmbeddedBroker;
 use meshguard_ingest::admin::{check_reachable, ensure_topics};
@@ -61,6 +65,20 @@ enum Command {
     Simulate(SimulateArgs),
     /// The end-to-end benchmark: throughput per core and event→finding latency.
     Bench(BenchCli),
+    /// Run one read-only SQL query over the archive (tables findings, enforcement, attempts, devices).
+    Sql(SqlArgs),
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// The query, e.g. "SELECT kind, count(*) FROM findings GROUP BY kind".
+    query: String,
+    /// Output: `table` for people, `csv`, `json` or `arrow` (IPC stream) for scripts.
+    #[arg(long, default_value = "table")]
+    format: meshguard_analytics::sql::output::Format,
+    /// The archive folder (default: `archive.dir`).
+    #[arg(long)]
+    archive: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +234,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             quality::run(&cfg, &args).map(|_| ())
         }
         Command::Simulate(args) => runtime.block_on(simulate(cfg, args)),
+        Command::Sql(args) => runtime.block_on(sql::cli(&cfg, &args.query, args.format, args.archive)),
         Command::Bench(b) => {
             drop(runtime);
             let args = bench::BenchArgs {
@@ -227,6 +246,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             bench::run(&cfg, &args)
         }
+    }
+}
+
+/// Aborts a background task when dropped (the PostgreSQL endpoint, when `run` ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -308,11 +336,35 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     };
 
     let kafka = cfg.kafka.connection(&brokers);
+    // The SQL surface: the archive plus the rows the pipeline has not closed into files yet.
+    let mut sources = SqlSources::live(&cfg.archive.dir);
+    if !cfg.archive.enabled {
+        sources = SqlSources { archive_dir: cfg.archive.dir.clone(), devices: sources.devices, ..Default::default() };
+    } else if !cfg.sql.live_attempts {
+        sources.attempts = None;
+    }
+    let surface = SqlSurface::new(&sources).await.context("setting up the SQL surface")?;
+    let mut _pg = None;
+    if !cfg.sql.pg_listen.is_empty() {
+        let addr: std::net::SocketAddr = cfg.sql.pg_listen.parse()?;
+        let endpoint = PgEndpoint::bind(addr).await.with_context(|| format!("listening on {addr} (sql.pg_listen)"))?;
+        let bound = endpoint.local_addr()?;
+        let password = cfg.sql.pg_password.as_ref().map(|p| p.expose().to_owned());
+        _pg = Some(AbortOnDrop(endpoint.serve(&surface, &cfg.sql.pg_user, password.as_deref()).map_err(anyhow::Error::msg)?));
+        eprintln!(
+            "meshguard: SQL on PostgreSQL wire protocol: psql -h {} -p {} -U {} meshguard",
+            bound.ip(),
+            bound.port(),
+            cfg.sql.pg_user
+        );
+    }
     if !cfg.http.listen.is_empty() {
         let addr: std::net::SocketAddr = cfg.http.listen.parse()?;
         let control = summary::ControlApi { sink: Arc::new(meshguard_ingest::KafkaSink::new(&kafka)?), topic: cfg.topics.control.clone() };
-        summary::serve(addr, registry.clone(), Some(control), cfg.http.token.clone()).await?;
-        eprintln!("meshguard: metrics on http://{addr}/metrics, manual overrides on POST http://{addr}/api/block and /api/unblock");
+        summary::serve(addr, registry.clone(), Some(control), Some(surface.clone()), Some(stats.clone()), cfg.http.token.clone()).await?;
+        eprintln!(
+            "meshguard: status page on http://{addr}/, metrics on /metrics, SQL on POST /api/sql, manual overrides on POST /api/block and /api/unblock"
+        );
     }
 
     // The enforcer service, in-process: its own consumer group, on this runtime.
@@ -334,7 +386,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     let worker_stats = stats.clone();
     let worker_registry = registry.clone();
     let worker = std::thread::Builder::new().name("pipeline".into()).spawn(move || -> anyhow::Result<()> {
-        let pipeline = Pipeline::start(cfg, &kafka, &worker_registry, worker_stats);
+        let pipeline = Pipeline::start(cfg, &kafka, &worker_registry, worker_stats, sources);
         match pipeline {
             Ok(p) => p.run(&worker_stop),
             Err(e) => {

@@ -26,9 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use meshguard_analytics::enforcement::Status;
+use meshguard_analytics::sql::{SqlSources, tables};
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
+use meshguard_ingest::archive::{ATTEMPTS, ENFORCEMENT, FINDINGS};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
-use meshguard_ingest::{ArchiveMetrics, AttemptArchive, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, Topics, assemble};
+use meshguard_ingest::{ArchiveMetrics, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, ParquetArchive, Topics, assemble};
 use meshguard_schemas::output::Finding;
 use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTopic, Outcome};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -244,8 +246,13 @@ pub struct Pipeline {
     sink: Arc<KafkaSink>,
     engine: Engine,
     store: LocalCheckpointStore,
-    /// The attempt archive (`archive.enabled`).
-    archive: Option<AttemptArchive>,
+    /// The archive (`archive.enabled`): attempts, findings and enforcement changes, each also
+    /// readable live by the SQL surface until its file closes.
+    archive: Option<Archives>,
+    /// The tables' live sources, shared with the SQL surface.
+    sql: SqlSources,
+    /// The devices version last written to the devices snapshot, and when.
+    devices_written: (u64, Option<Instant>),
     decoders: [BatchDecoder; 4],
     topics: Topics,
     ingest_metrics: IngestMetrics,
@@ -258,6 +265,23 @@ pub struct Pipeline {
     owned: std::collections::HashSet<(InputTopic, i32)>,
 }
 
+/// The archive's tables.
+#[derive(Debug)]
+struct Archives {
+    attempts: ParquetArchive,
+    findings: ParquetArchive,
+    enforcement: ParquetArchive,
+}
+
+impl Archives {
+    fn all(&mut self) -> [&mut ParquetArchive; 3] {
+        [&mut self.attempts, &mut self.findings, &mut self.enforcement]
+    }
+}
+
+/// How often at most the devices snapshot (for `meshguard sql` outside the worker) is rewritten.
+const DEVICES_SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
+
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline").field("store", &self.store).finish_non_exhaustive()
@@ -266,8 +290,9 @@ impl std::fmt::Debug for Pipeline {
 
 impl Pipeline {
     /// Connects to `kafka`, restores the checkpoint in `cfg.pipeline.checkpoint_dir` and reads the
-    /// global tables to their end. Returns when the worker is ready to detect.
-    pub fn start(cfg: Config, kafka: &KafkaConfig, registry: &Registry, stats: Arc<LiveStats>) -> anyhow::Result<Self> {
+    /// global tables to their end. Returns when the worker is ready to detect. `sql` are the live
+    /// sources the worker keeps current for its SQL surface (see `meshguard_analytics::sql`).
+    pub fn start(cfg: Config, kafka: &KafkaConfig, registry: &Registry, stats: Arc<LiveStats>, sql: SqlSources) -> anyhow::Result<Self> {
         let topics = cfg.topics.clone();
         let store = LocalCheckpointStore::open(&cfg.pipeline.checkpoint_dir)
             .with_context(|| format!("opening the checkpoint directory {}", cfg.pipeline.checkpoint_dir.display()))?;
@@ -302,9 +327,11 @@ impl Pipeline {
         });
         let source = KafkaSource::new(kafka, topics.clone(), resolver, on_revoke)?;
 
-        // Findings written after the checkpoint by a run that crashed: the replay must not repeat them.
+        // Findings written after the checkpoint by a run that crashed: the replay must not repeat
+        // them. They were only in the crashed run's open (deleted) archive files: archive them now.
+        let mut recovered = Vec::new();
         if !sink_positions.is_empty() {
-            let read = read_back_findings(&sink, &topics, &sink_positions, &mut engine)?;
+            let read = read_back_findings(&sink, &topics, &sink_positions, &mut engine, &mut recovered)?;
             info!(message = "Read back findings written after the checkpoint.", count = read);
         }
 
@@ -313,16 +340,26 @@ impl Pipeline {
         let ingest_metrics = IngestMetrics::new(registry)?;
         let metrics = PipelineMetrics::new(registry)?;
         let archive = if cfg.archive.enabled {
-            let archive = AttemptArchive::open(
-                &cfg.archive,
-                InputTopic::Messages.schema(),
-                kafka.instance_id.as_deref(),
-                chrono::Utc::now().timestamp_millis(),
-                ArchiveMetrics::new(registry)?,
-            )
-            .with_context(|| format!("opening the attempt archive in {}", cfg.archive.dir.display()))?;
-            info!(message = "Archiving attempts.", dir = %archive.root().display());
-            Some(archive)
+            let metrics = ArchiveMetrics::new(registry)?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let open = |table: &str, schema, live: &Option<Arc<meshguard_analytics::sql::LiveRows>>| -> anyhow::Result<ParquetArchive> {
+                let archive = ParquetArchive::open(&cfg.archive, table, schema, kafka.instance_id.as_deref(), now, &metrics)
+                    .with_context(|| format!("opening the archive's {table} in {}", cfg.archive.dir.display()))?;
+                Ok(match live {
+                    Some(live) => archive.with_live(live.clone()),
+                    None => archive,
+                })
+            };
+            let mut archives = Archives {
+                attempts: open(ATTEMPTS, InputTopic::Messages.schema(), &sql.attempts)?,
+                findings: open(FINDINGS, tables::findings_schema(), &sql.findings)?,
+                enforcement: open(ENFORCEMENT, tables::enforcement_schema(), &sql.enforcement)?,
+            };
+            if !recovered.is_empty() {
+                archives.findings.append(&tables::findings_batch(&recovered)?).context("archiving recovered findings")?;
+            }
+            info!(message = "Archiving attempts, findings and enforcement changes.", dir = %cfg.archive.dir.display());
+            Some(archives)
         } else {
             None
         };
@@ -333,6 +370,8 @@ impl Pipeline {
             engine,
             store,
             archive,
+            sql,
+            devices_written: (0, None),
             decoders,
             topics,
             ingest_metrics,
@@ -440,7 +479,11 @@ impl Pipeline {
                             match self.store.load_partition(&id) {
                                 Ok(Some(state)) => {
                                     // Taken over from another worker: skip what it wrote after its checkpoint.
-                                    if let Err(e) = read_back_findings(&self.sink, &self.topics, &state.sink_positions, &mut self.engine) {
+                                    // (The other worker archives them when it closes its files.)
+                                    let mut ignored = Vec::new();
+                                    if let Err(e) =
+                                        read_back_findings(&self.sink, &self.topics, &state.sink_positions, &mut self.engine, &mut ignored)
+                                    {
                                         warn!(message = "Reading back findings of a taken-over partition failed; repeats possible.", error = %e);
                                     }
                                     self.engine.restore_partition(id, state);
@@ -487,7 +530,12 @@ impl Pipeline {
         // Archived before detection, so an archive failure stops the worker before anything of the
         // batch is published; the rows are durable at the next checkpoint (see the module docs).
         if let (Some(archive), Some(messages)) = (&mut self.archive, &assembled.batch.messages) {
-            archive.append(&messages.batch).context("archiving attempts")?;
+            archive.attempts.append(&messages.batch).context("archiving attempts")?;
+        }
+        if let Some(devices) = &self.sql.devices
+            && !assembled.batch.registry.is_empty()
+        {
+            devices.apply(assembled.batch.registry.iter().map(|c| (c.uuid, c.effective_ms, c.record.as_ref())));
         }
         let findings = self.engine.process(&assembled.batch, now_ms);
         self.publish(&findings, raw, now_ms)?;
@@ -516,12 +564,20 @@ impl Pipeline {
     /// Enforcement changes, keyed by UUID on the compacted topic: a replay after a crash publishes
     /// the same records again, which compaction and every consumer treat as no change.
     fn publish_enforcement(&mut self) -> anyhow::Result<()> {
+        let changes = self.engine.take_enforcement();
+        if changes.is_empty() {
+            return Ok(());
+        }
         let mut key = [0u8; 36];
-        for change in self.engine.take_enforcement() {
-            let payload = serde_json::to_vec(&change)?;
+        for change in &changes {
+            let payload = serde_json::to_vec(change)?;
             let key = change.uuid.hyphenated().encode_lower(&mut key);
             self.sink.send(&self.topics.enforcement, key.as_bytes(), &payload)?;
             self.metrics.enforcement_changes.with_label_values(&[change.state.as_str()]).inc();
+        }
+        if let Some(archive) = &mut self.archive {
+            let batch = tables::enforcement_batch(&changes, chrono::Utc::now().timestamp_millis())?;
+            archive.enforcement.append(&batch).context("archiving enforcement changes")?;
         }
         Ok(())
     }
@@ -542,6 +598,9 @@ impl Pipeline {
             self.metrics.findings.with_label_values(&[f.kind.as_str()]).inc();
         }
         self.metrics.latency_seconds.observe(((now_ms - arrived).max(0) as f64) / 1000.0);
+        if let Some(archive) = &mut self.archive {
+            archive.findings.append(&tables::findings_batch(findings)?).context("archiving findings")?;
+        }
         Ok(())
     }
 
@@ -549,8 +608,10 @@ impl Pipeline {
     fn checkpoint(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
-        if let Some(archive) = &mut self.archive {
-            archive.close_all().context("closing archive files before a checkpoint")?;
+        if let Some(archives) = &mut self.archive {
+            for archive in archives.all() {
+                archive.close_all().context("closing archive files before a checkpoint")?;
+            }
         }
         let ends = self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?;
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
@@ -568,10 +629,13 @@ impl Pipeline {
         if let Err(e) = self.source.commit(&offsets) {
             warn!(message = "Committing offsets failed; the checkpoint stands.", error = %e);
         }
-        if let Some(archive) = &mut self.archive
-            && let Err(e) = archive.apply_retention(chrono::Utc::now().timestamp_millis())
-        {
-            warn!(message = "Deleting archive folders past retention failed; retrying at the next checkpoint.", error = %e);
+        if let Some(archives) = &mut self.archive {
+            for archive in archives.all() {
+                if let Err(e) = archive.apply_retention(chrono::Utc::now().timestamp_millis()) {
+                    warn!(message = "Deleting archive folders past retention failed; retrying at the next checkpoint.", error = %e);
+                }
+            }
+            self.write_devices_snapshot();
         }
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
@@ -580,8 +644,34 @@ impl Pipeline {
     }
 }
 
-/// Marks every finding on the findings topic after `positions` as already emitted.
-fn read_back_findings(sink: &KafkaSink, topics: &Topics, positions: &[(String, i32, i64)], engine: &mut Engine) -> anyhow::Result<usize> {
+impl Pipeline {
+    /// Rewrites the devices snapshot beside the archive (for `meshguard sql` outside this worker)
+    /// when the directory changed, at most every [`DEVICES_SNAPSHOT_EVERY`].
+    fn write_devices_snapshot(&mut self) {
+        let Some(devices) = &self.sql.devices else { return };
+        let version = devices.version();
+        let due = self.devices_written.1.is_none_or(|at| at.elapsed() >= DEVICES_SNAPSHOT_EVERY);
+        if version == self.devices_written.0 || !due {
+            return;
+        }
+        let path = self.sql.devices_snapshot();
+        match meshguard_analytics::sql::write_snapshot(devices, &path) {
+            Ok(()) => self.devices_written = (version, Some(Instant::now())),
+            Err(e) => {
+                warn!(message = "Writing the devices snapshot failed; retrying at the next checkpoint.", path = %path.display(), error = %e)
+            }
+        }
+    }
+}
+
+/// Marks every finding on the findings topic after `positions` as already emitted, and collects them.
+fn read_back_findings(
+    sink: &KafkaSink,
+    topics: &Topics,
+    positions: &[(String, i32, i64)],
+    engine: &mut Engine,
+    found: &mut Vec<Finding>,
+) -> anyhow::Result<usize> {
     let from: Vec<(i32, i64)> = positions.iter().filter(|(t, _, _)| *t == topics.findings).map(|(_, p, o)| (*p, *o)).collect();
     if from.is_empty() {
         return Ok(0);
@@ -589,6 +679,7 @@ fn read_back_findings(sink: &KafkaSink, topics: &Topics, positions: &[(String, i
     Ok(sink.read_back(&topics.findings, &from, KAFKA_TIMEOUT, |payload| {
         if let Ok(f) = serde_json::from_slice::<Finding>(payload) {
             engine.mark_emitted(f.id, f.event_ts);
+            found.push(f);
         }
     })?)
 }

@@ -47,13 +47,17 @@ struct UnblockRequest {
     reason: String,
 }
 
-/// Serves `GET /metrics` and, with `control`, `POST /api/block` and `POST /api/unblock` on `addr`
-/// in the background. With `token`, every request needs `Authorization: Bearer <token>`
-/// (configuration refuses a non-loopback address without one).
+/// Serves `GET /metrics`; with `control`, `POST /api/block` and `POST /api/unblock`; with `sql`,
+/// `POST /api/sql` and `GET /api/attempts`, and with `stats` too the status page (`GET /` and
+/// `GET /api/status`); on `addr` in the background. With `token`, every
+/// request needs `Authorization: Bearer <token>` (configuration refuses a non-loopback address
+/// without one).
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     control: Option<ControlApi>,
+    sql: Option<meshguard_analytics::sql::SqlSurface>,
+    stats: Option<Arc<LiveStats>>,
     token: Option<meshguard_enforcer::Secret>,
 ) -> anyhow::Result<()> {
     use axum::http::StatusCode;
@@ -106,6 +110,13 @@ pub async fn serve(
                 }),
             );
     }
+    if let Some(surface) = sql {
+        if let Some(stats) = stats {
+            let rate = crate::status::spawn_rate_sampler(stats.clone());
+            app = app.merge(crate::status::routes(crate::status::StatusSources { sql: surface.clone(), stats, rate }));
+        }
+        app = app.merge(crate::sql::routes(surface));
+    }
     if let Some(token) = token {
         let expected = format!("Bearer {}", token.expose());
         app = app.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
@@ -128,7 +139,7 @@ pub async fn serve(
 
 /// Serves `GET /metrics` only (the enforcer service alone).
 pub async fn serve_metrics(addr: SocketAddr, registry: Registry, token: Option<meshguard_enforcer::Secret>) -> anyhow::Result<()> {
-    serve(addr, registry, None, token).await
+    serve(addr, registry, None, None, None, token).await
 }
 
 fn kinds_line(stats: &LiveStats) -> String {

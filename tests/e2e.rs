@@ -100,6 +100,7 @@ fn spawn_meshguard_with(broker: &Broker, state: &Path, group: &str, worker: u32,
         .env("MESHGUARD_KAFKA__GROUP_ID", group)
         .env("MESHGUARD_KAFKA__PARTITIONS", PARTITIONS.to_string())
         .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -339,6 +340,7 @@ fn run_with_no_setup_shows_findings() {
     let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["run", "--duration", "8", "--rate", "3000"])
         .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
         .env("MESHGUARD_LOG", "warn")
         .output()
         .unwrap();
@@ -387,6 +389,7 @@ fn an_unreachable_broker_is_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["run", "--brokers", "127.0.0.1:1"])
         .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
         .env("MESHGUARD_LOG", "warn")
         .output()
         .unwrap();
@@ -717,6 +720,7 @@ async fn http_block_needs_the_token_and_is_applied() {
         .env("MESHGUARD_ARCHIVE__DIR", state.path().join("archive"))
         .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
         .env("MESHGUARD_HTTP__TOKEN", "s3cret-token")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -743,5 +747,259 @@ async fn http_block_needs_the_token_and_is_applied() {
     let changes = consume_all(&broker.bootstrap(), "meshguard.enforcement.v1", 1, Duration::from_secs(60)).unwrap();
     let v: Value = serde_json::from_slice(changes[0].payload.as_ref().unwrap()).unwrap();
     assert_eq!((v["uuid"].as_str(), v["state"].as_str(), v["reason"].as_str()), (Some(r), Some("blocked"), Some("manual: over http")));
+    terminate(child.0.take().unwrap());
+}
+
+/// Runs `psql` (the real client) against `port` with `password`; `(success, stdout, stderr)`.
+fn psql(port: u16, password: &str, sql: &str) -> (bool, String, String) {
+    let out = Command::new(std::env::var("MESHGUARD_PSQL_BIN").unwrap_or_else(|_| "psql".into()))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "meshguard",
+            "-d",
+            "meshguard",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql runs (postgresql-client; scripts/test.sh installs it)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The SQL surface of a running worker, through every door: `psql` over the PostgreSQL wire
+/// protocol (password required, writes refused), `POST /api/sql` in JSON, CSV and Arrow,
+/// `GET /api/attempts`; then `meshguard sql` over the archive once the worker stopped. Every count
+/// is the exact number of findings and attempts published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_surface_answers_over_psql_http_and_the_cli() {
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let mut sim = simulator(41);
+    let mut records = sim.bootstrap();
+    sim.next_batch(3_000, &mut records);
+    let (want, _) = expected(&records);
+    let attempts = attempt_ids(&records);
+    publish(&broker, &records).await;
+
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pg_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let archive = state.path().join("archive");
+    let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
+        .env("MESHGUARD_KAFKA__INSTANCE_ID", "e2e-sql-worker-1")
+        .env("MESHGUARD_KAFKA__GROUP_ID", "e2e-sql")
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_DIR", state.path())
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", "500")
+        .env("MESHGUARD_ARCHIVE__DIR", &archive)
+        .env("MESHGUARD_ARCHIVE__RETENTION_DAYS", "36500")
+        .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+        .env("MESHGUARD_SQL__PG_LISTEN", format!("127.0.0.1:{pg_port}"))
+        .env("MESHGUARD_SQL__PG_PASSWORD", "pg-s3cret")
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    wait_for_findings(&broker, &want);
+
+    // Every finding on the topic is in the table: live rows and closed files together, each once.
+    let client = reqwest::Client::new();
+    let sql_url = format!("http://127.0.0.1:{http_port}/api/sql");
+    let count = async |sql: &str| -> i64 {
+        let resp = client.post(&sql_url).body(sql.to_owned()).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{sql}");
+        let rows: Value = resp.json().await.unwrap();
+        rows[0]["n"].as_i64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count("SELECT count(*) AS n FROM findings").await;
+        if n == want.len() as i64 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SQL sees {n} findings of {}", want.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count("SELECT count(DISTINCT id) AS n FROM findings").await, want.len() as i64);
+    let by_kind: BTreeSet<(String, i64)> = {
+        let resp = client
+            .post(&sql_url)
+            .query(&[("format", "json")])
+            .body("SELECT kind, count(*) AS n FROM findings GROUP BY kind")
+            .send()
+            .await
+            .unwrap();
+        let rows: Value = resp.json().await.unwrap();
+        rows.as_array().unwrap().iter().map(|r| (r["kind"].as_str().unwrap().to_owned(), r["n"].as_i64().unwrap())).collect()
+    };
+    let mut want_by_kind: HashMap<String, i64> = HashMap::new();
+    for (_, kind) in &want {
+        *want_by_kind.entry(kind.clone()).or_default() += 1;
+    }
+    assert_eq!(by_kind, want_by_kind.into_iter().collect::<BTreeSet<_>>());
+
+    // psql: the password is required, queries work, writes are refused.
+    let (ok, _, err) = psql(pg_port, "wrong", "SELECT 1");
+    assert!(!ok && err.to_lowercase().contains("password authentication failed"), "a wrong password is refused: {err}");
+    let (ok, out, err) = psql(pg_port, "pg-s3cret", "SELECT count(*) FROM findings");
+    assert!(ok, "{err}");
+    assert_eq!(out, want.len().to_string());
+    let (ok, out, err) = psql(pg_port, "pg-s3cret", "SELECT kind FROM findings WHERE kind = 'bad_credentials' LIMIT 1");
+    assert!(ok && out == "bad_credentials", "{out} {err}");
+    for write in ["CREATE TABLE t (x INT)", "DROP VIEW attempts", "INSERT INTO findings SELECT * FROM findings"] {
+        let (ok, _, err) = psql(pg_port, "pg-s3cret", write);
+        assert!(!ok && err.contains("read-only"), "{write}: {err}");
+    }
+    let (ok, out, err) = psql(pg_port, "pg-s3cret", "SELECT count(*) FROM devices WHERE kind IS NOT NULL");
+    assert!(ok && out.parse::<i64>().unwrap() > 0, "devices: {out} {err}");
+
+    // HTTP: CSV, Arrow IPC, a refusal, and the seed's question about one target.
+    let csv = client.post(&sql_url).query(&[("format", "csv")]).body("SELECT count(*) AS n FROM findings").send().await.unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(csv.text().await.unwrap(), format!("n\n{}\n", want.len()));
+    let ipc = client
+        .post(&sql_url)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"sql": "SELECT id FROM findings", "format": "arrow"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let bytes = ipc.bytes().await.unwrap();
+    let rows: usize = arrow::ipc::reader::StreamReader::try_new(bytes.as_ref(), None).unwrap().map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, want.len());
+    let refused = client.post(&sql_url).body("DROP VIEW attempts").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("read-only"));
+    let target_rows: Value = client
+        .post(&sql_url)
+        .body("SELECT target, count(*) AS n FROM findings WHERE target IS NOT NULL GROUP BY target ORDER BY n DESC, target LIMIT 1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (target, n) = (target_rows[0]["target"].as_str().unwrap().to_owned(), target_rows[0]["n"].as_i64().unwrap());
+    let against: Value = client
+        .get(format!("http://127.0.0.1:{http_port}/api/attempts"))
+        .query(&[("target", target.as_str()), ("since", "2000-01-01T00:00:00Z")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(against.as_array().unwrap().len() as i64, n, "every unauthorized attempt against {target}");
+    let bad = client.get(format!("http://127.0.0.1:{http_port}/api/attempts")).query(&[("target", "not-a-uuid")]).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+
+    terminate(child.0.take().unwrap());
+
+    // The CLI, over the archive the worker closed at its last checkpoint.
+    let cli = |sql: &str, format: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+            .args(["sql", sql, "--format", format, "--archive"])
+            .arg(&archive)
+            .env("MESHGUARD_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(cli("SELECT count(*) AS n FROM findings", "csv"), format!("n\n{}\n", want.len()));
+    assert_eq!(cli("SELECT count(DISTINCT id) AS n FROM attempts", "csv"), format!("n\n{}\n", attempts.len()));
+    let table = cli("SELECT kind, count(*) AS n FROM findings GROUP BY kind ORDER BY kind", "table");
+    assert!(table.contains("| kind") && table.contains("bad_credentials"), "{table}");
+    let devices = cli("SELECT count(*) AS n FROM devices", "json");
+    let devices: Value = serde_json::from_str(&devices).unwrap();
+    assert!(devices[0]["n"].as_i64().unwrap() > 0, "the devices snapshot: {devices}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_meshguard")).args(["sql", "DELETE FROM findings", "--archive"]).arg(&archive).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("read-only"));
+}
+
+/// The status page, as a person sees it: headless Chromium (the real browser) loads `meshguard
+/// run`'s page, its script fetches `/api/status`, and the rendered page shows findings, offenders
+/// and the events/s. A screenshot is kept in the test artifacts (`status-page.png` in cargo's test
+/// temporary folder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_in_a_real_browser() {
+    let chromium = std::env::var("MESHGUARD_CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--quiet", "--rate", "3000"])
+        .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", "1000")
+        .env("MESHGUARD_ENFORCEMENT__BLOCK_AT", "1")
+        .env("MESHGUARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/");
+    // Wait until the worker has findings and a block to show.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Ok(resp) = client.get(format!("{url}api/status")).send().await
+            && resp.status() == 200
+        {
+            let v: Value = resp.json().await.unwrap();
+            if v["findings_total"].as_i64().unwrap_or(0) > 0
+                && v["blocked"].as_i64().unwrap_or(0) > 0
+                && v["records"].as_u64().unwrap_or(0) > 0
+            {
+                break v;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no findings and blocks on /api/status after 90 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let kind = status["recent_findings"][0]["kind"].as_str().unwrap().to_owned();
+
+    let profile = tempfile::tempdir().unwrap();
+    let browse = |extra: &[&str]| {
+        Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(["--window-size=1400,1000", "--virtual-time-budget=6000"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium runs (scripts/test.sh installs it)")
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(dom.status.success(), "chromium: {}", String::from_utf8_lossy(&dom.stderr));
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(r#"data-loaded="true""#), "the page's script loaded /api/status: {dom}");
+    for section in ["Recent findings", "Top offenders", "Enforcement states", "events/s"] {
+        assert!(dom.contains(section), "{section} on the page");
+    }
+    assert!(dom.contains(&format!(r#"<td class="kind" title="{kind}">{kind}</td>"#)), "a finding of kind {kind} rendered: {dom}");
+    assert!(dom.contains(r#"<td class="blocked" title="blocked">blocked</td>"#), "a blocked UUID rendered");
+    assert!(!dom.contains(r#"<td class="empty""#), "every section shows rows");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = browse(&[&format!("--screenshot={}", shot.display())]);
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+    eprintln!("status page screenshot: {}", shot.display());
     terminate(child.0.take().unwrap());
 }

@@ -128,6 +128,7 @@ fn spawn_meshguard(broker: &Broker, mosquitto: &Mosquitto, dry_run: bool, metric
         .args(["run", "--brokers", &broker.bootstrap(), "--quiet", "--config"])
         .arg(&config)
         .env("MESHGUARD_ARCHIVE__DIR", dir.join("archive"))
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -292,7 +292,7 @@ async fn query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scraping_meshguard_run_answers_every_dashboard_query() {
     let prometheus_bin = tool(PROMETHEUS_ENV, "prometheus");
-    let (prom_queries, _) = check_dashboards();
+    let (prom_queries, sql_queries) = check_dashboards();
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
 
@@ -310,10 +310,13 @@ async fn prometheus_scraping_meshguard_run_answers_every_dashboard_query() {
     .unwrap();
     let metrics_port = free_port();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let pg_port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshguard"));
     cmd.args(["run", "--quiet", "--config"])
         .arg(&config)
         .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .env("MESHGUARD_SQL__PG_LISTEN", format!("127.0.0.1:{pg_port}"))
+        .env("MESHGUARD_SQL__PG_PASSWORD", "change-me")
         .env("MESHGUARD_PIPELINE__CHECKPOINT_INTERVAL_MS", "1000")
         .env("MESHGUARD_LOG", "warn");
     let mut meshguard = Guard::spawn("meshguard run", cmd, dir.path().join("meshguard.log"));
@@ -382,6 +385,35 @@ async fn prometheus_scraping_meshguard_run_answers_every_dashboard_query() {
         if empty.is_empty() { Ok(()) } else { Err(format!("{} queries without data:\n{}", empty.len(), empty.join("\n"))) }
     })
     .await;
+
+    // Every SQL panel's query, as Grafana sends it (macros expanded), through the PostgreSQL
+    // endpoint with the real psql client and the provisioned credentials, returns rows.
+    let now = chrono::Utc::now();
+    let time_filter = format!(
+        "ts BETWEEN '{}' AND '{}'",
+        (now - chrono::Duration::hours(6)).format("%Y-%m-%dT%H:%M:%SZ"),
+        (now + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    for q in &sql_queries {
+        let text = q.text.replace("$__timeFilter(ts)", &time_filter);
+        assert!(!text.contains('$'), "{} / {}: a Grafana macro the test does not expand: {text}", q.dashboard, q.panel);
+        wait_for(&format!("SQL panel {} / {} to return rows through psql", q.dashboard, q.panel), Duration::from_secs(60), async || {
+            meshguard.assert_running();
+            let out = Command::new(std::env::var("MESHGUARD_PSQL_BIN").unwrap_or_else(|_| "psql".into()))
+                .args(["-h", "127.0.0.1", "-p", &pg_port.to_string(), "-U", "meshguard", "-d", "meshguard", "-X", "-A", "-t"])
+                .args(["-v", "ON_ERROR_STOP=1", "-c", &text])
+                .env("PGPASSWORD", "change-me")
+                .output()
+                .map_err(|e| format!("psql: {e}"))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() && !stdout.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{text}\nexit {}: {stdout}{}", out.status, String::from_utf8_lossy(&out.stderr)))
+            }
+        })
+        .await;
+    }
 
     drop(server);
     drop(meshguard);

@@ -34,6 +34,7 @@ pub mod engine;
 mod error;
 pub mod jobs;
 pub mod policy;
+pub mod sql;
 pub mod tables;
 pub mod throttle;
 pub mod timing;

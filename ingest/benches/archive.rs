@@ -11,7 +11,7 @@ use std::hint::black_box;
 use arrow::compute::concat_batches;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use meshguard_ingest::simulator::{SimConfig, Simulator};
-use meshguard_ingest::{ArchiveConfig, ArchiveMetrics, AttemptArchive};
+use meshguard_ingest::{ArchiveConfig, ArchiveMetrics, ParquetArchive};
 use meshguard_schemas::{BatchDecoder, InputTopic};
 
 const BATCH: usize = 10_000;
@@ -38,8 +38,15 @@ fn bench(c: &mut Criterion) {
 
     let dir = tempfile::tempdir().unwrap();
     let config = ArchiveConfig { dir: dir.path().to_owned(), retention_days: 36_500, ..ArchiveConfig::default() };
-    let mut archive =
-        AttemptArchive::open(&config, InputTopic::Messages.schema(), Some("bench"), 0, ArchiveMetrics::unregistered().unwrap()).unwrap();
+    let mut archive = ParquetArchive::open(
+        &config,
+        meshguard_ingest::archive::ATTEMPTS,
+        InputTopic::Messages.schema(),
+        Some("bench"),
+        0,
+        &ArchiveMetrics::unregistered().unwrap(),
+    )
+    .unwrap();
     let mut group = c.benchmark_group("archive");
     group.throughput(Throughput::Elements(PER_FILE as u64));
     group.sample_size(10);

@@ -6,7 +6,7 @@
 //!    identity requests; global consumer:             └─ rebalance events: partitions gained / lost
 //!    registry, presence)
 //!  findings, dead letters ──► KafkaSink (idempotent producer; flush = durable)
-//!  message attempts ──► AttemptArchive ──► <dir>/attempts/date=YYYY-MM-DD/part-….parquet (closed at checkpoints)
+//!  message attempts ──► ParquetArchive ──► <dir>/attempts/date=YYYY-MM-DD/part-….parquet (closed at checkpoints)
 //!  EmbeddedBroker: librdkafka's in-process mock cluster, for `meshguard run` with no setup
 //! ```
 //!
@@ -24,7 +24,7 @@ pub mod simulator;
 pub mod sink;
 pub mod source;
 
-pub use archive::{ArchiveConfig, ArchiveMetrics, AttemptArchive};
+pub use archive::{ArchiveConfig, ArchiveMetrics, ParquetArchive};
 pub use assemble::{Assembled, assemble};
 pub use config::{KafkaConfig, Topics};
 pub use embedded::EmbeddedBroker;

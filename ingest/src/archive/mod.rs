@@ -1,5 +1,7 @@
-//! The attempt archive: every decoded message attempt, allowed or not, in Parquet files under
-//! Hive-style date folders, for the timing models' training and the SQL surface (`attempts`).
+//! The archive: tables of event-timed rows in Parquet files under Hive-style date folders. Every
+//! decoded message attempt, allowed or not (`attempts`, for the timing models' training and the SQL
+//! surface), every finding (`findings`) and every enforcement change (`enforcement`) the pipeline
+//! publishes; one [`ParquetArchive`] writes one table's folder.
 //!
 //! ```text
 //!  <dir>/attempts/
@@ -7,11 +9,12 @@
 //!      part-<writer>-<run>-000001.parquet     closed: complete, fsynced, never written again
 //!      .part-<writer>-<run>-000002.parquet.tmp open: being written, invisible to readers
 //!    date=2026-11-25/…
+//!  <dir>/findings/date=…/   <dir>/enforcement/date=…/
 //! ```
 //!
-//! This module owns the files under `<dir>/attempts`; it must never decide anything about the
-//! rows (they are written as decoded, in the canonical schema of `meshguard.messages.v1`, the
-//! Arrow schema stored in each file so readers get `FixedSizeBinary(16)` UUIDs, dictionary enums
+//! This module owns the files under `<dir>/<table>`; it must never decide anything about the
+//! rows (they are written as given, attempts in the canonical schema of `meshguard.messages.v1`,
+//! the Arrow schema stored in each file so readers get `FixedSizeBinary(16)` UUIDs, dictionary enums
 //! and UTC timestamps back exactly).
 //!
 //! # Partitioning and files
@@ -55,6 +58,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Date32Array, Scalar};
 use arrow::compute::kernels::cmp::eq;
@@ -63,11 +67,12 @@ use arrow::datatypes::{DataType, Date32Type, SchemaRef, TimeUnit, TimestampMilli
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, NaiveDate};
+use meshguard_analytics::sql::LiveRows;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
-use prometheus::{IntCounter, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tracing::{debug, info};
 
 pub use config::ArchiveConfig;
@@ -83,13 +88,25 @@ const MS_PER_DAY: i64 = 86_400_000;
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Encoded bytes of one row group, the other bound of an open file's memory.
 const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
-/// Folder of the attempts under the archive's root.
-const ATTEMPTS: &str = "attempts";
+/// Folder (and table name) of the message attempts under the archive's root.
+pub const ATTEMPTS: &str = "attempts";
+/// Folder of the findings.
+pub const FINDINGS: &str = "findings";
+/// Folder of the enforcement changes.
+pub const ENFORCEMENT: &str = "enforcement";
 
-/// Counters of the archive, registered in the caller's Prometheus registry. They count closed
-/// files only: what a checkpoint can rely on.
+/// Counters of the archive by table (a fixed handful of label values), registered in the caller's
+/// Prometheus registry. They count closed files only: what a checkpoint can rely on.
 #[derive(Debug, Clone)]
 pub struct ArchiveMetrics {
+    rows: IntCounterVec,
+    files: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+/// One table's counters.
+#[derive(Debug, Clone)]
+struct TableMetrics {
     rows: IntCounter,
     files: IntCounter,
     bytes: IntCounter,
@@ -107,11 +124,20 @@ impl ArchiveMetrics {
 
     /// The metrics without a registry (tests, benchmarks).
     pub fn unregistered() -> prometheus::Result<Self> {
+        let vec = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["table"]);
         Ok(Self {
-            rows: IntCounter::new("meshguard_archive_rows_total", "Message attempts written to closed archive files.")?,
-            files: IntCounter::new("meshguard_archive_files_total", "Archive files closed (complete and fsynced).")?,
-            bytes: IntCounter::new("meshguard_archive_bytes_total", "Bytes of closed archive files.")?,
+            rows: vec("meshguard_archive_rows_total", "Rows written to closed archive files, by table.")?,
+            files: vec("meshguard_archive_files_total", "Archive files closed (complete and fsynced), by table.")?,
+            bytes: vec("meshguard_archive_bytes_total", "Bytes of closed archive files, by table.")?,
         })
+    }
+
+    fn table(&self, table: &str) -> TableMetrics {
+        TableMetrics {
+            rows: self.rows.with_label_values(&[table]),
+            files: self.files.with_label_values(&[table]),
+            bytes: self.bytes.with_label_values(&[table]),
+        }
     }
 }
 
@@ -128,16 +154,18 @@ pub struct ClosedFile {
 
 /// The file being written for one date.
 struct OpenFile {
+    /// Its sequence number in this run: its id in [`LiveRows`].
+    seq: u64,
     writer: ArrowWriter<File>,
     tmp: PathBuf,
     path: PathBuf,
     rows: usize,
 }
 
-/// Writes message attempts to Parquet. See the module docs for layout, durability and retention.
-pub struct AttemptArchive {
+/// Writes one table's rows to Parquet. See the module docs for layout, durability and retention.
+pub struct ParquetArchive {
     config: ArchiveConfig,
-    /// `<dir>/attempts`.
+    /// `<dir>/<table>`.
     root: PathBuf,
     schema: SchemaRef,
     props: WriterProperties,
@@ -149,12 +177,14 @@ pub struct AttemptArchive {
     sequence: u64,
     /// Open files by date (days since 1970-01-01, UTC).
     open: BTreeMap<i32, OpenFile>,
-    metrics: ArchiveMetrics,
+    metrics: TableMetrics,
+    /// Readers of the rows of open files (the SQL surface), if any.
+    live: Option<Arc<LiveRows>>,
 }
 
-impl std::fmt::Debug for AttemptArchive {
+impl std::fmt::Debug for ParquetArchive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttemptArchive")
+        f.debug_struct("ParquetArchive")
             .field("root", &self.root)
             .field("prefix", &self.prefix)
             .field("open_dates", &self.open.keys().collect::<Vec<_>>())
@@ -162,12 +192,20 @@ impl std::fmt::Debug for AttemptArchive {
     }
 }
 
-impl AttemptArchive {
-    /// Opens the archive under `config.dir` for batches of `schema` (which must have a `ts`
-    /// column of `Timestamp(Millisecond, _)`), written by `writer` (the worker's
-    /// `kafka.instance_id`). Creates the directory, and deletes the temporary files a previous run
-    /// of the same writer left (a crash; see the module docs). `now_ms` names this run.
-    pub fn open(config: &ArchiveConfig, schema: SchemaRef, writer: Option<&str>, now_ms: i64, metrics: ArchiveMetrics) -> Result<Self> {
+impl ParquetArchive {
+    /// Opens the archive's `table` folder under `config.dir` for batches of `schema` (which must
+    /// have a `ts` column of `Timestamp(Millisecond, _)`: the event time that picks a row's date),
+    /// written by `writer` (the worker's `kafka.instance_id`). Creates the directory, and deletes
+    /// the temporary files a previous run of the same writer left (a crash; see the module docs).
+    /// `now_ms` names this run.
+    pub fn open(
+        config: &ArchiveConfig,
+        table: &str,
+        schema: SchemaRef,
+        writer: Option<&str>,
+        now_ms: i64,
+        metrics: &ArchiveMetrics,
+    ) -> Result<Self> {
         if let Err((field, reason)) = config.validate() {
             return Err(Error::ArchiveConfig { field, reason });
         }
@@ -180,7 +218,10 @@ impl AttemptArchive {
                 });
             }
         }
-        let root = config.dir.join(ATTEMPTS);
+        if table.is_empty() || !table.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return Err(Error::ArchiveConfig { field: "table".into(), reason: format!("`{table}` is not a table name ([a-z0-9_]+)") });
+        }
+        let root = config.dir.join(table);
         fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
         let writer = sanitize(writer.unwrap_or("meshguard"));
         let started = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
@@ -199,7 +240,8 @@ impl AttemptArchive {
             tmp_prefix: format!(".part-{writer}-"),
             sequence: 0,
             open: BTreeMap::new(),
-            metrics,
+            metrics: metrics.table(table),
+            live: None,
         };
         let removed = this.remove_stale_temporaries()?;
         if removed > 0 {
@@ -208,14 +250,21 @@ impl AttemptArchive {
         Ok(this)
     }
 
-    /// The folder of the attempts (`<dir>/attempts`).
+    /// Hands every row written to an open file to `live` too, and takes it back when the file
+    /// closes, so a reader of the folder and of `live` sees each row once (see [`LiveRows`]).
+    pub fn with_live(mut self, live: Arc<LiveRows>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    /// The table's folder (`<dir>/<table>`).
     pub fn root(&self) -> &Path {
         &self.root
     }
 
     /// Appends `batch` (rows in the archive's schema) to the open files of their dates, closing
     /// files that reach their size bounds. The rows are durable only once their file is closed:
-    /// by a bound, or by [`AttemptArchive::close_all`].
+    /// by a bound, or by [`ParquetArchive::close_all`].
     pub fn append(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
@@ -309,7 +358,11 @@ impl AttemptArchive {
             }
             let Some(file) = self.open.get_mut(&day) else { continue };
             let take = (max_rows - file.rows).min(rows.num_rows());
-            file.writer.write(&rows.slice(0, take)).map_err(parquet_error(&file.tmp))?;
+            let slice = rows.slice(0, take);
+            file.writer.write(&slice).map_err(parquet_error(&file.tmp))?;
+            if let Some(live) = &self.live {
+                live.push(file.seq, slice);
+            }
             file.rows += take;
             rows = rows.slice(take, rows.num_rows() - take);
             let bytes = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
@@ -338,17 +391,23 @@ impl AttemptArchive {
         let path = folder.join(name);
         let out = File::create(&tmp).map_err(io_error("creating", &tmp))?;
         let writer = ArrowWriter::try_new(out, self.schema.clone(), Some(self.props.clone())).map_err(parquet_error(&tmp))?;
-        Ok(OpenFile { writer, tmp, path, rows: 0 })
+        Ok(OpenFile { seq: self.sequence, writer, tmp, path, rows: 0 })
     }
 
     /// Finishes `file`: footer, fsync, rename to the final name, fsync of the folder.
     fn close(&self, file: OpenFile) -> Result<ClosedFile> {
-        let OpenFile { writer, tmp, path, rows } = file;
+        let OpenFile { seq, writer, tmp, path, rows } = file;
         let out = writer.into_inner().map_err(parquet_error(&tmp))?;
         out.sync_all().map_err(io_error("syncing", &tmp))?;
         let bytes = out.metadata().map_err(io_error("reading the size of", &tmp))?.len();
         drop(out);
-        fs::rename(&tmp, &path).map_err(io_error("renaming", &tmp))?;
+        // The rename publishes the rows to readers of the folder; live readers stop seeing them
+        // in the same critical section.
+        match &self.live {
+            Some(live) => live.close(seq, || fs::rename(&tmp, &path)),
+            None => fs::rename(&tmp, &path),
+        }
+        .map_err(io_error("renaming", &tmp))?;
         if let Some(folder) = path.parent() {
             sync_dir(folder)?;
         }

@@ -40,8 +40,16 @@ fn config(dir: &Path) -> ArchiveConfig {
     ArchiveConfig { dir: dir.to_owned(), ..ArchiveConfig::default() }
 }
 
-fn open(config: &ArchiveConfig) -> AttemptArchive {
-    AttemptArchive::open(config, InputTopic::Messages.schema(), Some("worker-1"), DAY_MS, ArchiveMetrics::unregistered().unwrap()).unwrap()
+fn open(config: &ArchiveConfig) -> ParquetArchive {
+    ParquetArchive::open(
+        config,
+        ATTEMPTS,
+        InputTopic::Messages.schema(),
+        Some("worker-1"),
+        DAY_MS,
+        &ArchiveMetrics::unregistered().unwrap(),
+    )
+    .unwrap()
 }
 
 /// Every file under `dir` (recursively), sorted, as paths relative to it.
@@ -199,11 +207,12 @@ fn metrics_count_closed_files() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::new();
     let metrics = ArchiveMetrics::new(&registry).unwrap();
-    let mut archive = AttemptArchive::open(&config(dir.path()), InputTopic::Messages.schema(), None, DAY_MS, metrics.clone()).unwrap();
+    let mut archive = ParquetArchive::open(&config(dir.path()), ATTEMPTS, InputTopic::Messages.schema(), None, DAY_MS, &metrics).unwrap();
     archive.append(&attempts(42, |i| DAY_MS + i as i64)).unwrap();
-    assert_eq!(metrics.rows.get(), 0, "rows count once durable");
+    let table = metrics.table(ATTEMPTS);
+    assert_eq!(table.rows.get(), 0, "rows count once durable");
     let closed = archive.close_all().unwrap();
-    assert_eq!((metrics.rows.get(), metrics.files.get(), metrics.bytes.get()), (42, 1, closed[0].bytes));
+    assert_eq!((table.rows.get(), table.files.get(), table.bytes.get()), (42, 1, closed[0].bytes));
     assert!(closed[0].path.file_name().unwrap().to_str().unwrap().starts_with("part-meshguard-"));
     let names: Vec<String> = registry.gather().iter().map(|m| m.name().to_owned()).collect();
     assert_eq!(names, ["meshguard_archive_bytes_total", "meshguard_archive_files_total", "meshguard_archive_rows_total"]);
@@ -218,11 +227,23 @@ fn bad_configuration_and_foreign_batches_are_refused_by_name() {
         (ArchiveConfig { retention_days: 0, ..config(dir.path()) }, "archive.retention_days"),
         (ArchiveConfig { dir: PathBuf::new(), ..config(dir.path()) }, "archive.dir"),
     ] {
-        let err = AttemptArchive::open(&cfg, InputTopic::Messages.schema(), None, DAY_MS, ArchiveMetrics::unregistered().unwrap())
-            .unwrap_err()
-            .to_string();
+        let err =
+            ParquetArchive::open(&cfg, ATTEMPTS, InputTopic::Messages.schema(), None, DAY_MS, &ArchiveMetrics::unregistered().unwrap())
+                .unwrap_err()
+                .to_string();
         assert!(err.contains(field), "{err}");
     }
+    let err = ParquetArchive::open(
+        &config(dir.path()),
+        "../up",
+        InputTopic::Messages.schema(),
+        None,
+        DAY_MS,
+        &ArchiveMetrics::unregistered().unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`../up` is not a table name"), "{err}");
     let mut archive = open(&config(dir.path()));
     let presence = BatchDecoder::new(InputTopic::Presence)
         .decode(&[br#"{"uuid":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","ts":1,"online":true}"#.as_slice()])
