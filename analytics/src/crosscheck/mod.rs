@@ -10,6 +10,10 @@
 //! tolerance up to t. `confirmed` when `verified ≥ min_verified`; `denied` when `checked ≥
 //! min_verified` and `verified + unavailable < min_verified`; `insufficient_evidence` otherwise.
 //!
+//! **Answering.** Production answers a micro-batch's requests with one DataFusion plan
+//! ([`plan`]); [`InteractionStore::judge`] is the plain-Rust reference it is tested against.
+//! Requests wait for the interactions topic to reach their time ([`HeldRequest`]).
+//!
 //! **Scale-out.** Verification needs the peers' tables, which are keyed by other reporters. The
 //! interactions topic is therefore read by every worker in full, as a global table (Kafka Streams'
 //! GlobalKTable), like the registry: the answer is the same with one worker or several, at the cost
