@@ -399,6 +399,9 @@ impl Pipeline {
         // Requesters' per-requester state lives in a home partition whatever the case of their key.
         let messages_partitions = pipeline.source.partition_count(&pipeline.topics.messages, KAFKA_TIMEOUT)?;
         pipeline.engine.set_messages_partitions(u32::try_from(messages_partitions).unwrap_or(0));
+        // The interactions topic's watermark is the oldest of its partitions' (held identity requests).
+        let interactions_partitions = pipeline.source.partition_count(pipeline.topics.input(InputTopic::Interactions), KAFKA_TIMEOUT)?;
+        pipeline.engine.set_interactions_partitions(u32::try_from(interactions_partitions).unwrap_or(0));
         pipeline.source.start_globals(&global_positions, KAFKA_TIMEOUT)?;
         pipeline.source.start_readers(KAFKA_TIMEOUT)?;
         let mut raw = RawBatch::default();
@@ -448,8 +451,12 @@ impl Pipeline {
                 let owned = &self.owned;
                 raw.retain_partitions(topic, |p| owned.contains(&(topic, p)));
             }
+            // Identity requests held for interactions still to come (see `crosscheck::HeldRequest`)
+            // are released by the interactions read or by time, so the loop runs the engine even
+            // when nothing new arrived.
+            let held = self.engine.identity_requests_held() > 0;
             if self.cfg.pipeline.align_global_tables
-                && !(raw.topic(InputTopic::Messages).is_empty() && raw.topic(InputTopic::IdentityRequests).is_empty())
+                && (held || !(raw.topic(InputTopic::Messages).is_empty() && raw.topic(InputTopic::IdentityRequests).is_empty()))
             {
                 // Registry and presence records already on the broker apply to these attempts.
                 let started = Instant::now();
@@ -458,7 +465,7 @@ impl Pipeline {
                     Err(e) => warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e),
                 }
             }
-            if !raw.is_empty() {
+            if !raw.is_empty() || held {
                 self.handle(&raw)?;
             }
             // A model trained in the background takes over between micro-batches.

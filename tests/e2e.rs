@@ -81,7 +81,13 @@ fn expected(records: &[SimRecord]) -> (BTreeSet<(String, String)>, usize) {
 
 /// Starts worker number `worker` of `group`, with its checkpoints in `state`.
 fn spawn_meshguard(broker: &Broker, state: &Path, group: &str, worker: u32, checkpoint_ms: u64) -> Child {
+    spawn_meshguard_with(broker, state, group, worker, checkpoint_ms, &[])
+}
+
+/// [`spawn_meshguard`] with extra environment (configuration) variables.
+fn spawn_meshguard_with(broker: &Broker, state: &Path, group: &str, worker: u32, checkpoint_ms: u64, env: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .envs(env.iter().copied())
         .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
         // Static membership: the restarted worker takes its partitions back at once (tansu 0.6
         // never expires a killed member, so without it the partitions would stay with the dead one).
@@ -530,7 +536,9 @@ async fn five_unauthorized_attempts_block_the_requester_on_the_enforcement_topic
 /// Identity confirmation through the real broker, answered by two workers in one group: a genuine
 /// device is confirmed by its peers' own tables, an impostor whose claimed interactions no peer
 /// confirms is denied (with a `cross_check_failed` finding), and a device whose peers never
-/// reported anything gets `insufficient_evidence`.
+/// reported anything gets `insufficient_evidence`. Ordering across topics: the requests are read
+/// (and held, checkpointed) before a fourth device's interactions are even published; its answer
+/// counts them, because requests wait for the interactions topic to reach their time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_requests_are_answered_the_same_by_two_workers() {
     const T0: i64 = 1_795_539_600_000;
@@ -539,29 +547,35 @@ async fn identity_requests_are_answered_the_same_by_two_workers() {
     setup(&broker).await;
     let names = Topics::default();
     let mut interactions: Vec<ProduceRecord> = Vec::new();
+    let mut later: Vec<ProduceRecord> = Vec::new();
     let mut n = 0u32;
-    let mut entry = |reporter: &str, peer: &str, kind: &str, ts: i64| {
+    let mut entry = |out: &mut Vec<ProduceRecord>, reporter: &str, peer: &str, kind: &str, ts: i64| {
         n += 1;
         let v = serde_json::json!({"id": uuid(0x1d, n), "reporter": reporter, "peer": peer, "kind": kind, "ts": ts});
-        interactions.push((Some(reporter.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(ts)));
+        out.push((Some(reporter.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(ts)));
     };
-    let (genuine, impostor, lonely) = (uuid(0xd1, 1), uuid(0xd1, 2), uuid(0xd1, 3));
+    let (genuine, impostor, lonely, tardy) = (uuid(0xd1, 1), uuid(0xd1, 2), uuid(0xd1, 3), uuid(0xd1, 4));
     for i in 0..6u32 {
         let ts = T0 + i64::from(i) * 600_000;
         // The genuine device's peers report it back, 30 s apart.
         let p = uuid(0xe1, i);
-        entry(&genuine, &p, "proximity", ts);
-        entry(&p, &genuine, "proximity", ts + 30_000);
+        entry(&mut interactions, &genuine, &p, "proximity", ts);
+        entry(&mut interactions, &p, &genuine, "proximity", ts + 30_000);
         // The impostor's peers are active but never met it.
         let q = uuid(0xe2, i);
-        entry(&impostor, &q, "call", ts);
-        entry(&q, &uuid(0xe9, i), "call", ts + 10_000);
+        entry(&mut interactions, &impostor, &q, "call", ts);
+        entry(&mut interactions, &q, &uuid(0xe9, i), "call", ts + 10_000);
         // The lonely device's peers never reported anything.
-        entry(&lonely, &uuid(0xe3, i), "sms", ts);
+        entry(&mut interactions, &lonely, &uuid(0xe3, i), "sms", ts);
+        // The tardy device's interactions, all confirmed, reach Kafka after the requests.
+        let r = uuid(0xe4, i);
+        entry(&mut later, &tardy, &r, "call", ts);
+        entry(&mut later, &r, &tardy, "call", ts - 20_000);
     }
     produce(&broker.bootstrap(), names.input(InputTopic::Interactions), &interactions).await.unwrap();
     let t = T0 + 7_200_000;
-    let requests: Vec<ProduceRecord> = [&genuine, &impostor, &lonely]
+    let devices = [&genuine, &impostor, &lonely, &tardy];
+    let requests: Vec<ProduceRecord> = devices
         .iter()
         .enumerate()
         .map(|(i, d)| {
@@ -569,12 +583,35 @@ async fn identity_requests_are_answered_the_same_by_two_workers() {
             (Some(d.as_bytes().to_vec()), Some(v.to_string().into_bytes()), Some(t))
         })
         .collect();
+    // Entries past the requests' time from many reporters, so every partition of the
+    // interactions topic reaches it: what releases the held requests.
+    for i in 0..24u32 {
+        entry(&mut later, &uuid(0xe5, i), &uuid(0xe6, i), "email", t + 1_000);
+    }
 
     let state = tempfile::tempdir().unwrap();
-    let a = spawn_meshguard(&broker, state.path(), "e2e-identity", 1, 500);
-    let b = spawn_meshguard(&broker, state.path(), "e2e-identity", 2, 500);
+    // A long wait, so only the interactions can release the requests within the test.
+    let env = [("MESHGUARD_CROSS_CHECK__MAX_WAIT_MS", "120000")];
+    let a = spawn_meshguard_with(&broker, state.path(), "e2e-identity", 1, 500, &env);
+    let b = spawn_meshguard_with(&broker, state.path(), "e2e-identity", 2, 500, &env);
     produce(&broker.bootstrap(), names.input(InputTopic::IdentityRequests), &requests).await.unwrap();
-    let results = consume_all(&broker.bootstrap(), "meshguard.identity-results.v1", 3, Duration::from_secs(90)).unwrap();
+    // Every request read and held: the workers' checkpoints of the identity-requests partitions say so.
+    let store = meshguard_analytics::LocalCheckpointStore::open(state.path()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        use meshguard_analytics::CheckpointStore as _;
+        let held: usize = (0..PARTITIONS)
+            .filter_map(|p| store.load_partition(&(InputTopic::IdentityRequests, p)).ok().flatten())
+            .map(|s| s.held_requests.len())
+            .sum();
+        if held == devices.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the requests were not held within 90 s ({held} held)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    produce(&broker.bootstrap(), names.input(InputTopic::Interactions), &later).await.unwrap();
+    let results = consume_all(&broker.bootstrap(), "meshguard.identity-results.v1", 4, Duration::from_secs(90)).unwrap();
     let findings = consume_all(&broker.bootstrap(), FINDINGS, 1, Duration::from_secs(30)).unwrap();
     terminate(a);
     terminate(b);
@@ -591,11 +628,12 @@ async fn identity_requests_are_answered_the_same_by_two_workers() {
     assert_eq!(outcomes[&genuine], ("confirmed".to_owned(), Some(6), Some(6), Some(0)));
     assert_eq!(outcomes[&impostor], ("denied".to_owned(), Some(6), Some(0), Some(0)));
     assert_eq!(outcomes[&lonely], ("insufficient_evidence".to_owned(), Some(6), Some(0), Some(6)));
+    assert_eq!(outcomes[&tardy], ("confirmed".to_owned(), Some(6), Some(6), Some(0)), "interactions published after the request count");
     assert_eq!(findings.len(), 1);
     let f: Value = serde_json::from_slice(findings[0].payload.as_ref().unwrap()).unwrap();
     assert_eq!((f["kind"].as_str(), f["offender"].as_str()), (Some("cross_check_failed"), Some(impostor.as_str())));
     let all = meshguard_testkit::consume_available(&broker.bootstrap(), "meshguard.identity-results.v1", Duration::from_secs(5)).unwrap();
-    assert_eq!(all.len(), 3, "each request answered once");
+    assert_eq!(all.len(), 4, "each request answered once");
 }
 
 /// Manual overrides: `meshguard block` and `meshguard unblock` publish on the control topic; the

@@ -27,7 +27,7 @@ use crate::policy::Location;
 use crate::tables::TableSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT07";
+const MAGIC: &[u8; 8] = b"MGCKPT08";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -51,8 +51,10 @@ pub struct GlobalSnapshot {
     pub presence: TableSnapshot<Uuid, bool>,
     /// Latest known locations, as this worker learned them from its partitions' attempts.
     pub locations: TableSnapshot<Uuid, Location>,
-    /// Every device's interaction table.
-    pub interactions: crate::crosscheck::InteractionStore,
+    /// Every device's interaction table: the engine's own, shared, not a copy (the engine copies
+    /// it only if it changes it while this snapshot is still alive).
+    #[serde(with = "crate::crosscheck::shared")]
+    pub interactions: Arc<crate::crosscheck::InteractionStore>,
     /// Consumed positions of the global topics.
     pub positions: Vec<Position>,
     /// The caller's sink positions at the checkpoint.

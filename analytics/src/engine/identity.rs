@@ -1,7 +1,9 @@
-//! The engine's cross-check stage: interaction entries into the global interaction store, then
-//! every identity request judged against it (see [`crate::crosscheck`]). A `denied` outcome also
-//! gives a `cross_check_failed` finding, which counts against the device's enforcement state (see
-//! `offender_partition` for where that state lives).
+//! The engine's cross-check stage: interaction entries into the global interaction store, identity
+//! requests held in their partition's state until the interactions topic has caught up with them
+//! ([`crate::crosscheck::HeldRequest`]), then judged together by the DataFusion plan
+//! ([`crate::crosscheck::plan`]). A `denied` outcome also gives a `cross_check_failed` finding,
+//! which counts against the device's enforcement state (see `offender_partition` for where that
+//! state lives).
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Int64Type, TimestampMillisecondType, UInt8Type};
@@ -11,7 +13,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{Engine, RowsBatch};
-use crate::crosscheck::Entry;
+use crate::crosscheck::plan::{CrossCheckPlan, PlanRequest};
+use crate::crosscheck::{Entry, HeldRequest, Tally};
 
 fn uuid_at(col: &arrow::array::FixedSizeBinaryArray, row: usize) -> Option<Uuid> {
     if col.is_null(row) {
@@ -39,20 +42,38 @@ impl Engine {
             return;
         };
         let kind = kind.keys();
+        // Shared with the last checkpoint only while it is being saved: no copy in steady state.
+        let store = std::sync::Arc::make_mut(&mut self.interactions);
         for row in 0..b.num_rows() {
+            if let Some(&p) = rows.partition.get(row)
+                && ts.is_valid(row)
+            {
+                store.advance(p, ts.value(row));
+            }
             let (Some(id), Some(reporter), Some(peer), Some(k)) =
                 (uuid_at(id, row), uuid_at(reporter, row), uuid_at(peer, row), InteractionKind::from_code(kind.value(row)))
             else {
                 continue;
             };
-            self.interactions.insert(reporter, Entry { ts: ts.value(row), peer, kind: k, id });
+            store.insert(reporter, Entry { ts: ts.value(row), peer, kind: k, id });
         }
         self.stats.rows[InputTopic::Interactions as usize] += b.num_rows() as u64;
     }
 
-    /// Judges a batch of identity requests; results go to [`Engine::take_identity_results`], the
-    /// `cross_check_failed` findings of denied ones to `out`.
-    pub(super) fn process_identity_requests(&mut self, rows: &RowsBatch, now_ms: i64, out: &mut Vec<Finding>) {
+    /// Sets the number of partitions of the interactions topic, for its watermark (see
+    /// [`HeldRequest`]).
+    pub fn set_interactions_partitions(&mut self, n: u32) {
+        std::sync::Arc::make_mut(&mut self.interactions).set_partitions(n);
+    }
+
+    /// Identity requests read and not answered yet.
+    pub fn identity_requests_held(&self) -> usize {
+        self.partitions.iter().filter(|((t, _), _)| *t == InputTopic::IdentityRequests).map(|(_, s)| s.held_requests.len()).sum()
+    }
+
+    /// Puts a batch of identity requests in their partitions' state, to be answered by
+    /// [`Engine::release_identity_requests`].
+    pub(super) fn hold_identity_requests(&mut self, rows: &RowsBatch, now_ms: i64) {
         let b = &rows.batch;
         self.stats.rows[InputTopic::IdentityRequests as usize] += b.num_rows() as u64;
         let (Some(id), Some(ts), Some(device), Some(window), Some(min_verified)) = (
@@ -73,11 +94,49 @@ impl Engine {
             let (Some(request), Some(dev)) = (uuid_at(id, row), uuid_at(device, row)) else {
                 continue;
             };
-            let t = ts.value(row);
-            let v = self.interactions.judge(&self.cfg.cross_check, &dev, t, opt(window, row), opt(min_verified, row));
+            let partition = rows.partition.get(row).copied().unwrap_or_default();
+            let held = HeldRequest {
+                id: request,
+                device: dev,
+                t: ts.value(row),
+                window: opt(window, row),
+                min_verified: opt(min_verified, row),
+                partition,
+                arrived_ms: now_ms,
+            };
+            self.partitions.entry((InputTopic::IdentityRequests, partition)).or_default().held_requests.push(held);
+        }
+    }
+
+    /// Answers every held request that is ready (see [`HeldRequest`]), all in one run of the plan;
+    /// results go to [`Engine::take_identity_results`], the `cross_check_failed` findings of denied
+    /// ones to `out`.
+    pub(super) fn release_identity_requests(&mut self, now_ms: i64, out: &mut Vec<Finding>) {
+        let mut ready = Vec::new();
+        for ((topic, _), state) in self.partitions.iter_mut() {
+            if *topic != InputTopic::IdentityRequests || state.held_requests.is_empty() {
+                continue;
+            }
+            let (interactions, cfg) = (&self.interactions, &self.cfg.cross_check);
+            state.held_requests.retain(|r| {
+                let go = interactions.ready(cfg, r, now_ms);
+                if go {
+                    ready.push(*r);
+                }
+                !go
+            });
+        }
+        if ready.is_empty() {
+            return;
+        }
+        ready.sort_by_key(|r| (r.partition, r.arrived_ms));
+        let tallies = self.tallies(&ready);
+        for (r, tally) in ready.iter().zip(tallies) {
+            let (request, dev, t, partition) = (r.id, r.device, r.t, r.partition);
+            let v =
+                tally.verdict(r.window.unwrap_or(self.cfg.cross_check.window), r.min_verified.unwrap_or(self.cfg.cross_check.min_verified));
             let result_id =
                 Uuid::new_v5(&meshguard_schemas::output::ID_NAMESPACE, &[b"identity-result:".as_slice(), request.as_bytes()].concat());
-            let partition = rows.partition.get(row).copied().unwrap_or_default();
             // A re-delivered request is answered once (the answer's id is remembered like a finding's).
             let state = self.partitions.entry(self.offender_partition(&dev, partition)).or_default();
             if state.emitted.insert(result_id, t).is_some() {
@@ -118,6 +177,28 @@ impl Engine {
             };
             self.emit_and_count(partition, t, finding, out);
         }
+    }
+
+    /// The counts of each request, by the DataFusion plan; should the plan fail (a bug, not an
+    /// input problem), by the reference implementation, so the requests are still answered.
+    fn tallies(&mut self, ready: &[HeldRequest]) -> Vec<Tally> {
+        let cfg = &self.cfg.cross_check;
+        let requests: Vec<PlanRequest> =
+            ready.iter().map(|r| PlanRequest { device: r.device, t: r.t, window: r.window.unwrap_or(cfg.window) }).collect();
+        if self.crosscheck_plan.is_none() {
+            match CrossCheckPlan::new() {
+                Ok(plan) => self.crosscheck_plan = Some(plan),
+                Err(e) => tracing::error!(message = "Could not start the cross-check plan; answering with the reference.", error = %e),
+            }
+        }
+        let tol = cfg.tolerance_ms();
+        if let Some(plan) = &self.crosscheck_plan {
+            match plan.tallies(&self.interactions, tol, &requests) {
+                Ok(tallies) => return tallies,
+                Err(e) => tracing::error!(message = "The cross-check plan failed; answering with the reference.", error = %e),
+            }
+        }
+        requests.iter().map(|r| self.interactions.tally(tol, &r.device, r.t, r.window)).collect()
     }
 
     /// Publishes one finding that is not about a message attempt (dedup by id in the messages

@@ -167,6 +167,8 @@ pub struct PartitionState {
     pub timers: std::collections::BTreeSet<(i64, Uuid)>,
     /// Learned schedules by (requester, target); the requester's own under the nil target.
     pub schedules: FastMap<(Uuid, Uuid), Schedule>,
+    /// Identity requests of this (identity-requests) partition read but not answered yet.
+    pub held_requests: Vec<crate::crosscheck::HeldRequest>,
 }
 
 impl PartitionState {
@@ -201,10 +203,13 @@ pub struct Engine {
     messages_partitions: u32,
     /// Messages partitions this worker holds.
     owned_messages: hashbrown::HashSet<i32>,
-    /// Every device's interaction table (a global table: see [`crate::crosscheck`]).
-    interactions: InteractionStore,
+    /// Every device's interaction table (a global table: see [`crate::crosscheck`]), shared with
+    /// a checkpoint being taken rather than copied into it.
+    interactions: Arc<InteractionStore>,
     /// Identity results not yet taken by the caller.
     identity_out: Vec<meshguard_schemas::output::IdentityResult>,
+    /// The cross-check's DataFusion plan, made at the first identity request.
+    crosscheck_plan: Option<crate::crosscheck::plan::CrossCheckPlan>,
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
@@ -231,8 +236,9 @@ impl Engine {
             remote_enforcement: FastMap::default(),
             messages_partitions: 0,
             owned_messages: hashbrown::HashSet::new(),
-            interactions: InteractionStore::default(),
+            interactions: Arc::default(),
             identity_out: Vec::new(),
+            crosscheck_plan: None,
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
@@ -296,8 +302,9 @@ impl Engine {
             self.process_messages(messages, now_ms, &mut out);
         }
         if let Some(requests) = &mb.identity_requests {
-            self.process_identity_requests(requests, now_ms, &mut out);
+            self.hold_identity_requests(requests, now_ms);
         }
+        self.release_identity_requests(now_ms, &mut out);
 
         for p in &mb.positions {
             match p.topic {
@@ -408,7 +415,7 @@ impl Engine {
             self.registry.prune(oldest_watermark);
             self.presence.prune(oldest_watermark);
             self.locations.prune(oldest_watermark);
-            self.interactions.prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
+            Arc::make_mut(&mut self.interactions).prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
         }
     }
 

@@ -334,6 +334,13 @@ fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not
         ..Default::default()
     };
     let found = e.process(&mb, T0);
+    // The interactions topic has not reached the request's time: held, up to `max_wait_ms`.
+    assert!(e.take_identity_results().is_empty());
+    assert_eq!(e.identity_requests_held(), 2);
+    assert!(e.process(&MicroBatch::default(), T0 + 999).is_empty());
+    assert!(e.take_identity_results().is_empty());
+    let found = [found, e.process(&MicroBatch::default(), T0 + 1_000)].concat();
+    assert_eq!(e.identity_requests_held(), 0);
     let results = e.take_identity_results();
     assert_eq!(results.len(), 1, "a re-delivered request is answered once");
     // Five calls to B, B never reported anything: all unavailable, insufficient evidence.
@@ -341,6 +348,57 @@ fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not
     assert_eq!(results[0].outcome, meshguard_schemas::Outcome::InsufficientEvidence);
     assert!(found.is_empty());
     assert!(e.partition(&(InputTopic::Messages, 3)).is_none(), "no state for a messages partition this worker does not hold");
+}
+
+/// Ordering across topics: a request read before the interactions it depends on is held until the
+/// interactions topic reaches its time on every partition, and survives a checkpoint meanwhile.
+#[test]
+fn an_identity_request_waits_for_the_interactions_it_depends_on() {
+    let decode = |topic: InputTopic, records: &[String], partition: i32| {
+        let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let out = BatchDecoder::new(topic).decode(&slices);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        RowsBatch { partition: vec![partition; out.batch.num_rows()], batch: out.batch }
+    };
+    let entry = |n: u32, reporter: &str, peer: &str, ts: i64| {
+        format!(r#"{{"id":"00000000-0000-4000-8000-3{n:011}","reporter":"{reporter}","peer":"{peer}","kind":"proximity","ts":{ts}}}"#)
+    };
+    let t = T0 + 600_000;
+    let request = format!(r#"{{"id":"00000000-0000-4000-8000-200000000002","ts":{t},"device":"{A}","min_verified":3}}"#);
+    let cfg = EngineConfig {
+        cross_check: crate::crosscheck::CrossCheckConfig { max_wait_ms: 60_000, ..Default::default() },
+        ..Default::default()
+    };
+    let mut e = Engine::new(cfg.clone());
+    e.set_interactions_partitions(2);
+    let requests = MicroBatch { identity_requests: Some(decode(InputTopic::IdentityRequests, &[request], 0)), ..Default::default() };
+    e.process(&requests, T0);
+    assert_eq!(e.identity_requests_held(), 1);
+
+    // Held across a checkpoint and a restart.
+    let cp = e.checkpoint();
+    let mut e = Engine::new(cfg);
+    e.set_interactions_partitions(2);
+    e.restore(cp).unwrap();
+    assert_eq!(e.identity_requests_held(), 1);
+
+    // The interactions arrive: A met B three times, B reports them back. Partition 0 goes past the
+    // request, partition 1 has not yet: still held.
+    let mut records = Vec::new();
+    for i in 0..3 {
+        let ts = T0 + i64::from(i) * 60_000;
+        records.push(entry(i, A, B, ts));
+        records.push(entry(10 + i, B, A, ts + 5_000));
+    }
+    records.push(entry(20, B, "c0000000-0000-4000-8000-00000000000c", t + 1_000));
+    e.process(&MicroBatch { interactions: Some(decode(InputTopic::Interactions, &records, 0)), ..Default::default() }, T0 + 10);
+    assert!(e.take_identity_results().is_empty(), "partition 1 has not reached the request");
+    let late = [entry(30, "c0000000-0000-4000-8000-00000000000c", B, t)];
+    e.process(&MicroBatch { interactions: Some(decode(InputTopic::Interactions, &late, 1)), ..Default::default() }, T0 + 20);
+    let results = e.take_identity_results();
+    assert_eq!(results.len(), 1);
+    assert_eq!((results[0].outcome, results[0].checked, results[0].verified), (meshguard_schemas::Outcome::Confirmed, 3, 3));
+    assert_eq!(e.identity_requests_held(), 0);
 }
 
 #[test]
