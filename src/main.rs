@@ -389,6 +389,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     } else if !cfg.sql.live_attempts {
         sources.attempts = None;
     }
+    let sources = sql::with_audit(sources, &cfg, None);
     let surface = SqlSurface::new(&sources).await.context("setting up the SQL surface")?;
     let mut _pg = None;
     if !cfg.sql.pg_listen.is_empty() {

@@ -16,17 +16,27 @@ use crate::config::Config;
 /// `meshguard sql`: runs one query over the archive in `archive` (default `archive.dir`) and
 /// prints the result. Sees the files the workers have closed (at every checkpoint).
 pub async fn cli(cfg: &Config, query: &str, format: Format, archive: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    // `--archive DIR` names another archive: its audit trail is the one beside it.
+    let audit = archive.as_ref().map(|dir| dir.join("audit"));
     let dir = archive.unwrap_or_else(|| cfg.archive.dir.clone());
     if !dir.is_dir() {
         anyhow::bail!("no archive at {} (set --archive DIR or archive.dir to the folder `meshguard run` writes)", dir.display());
     }
-    let surface = SqlSurface::new(&SqlSources { archive_dir: dir, ..Default::default() }).await.context("opening the archive")?;
+    let sources = with_audit(SqlSources { archive_dir: dir, ..Default::default() }, cfg, audit);
+    let surface = SqlSurface::new(&sources).await.context("opening the archive")?;
     let (schema, batches) = surface.query(query).await?;
     let bytes = render(format, &schema, &batches)?;
     let mut out = std::io::stdout().lock();
     out.write_all(&bytes)?;
     out.flush()?;
     Ok(())
+}
+
+/// `sources` with the enforcer's audit trail as the `audit` table: `dir`, or `enforcer.audit.dir`
+/// (which defaults to `<archive.dir>/audit`).
+pub fn with_audit(sources: SqlSources, cfg: &Config, dir: Option<std::path::PathBuf>) -> SqlSources {
+    let dir = dir.or_else(|| cfg.enforcer.audit.dir.clone()).unwrap_or_else(|| sources.archive_dir.join("audit"));
+    sources.with_audit(dir, meshguard_enforcer::audit_schema())
 }
 
 /// `POST /api/sql` body when sent as JSON; a plain-text body is the query itself.

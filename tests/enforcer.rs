@@ -457,6 +457,11 @@ fn spawn_enforcer(
     Command::new(env!("CARGO_BIN_EXE_meshguard"))
         .args(["enforce", "--brokers", &broker.bootstrap(), "--config"])
         .arg(&config)
+        // Static membership, as the README advises: the restarted enforcer takes the killed one's
+        // place in the group at once. (tansu 0.6 never expires a killed dynamic member: it stays
+        // in the group, and the range assignor gives it the partitions whenever its member id
+        // sorts first, so the restart would wait forever.)
+        .env("MESHGUARD_KAFKA__INSTANCE_ID", "crash-test")
         .env("MESHGUARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -623,4 +628,16 @@ async fn a_killed_enforcer_restarts_and_changes_nothing_a_consumer_can_see() {
             "mosquitto call {id} audited"
         );
     }
+    // The same trail as the SQL surface's `audit` table (`--archive DIR` reads `DIR/audit`): every
+    // action's state change, its id as text.
+    let sql = "SELECT count(DISTINCT action_id) AS n, count(*) AS m FROM audit WHERE event = 'state_change'";
+    let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["sql", sql, "--format", "csv", "--archive"])
+        .arg(dir.path())
+        .env("MESHGUARD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state_changes = rows.iter().filter(|r| r.0 == "state_change").count();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("n,m\n{},{state_changes}\n", all.len()));
 }

@@ -61,6 +61,14 @@ const ATTEMPTS_VIEW: &str = r#"CREATE VIEW attempts AS SELECT
     encrypted, protocol, broker
   FROM attempts_raw"#;
 
+/// `audit`: the enforcer's audit trail (state changes it applied, calls it made to each target),
+/// UUIDs and enums as text.
+const AUDIT_VIEW: &str = r#"CREATE VIEW audit AS SELECT
+    ts, CAST(event AS VARCHAR) AS event, uuid_text(uuid) AS uuid, uuid_text(action_id) AS action_id,
+    CAST(action AS VARCHAR) AS action, CAST(state AS VARCHAR) AS state, since, until, reason, "partition", "offset",
+    target, attempt, CAST(outcome AS VARCHAR) AS outcome, error, started, latency_us
+  FROM audit_raw"#;
+
 /// `enforcement_current`: each UUID's latest enforcement change, i.e. its state now.
 const ENFORCEMENT_CURRENT_VIEW: &str = r#"CREATE VIEW enforcement_current AS
   SELECT ts, uuid, state, since, until, reason, attempts, findings FROM (
@@ -80,6 +88,9 @@ pub struct SqlSources {
     pub attempts: Option<Arc<LiveRows>>,
     /// The pipeline's registry.
     pub devices: Option<Arc<Devices>>,
+    /// The enforcer's audit trail: its folder (`enforcer.audit.dir`) and the schema of its files
+    /// (`meshguard_enforcer::audit_schema()`). Without it there is no `audit` table.
+    pub audit: Option<(PathBuf, SchemaRef)>,
 }
 
 impl SqlSources {
@@ -91,7 +102,15 @@ impl SqlSources {
             enforcement: Some(Arc::new(LiveRows::new())),
             attempts: Some(Arc::new(LiveRows::new())),
             devices: Some(Arc::new(Devices::new())),
+            audit: None,
         }
+    }
+
+    /// With the enforcer's audit trail in `dir` (files of `schema`) as the `audit` table.
+    #[must_use]
+    pub fn with_audit(mut self, dir: PathBuf, schema: SchemaRef) -> Self {
+        self.audit = Some((dir, schema));
+        self
     }
 
     /// The devices snapshot file.
@@ -154,6 +173,11 @@ impl SqlSurface {
         )?;
         ctx.register_table("devices", Arc::new(DevicesTable::new(sources.devices.clone(), sources.devices_snapshot())))?;
         ctx.sql(ATTEMPTS_VIEW).await?.collect().await?;
+        if let Some((dir, schema)) = &sources.audit {
+            // The enforcer writes these files; only closed ones are read (no live rows here).
+            ctx.register_table("audit_raw", Arc::new(ArchiveTable::new(dir.clone(), schema.clone(), None)))?;
+            ctx.sql(AUDIT_VIEW).await?.collect().await?;
+        }
         ctx.sql(ENFORCEMENT_CURRENT_VIEW).await?.collect().await?;
         Ok(Self { ctx: Arc::new(ctx) })
     }

@@ -193,7 +193,59 @@ async fn results_render_in_every_format() {
     let _ = rows[0].column(0).len();
 }
 
-/// The README's ten canned queries run as written (on tables with a few rows).
+/// Audit rows as the enforcer writes them: `uuid`'s state change to blocked and two calls of it,
+/// one applied and one failed.
+fn audit_rows(uuid: Uuid, ts: i64) -> arrow::record_batch::RecordBatch {
+    use meshguard_enforcer::audit::{AuditRow, to_batch};
+    let state = EnforcementState {
+        uuid,
+        state: EnforcementStateKind::Blocked,
+        since: ts - 1_000,
+        until: Some(ts + 3_600_000),
+        reason: "5 unauthorized attempts in 10 min".into(),
+        attempts: 5,
+        findings: vec![Uuid::from_u128(1)],
+    };
+    let action = meshguard_enforcer::EnforcementAction::new(state);
+    let change = AuditRow::state_change(&action, 3, 42, ts);
+    let applied = AuditRow::target_call(&change, "mosquitto", 1, "applied", None, ts, std::time::Duration::from_millis(2));
+    let failed = AuditRow::target_call(&change, "soc", 1, "failed", Some("HTTP 503: busy".into()), ts, std::time::Duration::from_millis(9));
+    to_batch(&[change, applied, failed]).unwrap()
+}
+
+/// The enforcer's audit trail is the `audit` table: UUIDs and enums as text, closed files only.
+#[tokio::test]
+async fn the_audit_trail_is_a_table_with_text_uuids_and_enums() {
+    let dir = tempfile::tempdir().unwrap();
+    let uuid = Uuid::from_u128(0xB10C);
+    let batch = audit_rows(uuid, DAY_MS);
+    write_file(dir.path(), "audit", "2025-11-24", "part-w-enforcer-1-000001.parquet", &batch);
+    write_file(dir.path(), "audit", "2025-11-24", ".part-w-enforcer-1-000002.parquet.tmp", &batch);
+    let sources = SqlSources::live(dir.path()).with_audit(dir.path().join("audit"), meshguard_enforcer::audit_schema());
+    let surface = SqlSurface::new(&sources).await.unwrap();
+
+    assert_eq!(count(&surface, "SELECT count(*) FROM audit").await, 3, "the temporary file is not read");
+    let (schema, batches) = surface
+        .query("SELECT uuid, action, state, target, outcome, error, \"offset\" FROM audit WHERE event = 'target_call' ORDER BY target")
+        .await
+        .unwrap();
+    let json = String::from_utf8(render(Format::Json, &schema, &batches).unwrap()).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    // (JSON output leaves out null columns: the applied call has no `error`.)
+    let want = |target: &str, outcome: &str| {
+        serde_json::json!({"uuid": uuid.to_string(), "action": "block", "state": "blocked", "target": target,
+            "outcome": outcome, "offset": 42})
+    };
+    let mut failed = want("soc", "failed");
+    failed["error"] = "HTTP 503: busy".into();
+    assert_eq!(rows, serde_json::json!([want("mosquitto", "applied"), failed]));
+
+    // Without the trail's folder given, there is no such table.
+    let plain = SqlSurface::new(&SqlSources::live(dir.path())).await.unwrap();
+    assert!(plain.query("SELECT * FROM audit").await.unwrap_err().to_string().contains("audit"));
+}
+
+/// The README's ten canned queries (and the audit trail's) run as written (on tables with a few rows).
 #[tokio::test]
 async fn the_readme_queries_run() {
     let readme = include_str!("../../../README.md");
@@ -202,16 +254,20 @@ async fn the_readme_queries_run() {
     let block = &block[block.find("```sql").unwrap() + 6..];
     let block = &block[..block.find("```").unwrap()];
     let statements: Vec<&str> = block.split(';').map(str::trim).filter(|s| !s.is_empty()).collect();
-    assert_eq!(statements.len(), 10, "{block}");
+    assert_eq!(statements.len(), 11, "{block}");
 
     let dir = tempfile::tempdir().unwrap();
-    let sources = SqlSources::live(dir.path());
     let now = chrono::Utc::now().timestamp_millis();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    write_file(dir.path(), "audit", &today, "part-w-enforcer-1-000001.parquet", &audit_rows(Uuid::from_u128(0xB10C), now));
+    let sources = SqlSources::live(dir.path()).with_audit(dir.path().join("audit"), meshguard_enforcer::audit_schema());
     sources.findings.as_ref().unwrap().push(1, tables::findings_batch(&[finding(1, now), finding(2, now)]).unwrap());
     let surface = SqlSurface::new(&sources).await.unwrap();
-    for sql in statements {
+    for sql in &statements {
         if let Err(e) = surface.query(sql).await {
             panic!("README query fails: {e}\n{sql}");
         }
     }
+    let (_, failed) = surface.query(statements[10]).await.unwrap();
+    assert_eq!(failed.iter().map(|b| b.num_rows()).sum::<usize>(), 1, "the failed call to soc");
 }
