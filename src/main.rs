@@ -390,6 +390,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
         sources.attempts = None;
     }
     let sources = sql::with_audit(sources, &cfg, None);
+    let audit_live = sources.audit_live.clone();
     let surface = SqlSurface::new(&sources).await.context("setting up the SQL surface")?;
     let mut _pg = None;
     if !cfg.sql.pg_listen.is_empty() {
@@ -417,7 +418,12 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     // The enforcer service, in-process: its own consumer group, on this runtime.
     let enforcer = if cfg.enforcer.enabled {
         match EnforcerService::start(cfg.enforcer.clone(), &kafka, cfg.topics.clone(), &registry).await {
-            Ok(service) => Some(tokio::spawn(service.run(stopped(stop_rx.clone())))),
+            Ok(mut service) => {
+                if let Some(live) = &audit_live {
+                    service.share_audit_rows(live.clone());
+                }
+                Some(tokio::spawn(service.run(stopped(stop_rx.clone()))))
+            }
             Err(e) => {
                 stop.store(true, Ordering::Relaxed);
                 if let Some(sim) = simulator {

@@ -15,14 +15,17 @@
 //! never carry credentials).
 //!
 //! # Files
-//! Rows are buffered in memory and written by [`AuditLog::flush`]: one file per UTC date of the
-//! rows' `ts`, written under a hidden temporary name, fsynced, renamed to its final name, and its
-//! folder fsynced, so a `part-*.parquet` file is always complete. The service flushes before every
-//! offset commit (and at shutdown, and whenever `max_rows_per_file` rows are buffered): the rows
-//! of every record a commit covers are in closed files before the commit is sent. Names are
-//! `part-<writer>-<run>-<sequence>.parquet` as in the attempt archive: `writer` is the
-//! `kafka.instance_id` with `-enforcer` (`enforcer` when unset), `run` the start time and a random
-//! suffix. At start the log deletes temporary files its own `writer` left (a crash).
+//! The files are the attempt archive's ([`ParquetArchive`], one discipline for every table): rows
+//! are appended to one open file per UTC date of their `ts`, under a hidden temporary name, and
+//! [`AuditLog::flush`] closes them: fsync, rename to the final name, folder fsync, so a
+//! `part-*.parquet` file is always complete. While a file is open its rows are shown to a live
+//! reader if one is set ([`AuditLog::set_live`]: the SQL surface of `meshguard run`), and taken
+//! back as the rename publishes them. The service flushes before every offset commit (and at
+//! shutdown, and whenever `max_rows_per_file` rows are open): the rows of every record a commit
+//! covers are in closed files before the commit is sent. Names are
+//! `part-<writer>-<run>-<sequence>.parquet`: `writer` is the `kafka.instance_id` with `-enforcer`
+//! (`enforcer` when unset), `run` the start time and a random suffix. At start the log deletes
+//! temporary files its own `writer` left (a crash).
 //!
 //! # Duplicates
 //! A crash loses the buffered rows of records the enforcer had not committed, and the restarted
@@ -35,8 +38,6 @@
 //! `date=` folders more than `retention_days` before today (UTC) are deleted at start and then at
 //! most once an hour, at a flush.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,13 +48,11 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt8Type};
 use arrow::record_batch::RecordBatch;
-use chrono::{DateTime, NaiveDate};
+use chrono::NaiveDate;
+use meshguard_ingest::archive::{ArchiveConfig, ArchiveMetrics, ClosedFile, LiveRows, ParquetArchive};
 use meshguard_schemas::EnforcementStateKind;
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use serde::Deserialize;
-use tracing::{debug, info};
+use tracing::info;
 use uuid::Uuid;
 
 use crate::action::{ActionKind, EnforcementAction};
@@ -317,42 +316,25 @@ pub fn to_batch(rows: &[AuditRow]) -> Result<RecordBatch> {
     RecordBatch::try_new(audit_schema(), columns).map_err(arrow)
 }
 
-/// Milliseconds in a UTC day.
-const MS_PER_DAY: i64 = 86_400_000;
 /// Time between two retention passes.
 const RETENTION_EVERY_MS: i64 = 3_600_000;
 
-/// The audit trail's writer; see the module documentation.
+/// The audit trail's writer; see the module documentation. The files are the attempt archive's
+/// ([`ParquetArchive`]): same names, same temporary-then-rename discipline, same retention.
 pub struct AuditLog {
-    config: AuditConfig,
-    /// The folder.
-    dir: PathBuf,
-    schema: SchemaRef,
-    props: WriterProperties,
-    /// `part-<writer>-<run>-`.
-    prefix: String,
-    /// `.part-<writer>-`: this writer's temporary files, whatever the run.
-    tmp_prefix: String,
-    sequence: u64,
-    /// Buffered rows by UTC day of their `ts`.
-    rows: BTreeMap<i64, Vec<AuditRow>>,
+    archive: ParquetArchive,
+    /// Rows appended since the last flush: in open files, not yet durable.
     buffered: usize,
+    max_rows: usize,
+    /// The first append that failed since the last flush: the next flush reports it.
+    failed: Option<Error>,
     last_retention_ms: i64,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("dir", &self.dir).field("buffered", &self.buffered).finish_non_exhaustive()
+        f.debug_struct("AuditLog").field("dir", &self.archive.root()).field("buffered", &self.buffered).finish_non_exhaustive()
     }
-}
-
-/// A file the audit log closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClosedFile {
-    /// Its final path.
-    pub path: PathBuf,
-    /// Rows in it.
-    pub rows: usize,
 }
 
 impl AuditLog {
@@ -361,171 +343,89 @@ impl AuditLog {
     pub fn open(config: &AuditConfig, writer: &str, now_ms: i64) -> Result<Self> {
         config.validate()?;
         let dir = config.dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_DIR));
-        fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
-        let writer = sanitize(writer);
-        let run = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
-        let prefix = format!("part-{writer}-{run}-{:08x}-", Uuid::new_v4().as_u128() as u32);
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-        let mut this = Self {
-            config: config.clone(),
-            dir,
-            schema: audit_schema(),
-            props,
-            prefix,
-            tmp_prefix: format!(".part-{writer}-"),
-            sequence: 0,
-            rows: BTreeMap::new(),
-            buffered: 0,
-            last_retention_ms: i64::MIN,
+        let archive_config = ArchiveConfig {
+            enabled: true,
+            dir: dir.clone(),
+            max_rows_per_file: config.max_rows_per_file,
+            retention_days: config.retention_days,
+            ..ArchiveConfig::default()
         };
-        let removed = this.remove_stale_temporaries()?;
-        if removed > 0 {
-            info!(message = "Removed temporary audit files of an interrupted run.", files = removed, dir = %this.dir.display());
-        }
+        // The archive metrics (`table="audit"`) are left out: in `meshguard run` the pipeline
+        // registers the archive's collectors in the same registry.
+        let metrics = ArchiveMetrics::unregistered().map_err(|e| Error::Metrics(e.to_string()))?;
+        let archive = ParquetArchive::open_at(&archive_config, dir.clone(), "audit", audit_schema(), Some(writer), now_ms, &metrics)
+            .map_err(archive_error("opening", &dir))?;
+        let mut this = Self { archive, buffered: 0, max_rows: config.max_rows_per_file, failed: None, last_retention_ms: i64::MIN };
         this.apply_retention(now_ms)?;
         Ok(this)
     }
 
+    /// Shows the rows of the open files to `live` (the SQL surface's `audit` table), and takes
+    /// them back as their files close, so a reader sees each row once.
+    pub fn set_live(&mut self, live: Arc<LiveRows>) {
+        self.archive.set_live(live);
+    }
+
     /// The audit folder.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.archive.root()
     }
 
-    /// Buffers one row; it is durable once [`flush`](Self::flush) returned.
+    /// Appends one row to its date's open file; it is durable once [`flush`](Self::flush)
+    /// returned. A failure here is reported by the next flush.
     pub fn push(&mut self, row: AuditRow) {
-        self.rows.entry(row.ts.div_euclid(MS_PER_DAY)).or_default().push(row);
-        self.buffered += 1;
+        let appended = to_batch(std::slice::from_ref(&row))
+            .and_then(|batch| self.archive.append(&batch).map_err(archive_error("writing", self.archive.root())));
+        match appended {
+            Ok(()) => self.buffered += 1,
+            Err(error) => {
+                self.failed.get_or_insert(error);
+            }
+        }
     }
 
-    /// Rows buffered, not yet in a closed file.
+    /// Rows appended, not yet in a closed file.
     pub fn buffered(&self) -> usize {
         self.buffered
     }
 
-    /// Whether the buffer reached `max_rows_per_file`.
-    pub fn is_full(&self) -> bool {
-        self.buffered >= self.config.max_rows_per_file
+    /// Whether a flush has something to do: rows to make durable, or a failed push to report.
+    pub fn has_pending(&self) -> bool {
+        self.buffered > 0 || self.failed.is_some()
     }
 
-    /// Writes every buffered row to closed files (one per date), and applies retention at most
-    /// once an hour. When this returns `Ok`, every row pushed so far is in a complete, fsynced
-    /// `part-*.parquet` file. On an error the rows of the dates not yet written stay buffered.
+    /// Whether the open files hold `max_rows_per_file` rows.
+    pub fn is_full(&self) -> bool {
+        self.buffered >= self.max_rows
+    }
+
+    /// Closes every open file (one per date), and applies retention at most once an hour. When
+    /// this returns `Ok`, every row pushed so far is in a complete, fsynced `part-*.parquet` file.
+    /// Fails if a push failed since the last flush (that row is not written).
     pub fn flush(&mut self, now_ms: i64) -> Result<Vec<ClosedFile>> {
-        let mut closed = Vec::with_capacity(self.rows.len());
-        while let Some((day, rows)) = self.rows.pop_first() {
-            match self.write(day, &rows) {
-                Ok(file) => {
-                    self.buffered -= rows.len();
-                    closed.push(file);
-                }
-                Err(error) => {
-                    self.rows.insert(day, rows);
-                    return Err(error);
-                }
-            }
+        if let Some(error) = self.failed.take() {
+            return Err(error);
         }
+        let closed = self.archive.close_all().map_err(archive_error("closing files in", self.archive.root()))?;
+        self.buffered = 0;
         if now_ms.saturating_sub(self.last_retention_ms) >= RETENTION_EVERY_MS {
             self.apply_retention(now_ms)?;
         }
         Ok(closed)
     }
 
-    /// Writes one date's rows: temporary name, fsync, rename, folder fsync.
-    fn write(&mut self, day: i64, rows: &[AuditRow]) -> Result<ClosedFile> {
-        let date = DateTime::from_timestamp_millis(day * MS_PER_DAY).unwrap_or_default().date_naive();
-        let folder = self.dir.join(format!("date={}", date.format("%Y-%m-%d")));
-        if !folder.exists() {
-            fs::create_dir_all(&folder).map_err(io_error("creating", &folder))?;
-            sync_dir(&self.dir)?;
-        }
-        self.sequence += 1;
-        let name = format!("{}{:06}.parquet", self.prefix, self.sequence);
-        let tmp = folder.join(format!(".{name}.tmp"));
-        let path = folder.join(&name);
-        let batch = to_batch(rows)?;
-        let parquet = |e: parquet::errors::ParquetError| Error::Audit { what: "writing", path: tmp.clone(), reason: e.to_string() };
-        let out = File::create(&tmp).map_err(io_error("creating", &tmp))?;
-        let mut writer = ArrowWriter::try_new(out, self.schema.clone(), Some(self.props.clone())).map_err(parquet)?;
-        writer.write(&batch).map_err(parquet)?;
-        let out = writer.into_inner().map_err(parquet)?;
-        out.sync_all().map_err(io_error("syncing", &tmp))?;
-        drop(out);
-        fs::rename(&tmp, &path).map_err(io_error("renaming", &tmp))?;
-        sync_dir(&folder)?;
-        debug!(message = "Closed an audit file.", rows = rows.len(), path = %path.display());
-        Ok(ClosedFile { path, rows: rows.len() })
-    }
-
     /// Deletes the `date=` folders more than `retention_days` before the UTC date of `now_ms`.
     fn apply_retention(&mut self, now_ms: i64) -> Result<Vec<NaiveDate>> {
         self.last_retention_ms = now_ms;
-        let today = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().date_naive();
-        let Some(oldest_kept) = today.checked_sub_days(chrono::Days::new(u64::from(self.config.retention_days))) else {
-            return Ok(Vec::new());
-        };
-        let root = &self.dir;
-        let mut deleted = Vec::new();
-        for entry in fs::read_dir(root).map_err(io_error("listing", root))? {
-            let entry = entry.map_err(io_error("listing", root))?;
-            let name = entry.file_name();
-            let Some(date) =
-                name.to_str().and_then(|n| n.strip_prefix("date=")).and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-            else {
-                continue;
-            };
-            let buffered =
-                self.rows.keys().any(|day| DateTime::from_timestamp_millis(day * MS_PER_DAY).map(|d| d.date_naive()) == Some(date));
-            if date >= oldest_kept || buffered {
-                continue;
-            }
-            let path = entry.path();
-            fs::remove_dir_all(&path).map_err(io_error("deleting", &path))?;
-            deleted.push(date);
-        }
+        let deleted = self.archive.apply_retention(now_ms).map_err(archive_error("applying retention in", self.archive.root()))?;
         if !deleted.is_empty() {
-            sync_dir(root)?;
-            deleted.sort();
-            info!(message = "Deleted audit folders past retention.", folders = deleted.len(), retention_days = self.config.retention_days);
+            info!(message = "Deleted audit folders past retention.", folders = deleted.len());
         }
         Ok(deleted)
     }
-
-    /// Deletes this writer's temporary files in every date folder.
-    fn remove_stale_temporaries(&self) -> Result<usize> {
-        let root = &self.dir;
-        let mut removed = 0;
-        for folder in fs::read_dir(root).map_err(io_error("listing", root))? {
-            let folder = folder.map_err(io_error("listing", root))?.path();
-            if !folder.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&folder).map_err(io_error("listing", &folder))? {
-                let entry = entry.map_err(io_error("listing", &folder))?;
-                let name = entry.file_name();
-                let Some(name) = name.to_str() else { continue };
-                if name.starts_with(&self.tmp_prefix) && name.ends_with(".tmp") {
-                    let path = entry.path();
-                    fs::remove_file(&path).map_err(io_error("deleting", &path))?;
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
-    }
 }
 
-/// `name` with every character but ASCII letters, digits, `_` and `.` replaced by `_` (as the
-/// attempt archive): a writer name cannot escape the folder nor hold the `-` that ends it.
-fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '_' }).collect()
-}
-
-/// Makes a folder's entries (created, renamed or deleted files) durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("syncing", dir))
-}
-
-fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+fn archive_error(what: &'static str, path: &Path) -> impl FnOnce(meshguard_ingest::Error) -> Error {
     let path = path.to_owned();
     move |cause| Error::Audit { what, path, reason: cause.to_string() }
 }
@@ -540,7 +440,9 @@ mod tests {
     use super::*;
     use crate::action::test_support::blocked_action;
 
-    const DAY: i64 = MS_PER_DAY;
+    use std::fs::{self, File};
+
+    const DAY: i64 = 86_400_000;
     /// 2026-11-24T17:03:10Z.
     const NOW: i64 = 1_795_539_790_000;
 
@@ -618,6 +520,23 @@ mod tests {
         assert!(root.join("date=2026-11-24/.part-other-20261124T000000000Z-0-000001.parquet.tmp").exists(), "another writer's");
         assert!(!root.join("date=2026-11-01").exists(), "past retention");
         assert!(root.join("date=2026-11-23").exists() && root.join("notes/keep.txt").exists());
+    }
+
+    /// Rows pushed are visible to a live reader until their file closes, then only in the file.
+    #[test]
+    fn live_rows_are_shown_until_their_file_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(&config(dir.path()), "enforcer", NOW).unwrap();
+        let live = Arc::new(LiveRows::new());
+        log.set_live(live.clone());
+        let change = AuditRow::state_change(&blocked_action(), 0, 7, NOW);
+        log.push(change.clone());
+        log.push(AuditRow::target_call(&change, "soc", 1, "applied", None, NOW, Duration::from_millis(1)));
+        assert!(log.has_pending());
+        assert_eq!(live.rows(), 2, "the open file's rows");
+        let closed = log.flush(NOW).unwrap();
+        assert_eq!((live.rows(), closed.len(), closed[0].rows), (0, 1, 2), "moved to the closed file");
+        assert!(!log.has_pending());
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct SqlSources {
     /// The enforcer's audit trail: its folder (`enforcer.audit.dir`) and the schema of its files
     /// (`meshguard_enforcer::audit_schema()`). Without it there is no `audit` table.
     pub audit: Option<(PathBuf, SchemaRef)>,
+    /// Live rows of the audit trail's open files (an enforcer in the same process).
+    pub audit_live: Option<Arc<LiveRows>>,
 }
 
 impl SqlSources {
@@ -103,6 +105,7 @@ impl SqlSources {
             attempts: Some(Arc::new(LiveRows::new())),
             devices: Some(Arc::new(Devices::new())),
             audit: None,
+            audit_live: Some(Arc::new(LiveRows::new())),
         }
     }
 
@@ -174,8 +177,8 @@ impl SqlSurface {
         ctx.register_table("devices", Arc::new(DevicesTable::new(sources.devices.clone(), sources.devices_snapshot())))?;
         ctx.sql(ATTEMPTS_VIEW).await?.collect().await?;
         if let Some((dir, schema)) = &sources.audit {
-            // The enforcer writes these files; only closed ones are read (no live rows here).
-            ctx.register_table("audit_raw", Arc::new(ArchiveTable::new(dir.clone(), schema.clone(), None)))?;
+            // Written by the enforcer: with its live rows when it runs in this process.
+            ctx.register_table("audit_raw", Arc::new(ArchiveTable::new(dir.clone(), schema.clone(), sources.audit_live.clone())))?;
             ctx.sql(AUDIT_VIEW).await?.collect().await?;
         }
         ctx.sql(ENFORCEMENT_CURRENT_VIEW).await?.collect().await?;

@@ -255,7 +255,9 @@ pub struct EnforcerService {
     limiter: NotificationLimiter,
     metrics: EnforcerMetrics,
     /// The audit trail; `None` when `enforcer.audit.enabled = false`.
-    audit: Option<AuditLog>,
+    /// In a mutex only so the service is `Sync` (the Parquet writer is not): every use has
+    /// `&mut self` and takes it with `get_mut`, never locking.
+    audit: Option<std::sync::Mutex<AuditLog>>,
     progress: BTreeMap<(String, i32), Progress>,
     /// Notices sent since the last commit: (partition of their finding, its offset, delivery).
     deliveries: Vec<(i32, i64, DeliveryFuture)>,
@@ -314,7 +316,7 @@ impl EnforcerService {
         metrics.registry_entries.set(owners.len() as i64);
         let audit = if config.audit.enabled {
             let writer = kafka.instance_id.as_deref().map_or_else(|| String::from("enforcer"), |id| format!("{id}-enforcer"));
-            Some(blocking(|| AuditLog::open(&config.audit, &writer, now_ms()))?)
+            Some(std::sync::Mutex::new(blocking(|| AuditLog::open(&config.audit, &writer, now_ms()))?))
         } else {
             None
         };
@@ -372,7 +374,7 @@ impl EnforcerService {
             if !batch.is_empty() {
                 self.handle(std::mem::take(&mut batch)).await;
             }
-            let audit_full = self.audit.as_ref().is_some_and(AuditLog::is_full);
+            let audit_full = self.audit.as_mut().is_some_and(|a| audit_log(a).is_full());
             if audit_full || last_commit.elapsed() >= interval {
                 self.commit(CommitMode::Async).await?;
                 last_commit = Instant::now();
@@ -460,10 +462,18 @@ impl EnforcerService {
         done
     }
 
+    /// Shows the audit trail's rows to `live` while their files are open (the SQL surface's
+    /// `audit` table in `meshguard run`). Without an audit trail, nothing.
+    pub fn share_audit_rows(&mut self, live: Arc<meshguard_ingest::archive::LiveRows>) {
+        if let Some(audit) = &mut self.audit {
+            audit_log(audit).set_live(live);
+        }
+    }
+
     /// Buffers an audit row (durable at the next commit's flush).
     fn audit(&mut self, row: AuditRow) {
         if let Some(audit) = &mut self.audit {
-            audit.push(row);
+            audit_log(audit).push(row);
         }
     }
 
@@ -596,8 +606,9 @@ impl EnforcerService {
         }
         // Every audit row of the records this commit covers is on disk before the commit is sent.
         if let Some(audit) = &mut self.audit
-            && audit.buffered() > 0
+            && audit_log(audit).has_pending()
         {
+            let audit = audit_log(audit);
             blocking(|| audit.flush(now_ms())).inspect_err(|error| {
                 error!(message = "Cannot write the audit trail; stopping without committing past it.", %error);
             })?;
@@ -678,6 +689,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// The audit log in its mutex, without locking (see `EnforcerService::audit`).
+fn audit_log(audit: &mut std::sync::Mutex<AuditLog>) -> &mut AuditLog {
+    audit.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

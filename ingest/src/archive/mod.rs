@@ -67,7 +67,7 @@ use arrow::datatypes::{DataType, Date32Type, SchemaRef, TimeUnit, TimestampMilli
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, NaiveDate};
-use meshguard_analytics::sql::LiveRows;
+pub use meshguard_analytics::sql::LiveRows;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
@@ -206,6 +206,24 @@ impl ParquetArchive {
         now_ms: i64,
         metrics: &ArchiveMetrics,
     ) -> Result<Self> {
+        if table.is_empty() || !table.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return Err(Error::ArchiveConfig { field: "table".into(), reason: format!("`{table}` is not a table name ([a-z0-9_]+)") });
+        }
+        Self::open_at(config, config.dir.join(table), table, schema, writer, now_ms, metrics)
+    }
+
+    /// As [`open`](Self::open), for a table whose folder is `root` rather than `<dir>/<table>`
+    /// (the enforcer's audit trail, whose folder is configured on its own); `table` labels its
+    /// metrics. `config.dir` is not used.
+    pub fn open_at(
+        config: &ArchiveConfig,
+        root: PathBuf,
+        table: &str,
+        schema: SchemaRef,
+        writer: Option<&str>,
+        now_ms: i64,
+        metrics: &ArchiveMetrics,
+    ) -> Result<Self> {
         if let Err((field, reason)) = config.validate() {
             return Err(Error::ArchiveConfig { field, reason });
         }
@@ -218,10 +236,6 @@ impl ParquetArchive {
                 });
             }
         }
-        if table.is_empty() || !table.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-            return Err(Error::ArchiveConfig { field: "table".into(), reason: format!("`{table}` is not a table name ([a-z0-9_]+)") });
-        }
-        let root = config.dir.join(table);
         fs::create_dir_all(&root).map_err(io_error("creating", &root))?;
         let writer = sanitize(writer.unwrap_or("meshguard"));
         let started = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
@@ -253,8 +267,13 @@ impl ParquetArchive {
     /// Hands every row written to an open file to `live` too, and takes it back when the file
     /// closes, so a reader of the folder and of `live` sees each row once (see [`LiveRows`]).
     pub fn with_live(mut self, live: Arc<LiveRows>) -> Self {
-        self.live = Some(live);
+        self.set_live(live);
         self
+    }
+
+    /// As [`with_live`](Self::with_live), on an archive already opened (before its first append).
+    pub fn set_live(&mut self, live: Arc<LiveRows>) {
+        self.live = Some(live);
     }
 
     /// The table's folder (`<dir>/<table>`).
