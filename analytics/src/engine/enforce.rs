@@ -336,4 +336,54 @@ mod tests {
             (EnforcementStateKind::Blocked, T0 + 40_000, Some(T0 + 40_000 + 3_600_000))
         );
     }
+
+    /// `cross_check_failed` findings count with the device type's thresholds too: a smart lock
+    /// (blocked at 2) whose identity is denied twice is blocked, with its type's reason.
+    #[test]
+    fn denied_identities_count_with_the_device_types_thresholds() {
+        let by_type = [("smart-lock".to_owned(), ThresholdOverrides { block_at: Some(2), ..Default::default() })];
+        let cfg = EngineConfig {
+            enforcement: EnforcementConfig { by_type: by_type.into_iter().collect(), ..Default::default() },
+            ..Default::default()
+        };
+        let mut e = Engine::new(cfg);
+        let decode = |topic: InputTopic, records: &[String]| {
+            let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+            let out = BatchDecoder::new(topic).decode(&slices);
+            assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+            RowsBatch { partition: vec![0; out.batch.num_rows()], batch: out.batch }
+        };
+        // The lock claims five calls with TARGET; TARGET reports messages with it at the same
+        // times (a kind mismatch): TARGET is available and confirms none.
+        let interactions: Vec<String> = (0..5i64)
+            .flat_map(|i| {
+                let ts = T0 + i * 1_000;
+                [
+                    format!(r#"{{"id":"00000000-0000-4000-8000-1{i:011}","reporter":"{LOCK}","peer":"{TARGET}","kind":"call","ts":{ts}}}"#),
+                    format!(
+                        r#"{{"id":"00000000-0000-4000-8000-3{i:011}","reporter":"{TARGET}","peer":"{LOCK}","kind":"message","ts":{ts}}}"#
+                    ),
+                ]
+            })
+            .collect();
+        let requests: Vec<String> = (1..=2)
+            .map(|n| format!(r#"{{"id":"00000000-0000-4000-8000-20000000000{n}","ts":{},"device":"{LOCK}"}}"#, T0 + 60_000 + n))
+            .collect();
+        let mb = MicroBatch {
+            registry: vec![registered(LOCK, Some("smart-lock")), registered(TARGET, None)],
+            interactions: Some(decode(InputTopic::Interactions, &interactions)),
+            identity_requests: Some(decode(InputTopic::IdentityRequests, &requests)),
+            ..Default::default()
+        };
+        let found = [e.process(&mb, T0), e.process(&MicroBatch::default(), T0 + 60_000)].concat();
+        let results = e.take_identity_results();
+        assert_eq!(results.iter().map(|r| r.outcome).collect::<Vec<_>>(), [meshguard_schemas::Outcome::Denied; 2]);
+        assert_eq!(found.iter().filter(|f| f.kind == meshguard_schemas::FindingKind::CrossCheckFailed).count(), 2);
+        let changes = e.take_enforcement();
+        assert_eq!(changes.len(), 1, "blocked at the second denial (the base threshold is 5): {changes:?}");
+        assert_eq!(
+            (changes[0].state, changes[0].since, changes[0].reason.as_str()),
+            (EnforcementStateKind::Blocked, T0 + 60_002, "2 unauthorized attempts in 10 minutes")
+        );
+    }
 }

@@ -219,12 +219,14 @@ impl Engine {
         }
         let record = self.registry.get(&offender, ts).and_then(|r| r.as_deref());
         let (registered, exempt) = (record.is_some(), record.is_some_and(|r| r.record.exempt));
+        // `[enforcement.by_type]`: the device's type decides, as for its message attempts.
+        let thresholds = self.cfg.enforcement.thresholds(record.and_then(|r| r.record.device_type.as_deref()));
         let o = state.enforcement.entry(offender).or_default();
-        if let Some(status) = o.count(&self.cfg.enforcement, ts, 1, &[id], registered, exempt) {
+        if let Some(status) = o.count(thresholds, ts, 1, &[id], registered, exempt) {
             if let crate::enforcement::Status::Blocked { until, .. } = status {
                 state.timers.insert((until, offender));
             }
-            let rec = o.record(offender, &self.cfg.enforcement, ts);
+            let rec = o.record(offender, thresholds, ts);
             self.enforcement_view.insert(offender, status);
             self.enforcement_out.push(rec);
             self.stats.enforcement_changes += 1;
