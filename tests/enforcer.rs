@@ -641,3 +641,115 @@ async fn a_killed_enforcer_restarts_and_changes_nothing_a_consumer_can_see() {
     let state_changes = rows.iter().filter(|r| r.0 == "state_change").count();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("n,m\n{},{state_changes}\n", all.len()));
 }
+
+/// `meshguard enforce` with no target (notifications only), metrics on `metrics_port`.
+fn spawn_notifier(broker: &Broker, metrics_port: u16, dir: &std::path::Path, name: &str) -> Child {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[enforcer]\ncommit_interval_ms = 200\n\n[enforcer.audit]\ndir = \"{audit}\"\n",
+            audit = dir.join(format!("audit-{name}")).display(),
+        ),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["enforce", "--brokers", &broker.bootstrap(), "--config"])
+        .arg(&config)
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Partitions of the findings topic assigned to the enforcer whose metrics are on `port`.
+fn findings_assigned(port: u16) -> f64 {
+    metric(port, "meshguard_enforcer_assigned_partitions", &["topic=\"findings\""])
+}
+
+/// Two enforcers share the findings; one leaves, and the other takes its partitions over with
+/// the notices the first published: a finding 30 s after a notified one is held back whoever
+/// notified it (at most one notice per recipient, offender and kind per minute across the group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enforcer_taking_over_partitions_knows_the_notices_of_the_one_that_left() {
+    const DEVICES: u32 = 12;
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    produce(&broker.bootstrap(), "meshguard.registry.v1", &registry()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port_a, port_b) = (free_port(), free_port());
+    let a = spawn_notifier(&broker, port_a, dir.path(), "a");
+    let b = spawn_notifier(&broker, port_b, dir.path(), "b");
+    let mut b = KillOnDrop(Some(b));
+    let mut a = KillOnDrop(Some(a));
+    // Both in the group, the findings partitions split between them.
+    let deadline = Instant::now() + WAIT;
+    while !(findings_assigned(port_a) >= 1.0
+        && findings_assigned(port_b) >= 1.0
+        && findings_assigned(port_a) + findings_assigned(port_b) == f64::from(PARTITIONS))
+    {
+        assert!(Instant::now() < deadline, "the two enforcers never shared the findings partitions");
+        // The pause between two probes of the endpoints, not a stand-in for the event.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Round one (each device's first finding): every recipient told, by whichever enforcer holds it.
+    let round = |j: usize| -> Vec<ProduceRecord> {
+        (0..DEVICES)
+            .map(|i| {
+                let (_, finding) = crash_findings(i).swap_remove(j);
+                (Some(crash_device(i).into_bytes()), Some(finding.to_string().into_bytes()), None)
+            })
+            .collect()
+    };
+    produce(&broker.bootstrap(), "meshguard.findings.v1", &round(0)).await.unwrap();
+    let first = 2 * DEVICES as usize;
+    assert_eq!(consume_all(&broker.bootstrap(), NOTIFICATIONS, first, WAIT).unwrap().len(), first);
+    let by_a = metric(port_a, "meshguard_notifications_total", &[]);
+    assert!(by_a > 0.0 && by_a < first as f64, "both enforcers notified some: a published {by_a} of {first}");
+
+    // A leaves; B takes every partition.
+    terminate(a.0.take().unwrap());
+    let deadline = Instant::now() + WAIT;
+    while findings_assigned(port_b) < f64::from(PARTITIONS) {
+        assert!(Instant::now() < deadline, "b never took the findings partitions over");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Rounds two (30 s later: held back) and three (60 s later: told again).
+    produce(&broker.bootstrap(), "meshguard.findings.v1", &[round(1), round(2)].concat()).await.unwrap();
+    let all = 4 * DEVICES as usize;
+    assert_eq!(consume_all(&broker.bootstrap(), NOTIFICATIONS, all, WAIT).unwrap().len(), all);
+    wait_for_metric(port_b, "meshguard_notifications_suppressed_total", &["kind=\"bad_credentials\""], f64::from(2 * DEVICES));
+    terminate(b.0.take().unwrap());
+    let published = consume_available(&broker.bootstrap(), NOTIFICATIONS, Duration::from_secs(2)).unwrap();
+    assert_eq!(published.len(), all, "no notice twice, none more");
+    let seen: BTreeSet<String> = published
+        .iter()
+        .map(|n| serde_json::from_slice::<Value>(n.payload.as_ref().unwrap()).unwrap()["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut want = BTreeSet::new();
+    for i in 0..DEVICES {
+        let findings = crash_findings(i);
+        for (finding, _) in [&findings[0], &findings[2]] {
+            for recipient in [TARGET, OWNER] {
+                let recipient = uuid::Uuid::parse_str(recipient).unwrap();
+                want.insert(meshguard_enforcer::service::notify::notification_id(finding, &recipient).to_string());
+            }
+        }
+    }
+    assert_eq!(seen, want, "the first and third finding of each device told, never the second");
+}
+
+/// Kills the child on drop (a failed assertion must not leave an enforcer running).
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! `/metrics`. Labels are bounded: target names (from configuration), results, finding kinds and
 //! topic roles; never a UUID.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every metric of the service.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub struct EnforcerMetrics {
     pub records: IntCounterVec,
     /// `meshguard_enforcer_registry_entries`.
     pub registry_entries: IntGauge,
+    /// `meshguard_enforcer_assigned_partitions{topic}` (`enforcement`, `findings`).
+    pub assigned: IntGaugeVec,
 }
 
 /// The `result` label values, as the README lists them.
@@ -56,17 +58,25 @@ impl EnforcerMetrics {
             &["topic"],
         )?;
         let registry_entries = IntGauge::new("meshguard_enforcer_registry_entries", "Registered UUIDs in the enforcer's owner table.")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 6] = [
+        let assigned = IntGaugeVec::new(
+            Opts::new(
+                "meshguard_enforcer_assigned_partitions",
+                "Partitions assigned to this enforcer in its consumer group, by topic (enforcement, findings).",
+            ),
+            &["topic"],
+        )?;
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
             Box::new(actions.clone()),
             Box::new(action_seconds.clone()),
             Box::new(notifications.clone()),
             Box::new(suppressed.clone()),
             Box::new(records.clone()),
             Box::new(registry_entries.clone()),
+            Box::new(assigned.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
         }
-        Ok(Self { actions, action_seconds, notifications, suppressed, records, registry_entries })
+        Ok(Self { actions, action_seconds, notifications, suppressed, records, registry_entries, assigned })
     }
 }

@@ -42,12 +42,13 @@ pub mod owners;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use meshguard_ingest::{KafkaConfig, Topics};
 use meshguard_schemas::output::{EnforcementState, Finding};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -248,7 +249,15 @@ pub struct EnforcerService {
     topics: Topics,
     targets: Vec<Box<dyn EnforcementTarget>>,
     dead_letters: Arc<dyn DeadLetterSink>,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<EnforcerContext>,
+    /// Assignments the consumer has received (from its context), and how many the notification
+    /// limiter has been built for: when a new assignment arrives, the limiter is rebuilt from the
+    /// notifications topic before the next finding, since a partition taken over from another
+    /// enforcer brings offenders whose recent notices this one did not publish.
+    assignments: Arc<AtomicU64>,
+    limiter_assignments: u64,
+    /// For the notifications topic's reads.
+    kafka: KafkaConfig,
     producer: FutureProducer,
     registry: RegistryReader,
     owners: OwnerTable,
@@ -291,7 +300,8 @@ impl EnforcerService {
             // Static membership in the enforcers' own group, apart from the detection worker's id.
             client.set("group.instance.id", format!("{id}-enforcer"));
         }
-        let consumer: StreamConsumer = client
+        let assignments = Arc::new(AtomicU64::new(0));
+        let consumer: StreamConsumer<EnforcerContext> = client
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -301,7 +311,11 @@ impl EnforcerService {
             .set("fetch.wait.max.ms", "20")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "2000")
-            .create()
+            .create_with_context(EnforcerContext {
+                assignments: assignments.clone(),
+                enforcement_topic: topics.enforcement.clone(),
+                assigned: metrics.assigned.clone(),
+            })
             .map_err(Error::kafka("creating the enforcer's consumer"))?;
         consumer
             .subscribe(&[&topics.enforcement, &topics.findings])
@@ -320,7 +334,11 @@ impl EnforcerService {
         } else {
             None
         };
-        let limiter = blocking(|| seeded_limiter(&config, kafka, &topics.notifications));
+        let mut limiter = NotificationLimiter::new(config.notification_interval_ms);
+        blocking(|| seed_limiter(&mut limiter, &config, kafka, &topics.notifications));
+        // The first assignment comes after this read, but nothing is missed in between that a
+        // read at the assignment would see: this enforcer holds nothing yet, and the others'
+        // notices of the last moments are read again at the next assignment.
         info!(
             message = "Enforcer started.",
             group_id = %config.group_id,
@@ -330,6 +348,9 @@ impl EnforcerService {
         );
         Ok(Self {
             limiter,
+            assignments,
+            limiter_assignments: 1,
+            kafka: kafka.clone(),
             config,
             topics,
             targets,
@@ -397,6 +418,13 @@ impl EnforcerService {
         }
         if findings.is_empty() {
             return;
+        }
+        // A new assignment may bring offenders another enforcer notified: their notices first.
+        let assignments = self.assignments.load(Ordering::Acquire);
+        if assignments > self.limiter_assignments {
+            let (limiter, config, kafka, topic) = (&mut self.limiter, &self.config, &self.kafka, &self.topics.notifications);
+            blocking(|| seed_limiter(limiter, config, kafka, topic));
+            self.limiter_assignments = assignments;
         }
         // Registry changes published before these findings apply to them.
         {
@@ -657,12 +685,12 @@ fn notification_lookback(config: &EnforcerConfig) -> Duration {
     Duration::from_millis(config.notification_interval_ms.saturating_mul(2)) + Duration::from_secs(600)
 }
 
-/// The notification limiter, seeded with the notices at the tail of the notifications topic (see
-/// [`notify`]); empty, with a warning, when the topic cannot be read.
-fn seeded_limiter(config: &EnforcerConfig, kafka: &KafkaConfig, topic: &str) -> NotificationLimiter {
-    let mut limiter = NotificationLimiter::new(config.notification_interval_ms);
+/// Seeds `limiter` with the notices at the tail of the notifications topic (see [`notify`]): at
+/// start, and again at each new assignment. Leaves it as it is, with a warning, when the topic
+/// cannot be read.
+fn seed_limiter(limiter: &mut NotificationLimiter, config: &EnforcerConfig, kafka: &KafkaConfig, topic: &str) {
     if !config.notifications || config.notification_interval_ms == 0 {
-        return limiter;
+        return;
     }
     let client = format!("{}-notifications", config.group_id);
     let read = read_notification_tail(kafka, topic, &client, notification_lookback(config), KAFKA_TIMEOUT, |payload, event_ts| {
@@ -672,9 +700,45 @@ fn seeded_limiter(config: &EnforcerConfig, kafka: &KafkaConfig, topic: &str) -> 
     });
     match read {
         Ok(read) => info!(message = "Notification limiter rebuilt from the notifications topic.", notices = read, keys = limiter.len()),
-        Err(error) => warn!(message = "Cannot read the notifications topic's tail; the limiter starts empty.", %error),
+        Err(error) => warn!(message = "Cannot read the notifications topic's tail; the limiter keeps what it has.", %error),
     }
-    limiter
+}
+
+/// The enforcer consumer's context: counts the assignments it receives (see
+/// `EnforcerService::assignments`). Runs on the consumer's poll, before any message of the new
+/// assignment is handed out.
+struct EnforcerContext {
+    assignments: Arc<AtomicU64>,
+    /// The enforcement topic's name: every other assigned topic is the findings topic.
+    enforcement_topic: String,
+    assigned: prometheus::IntGaugeVec,
+}
+
+impl EnforcerContext {
+    /// Adds `sign` × the partitions of `list` to the assignment gauge, by topic role.
+    fn count(&self, list: &TopicPartitionList, sign: i64) {
+        for element in list.elements() {
+            let role = if element.topic() == self.enforcement_topic { "enforcement" } else { "findings" };
+            self.assigned.with_label_values(&[role]).add(sign);
+        }
+    }
+}
+
+impl rdkafka::ClientContext for EnforcerContext {}
+
+impl ConsumerContext for EnforcerContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                self.count(partitions, 1);
+                if partitions.count() > 0 {
+                    self.assignments.fetch_add(1, Ordering::Release);
+                }
+            }
+            Rebalance::Revoke(partitions) => self.count(partitions, -1),
+            Rebalance::Error(_) => {}
+        }
+    }
 }
 
 /// The wall clock, in Unix milliseconds (audit rows' processing times).
