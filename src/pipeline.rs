@@ -70,6 +70,7 @@ pub struct PipelineMetrics {
     identity_results: IntCounterVec,
     consumer_lag: IntGauge,
     duplicates: IntCounter,
+    timing_model_version: IntGauge,
     state: StateGauges,
 }
 
@@ -197,7 +198,9 @@ impl PipelineMetrics {
             "meshguard_duplicate_findings_total",
             "Findings not published again because one with the same id was already (a replay after a restart or rebalance).",
         )?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let timing_model_version =
+            IntGauge::new("meshguard_timing_model_version", "Version of the trained timing model the worker scores with (0: none yet).")?;
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
@@ -208,6 +211,7 @@ impl PipelineMetrics {
             Box::new(identity_results.clone()),
             Box::new(consumer_lag.clone()),
             Box::new(duplicates.clone()),
+            Box::new(timing_model_version.clone()),
         ];
         for c in collectors {
             registry.register(c)?;
@@ -234,6 +238,7 @@ impl PipelineMetrics {
             identity_results,
             consumer_lag,
             duplicates,
+            timing_model_version,
             state: StateGauges::new(registry)?,
         })
     }
@@ -374,6 +379,7 @@ impl Pipeline {
         } else {
             None
         };
+        metrics.timing_model_version.set(model.as_ref().map_or(0, |m| i64::try_from(m.version).unwrap_or(i64::MAX)));
         engine.set_timing_model(model);
         let mut pipeline = Self {
             cfg,
@@ -471,6 +477,7 @@ impl Pipeline {
             // A model trained in the background takes over between micro-batches.
             if let Some(model) = self.trainer.as_ref().and_then(crate::train::Trainer::poll) {
                 info!(message = "Timing model swapped in.", version = model.version, keys = model.len());
+                self.metrics.timing_model_version.set(i64::try_from(model.version).unwrap_or(i64::MAX));
                 self.engine.set_timing_model(Some(model));
             }
             if last_checkpoint.elapsed() >= interval {

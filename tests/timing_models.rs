@@ -175,3 +175,91 @@ fn meshguard_train_trains_from_an_archive_directory_and_versions_its_models() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected an RFC 3339 time"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The background trainer inside `meshguard run`: with no model yet it trains at once from the
+/// archive, the worker swaps the model in between micro-batches (`meshguard_timing_model_version`
+/// says which), and an off-hours attempt of the trained pair is then judged by it, through the
+/// real broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_trainer_swaps_a_model_in_and_the_worker_scores_with_it() {
+    use meshguard_testkit::{Broker, ProduceRecord, consume_all, create_topics, produce};
+    let broker = Broker::start().unwrap();
+    let topics: Vec<(&str, i32, bool)> = [
+        "meshguard.messages.v1",
+        "meshguard.presence.v1",
+        "meshguard.interactions.v1",
+        "meshguard.identity-requests.v1",
+        "meshguard.findings.v1",
+        "meshguard.notifications.v1",
+        "meshguard.identity-results.v1",
+        "meshguard.deadletter.v1",
+    ]
+    .into_iter()
+    .map(|t| (t, 1, false))
+    .chain([("meshguard.registry.v1", 1, true), ("meshguard.enforcement.v1", 1, true)])
+    .collect();
+    create_topics(&broker.bootstrap(), &topics).await.unwrap();
+    let registry: Vec<ProduceRecord> = [A, B]
+        .iter()
+        .map(|u| (Some(u.as_bytes().to_vec()), Some(format!(r#"{{"uuid":"{u}","kind":"device"}}"#).into_bytes()), Some(MONDAY)))
+        .collect();
+    produce(&broker.bootstrap(), "meshguard.registry.v1", &registry).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    archive(&dir.path().join("archive"), &weekday_mornings(), 50);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
+        .env("MESHGUARD_ARCHIVE__DIR", dir.path().join("archive"))
+        .env("MESHGUARD_ARCHIVE__RETENTION_DAYS", "36500")
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_DIR", dir.path().join("checkpoints"))
+        .env("MESHGUARD_TIMING__HORIZON_DAYS", "90")
+        .env("MESHGUARD_TIMING__TRAIN_EVERY_S", "3600")
+        .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
+        .env("MESHGUARD_ENFORCER__ENABLED", "false")
+        .env("MESHGUARD_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The swap, as the worker reports it.
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let version = match client.get(format!("http://127.0.0.1:{port}/metrics")).send().await {
+            Ok(resp) => resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("meshguard_timing_model_version ").and_then(|v| v.trim().parse::<i64>().ok())),
+            Err(_) => None,
+        };
+        if version == Some(1) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker never swapped model v1 in (meshguard_timing_model_version = {version:?})");
+        }
+        // The pause between two probes of the endpoint, not a stand-in for the event.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(dir.path().join("models").join("timing-v1.bin").exists(), "saved beside the archive as version 1");
+
+    // Sunday 2026-11-22 03:12 UTC: the pair is only ever active on weekday mornings.
+    let sunday = MONDAY + 27 * DAY + 3 * HOUR + 12 * 60_000;
+    let off_hours = attempt(50_000, sunday, A, Some(B));
+    produce(&broker.bootstrap(), "meshguard.messages.v1", &[(Some(A.as_bytes().to_vec()), Some(off_hours.into_bytes()), Some(sunday))])
+        .await
+        .unwrap();
+    let findings = consume_all(&broker.bootstrap(), "meshguard.findings.v1", 1, std::time::Duration::from_secs(60));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    let findings = findings.unwrap();
+    let finding: serde_json::Value = serde_json::from_slice(findings[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((finding["kind"].as_str(), finding["offender"].as_str()), (Some("timing_anomaly"), Some(A)), "{finding}");
+    assert_eq!(finding["detail"]["trained_model"]["version"], 1, "judged by the swapped-in model: {finding}");
+    assert!(status.success(), "meshguard exited with {status}");
+}
