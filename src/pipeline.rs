@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use meshguard_analytics::enforcement::Status;
 use meshguard_analytics::sql::{SqlSources, tables};
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
-use meshguard_ingest::archive::{ATTEMPTS, ENFORCEMENT, FINDINGS};
+use meshguard_ingest::archive::{ATTEMPTS, ENFORCEMENT, FINDINGS, INTERACTIONS};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
 use meshguard_ingest::{ArchiveMetrics, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, ParquetArchive, Topics, assemble};
 use meshguard_schemas::output::Finding;
@@ -276,13 +276,14 @@ pub struct Pipeline {
 #[derive(Debug)]
 struct Archives {
     attempts: ParquetArchive,
+    interactions: ParquetArchive,
     findings: ParquetArchive,
     enforcement: ParquetArchive,
 }
 
 impl Archives {
-    fn all(&mut self) -> [&mut ParquetArchive; 3] {
-        [&mut self.attempts, &mut self.findings, &mut self.enforcement]
+    fn all(&mut self) -> [&mut ParquetArchive; 4] {
+        [&mut self.attempts, &mut self.interactions, &mut self.findings, &mut self.enforcement]
     }
 }
 
@@ -359,13 +360,14 @@ impl Pipeline {
             };
             let mut archives = Archives {
                 attempts: open(ATTEMPTS, InputTopic::Messages.schema(), &sql.attempts)?,
+                interactions: open(INTERACTIONS, InputTopic::Interactions.schema(), &sql.interactions)?,
                 findings: open(FINDINGS, tables::findings_schema(), &sql.findings)?,
                 enforcement: open(ENFORCEMENT, tables::enforcement_schema(), &sql.enforcement)?,
             };
             if !recovered.is_empty() {
                 archives.findings.append(&tables::findings_batch(&recovered)?).context("archiving recovered findings")?;
             }
-            info!(message = "Archiving attempts, findings and enforcement changes.", dir = %cfg.archive.dir.display());
+            info!(message = "Archiving attempts, interactions, findings and enforcement changes.", dir = %cfg.archive.dir.display());
             Some(archives)
         } else {
             None
@@ -556,6 +558,12 @@ impl Pipeline {
         // batch is published; the rows are durable at the next checkpoint (see the module docs).
         if let (Some(archive), Some(messages)) = (&mut self.archive, &assembled.batch.messages) {
             archive.attempts.append(&messages.batch).context("archiving attempts")?;
+        }
+        // Every worker reads the interactions topic in full, and archives what it reads (the
+        // cross-check's history, the SQL surface's `interactions`): with several workers each
+        // entry is in the archive once per worker, and the `interactions` view shows it once.
+        if let (Some(archive), Some(interactions)) = (&mut self.archive, &assembled.batch.interactions) {
+            archive.interactions.append(&interactions.batch).context("archiving interactions")?;
         }
         if let Some(devices) = &self.sql.devices
             && !assembled.batch.registry.is_empty()

@@ -791,6 +791,19 @@ async fn the_sql_surface_answers_over_psql_http_and_the_cli() {
     let (want, _) = expected(&records);
     let attempts = attempt_ids(&records);
     publish(&broker, &records).await;
+    // Interactions, one of them delivered twice (the table shows each entry once).
+    let reported: Vec<ProduceRecord> = (0..20u64)
+        .map(|i| {
+            let (reporter, peer) = ("a1000000-0000-4000-8000-000000000001", format!("b1000000-0000-4000-8000-{i:012}"));
+            let entry = serde_json::json!({"id": format!("e1000000-0000-4000-8000-{i:012}"), "reporter": reporter, "peer": peer,
+                "kind": "call", "ts": 1_795_539_600_000u64 + i * 1_000});
+            (Some(reporter.as_bytes().to_vec()), Some(entry.to_string().into_bytes()), None)
+        })
+        .collect();
+    let names = Topics::default();
+    produce(&broker.bootstrap(), names.input(InputTopic::Interactions), &reported).await.unwrap();
+    produce(&broker.bootstrap(), names.input(InputTopic::Interactions), &reported[..1]).await.unwrap();
+    let interactions = reported.len();
 
     let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pg_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -834,6 +847,8 @@ async fn the_sql_surface_answers_over_psql_http_and_the_cli() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(count("SELECT count(DISTINCT id) AS n FROM findings").await, want.len() as i64);
+    // The interactions the worker read, archived (open files' live rows here), each entry once.
+    assert_eq!(count("SELECT count(*) AS n FROM interactions").await, interactions as i64);
     let by_kind: BTreeSet<(String, i64)> = {
         let resp = client
             .post(&sql_url)
@@ -921,6 +936,7 @@ async fn the_sql_surface_answers_over_psql_http_and_the_cli() {
     };
     assert_eq!(cli("SELECT count(*) AS n FROM findings", "csv"), format!("n\n{}\n", want.len()));
     assert_eq!(cli("SELECT count(DISTINCT id) AS n FROM attempts", "csv"), format!("n\n{}\n", attempts.len()));
+    assert_eq!(cli("SELECT count(*) AS n FROM interactions", "csv"), format!("n\n{interactions}\n"));
     let table = cli("SELECT kind, count(*) AS n FROM findings GROUP BY kind ORDER BY kind", "table");
     assert!(table.contains("| kind") && table.contains("bad_credentials"), "{table}");
     let devices = cli("SELECT count(*) AS n FROM devices", "json");

@@ -50,6 +50,8 @@ pub mod folders {
     pub const FINDINGS: &str = "findings";
     /// Enforcement changes.
     pub const ENFORCEMENT: &str = "enforcement";
+    /// Reported interactions.
+    pub const INTERACTIONS: &str = "interactions";
     /// The devices snapshot's folder.
     pub const DEVICES: &str = "devices";
 }
@@ -69,6 +71,14 @@ const AUDIT_VIEW: &str = r#"CREATE VIEW audit AS SELECT
     target, attempt, CAST(outcome AS VARCHAR) AS outcome, error, started, latency_us
   FROM audit_raw"#;
 
+/// `interactions`: the devices' reported interactions, UUIDs and enums as text, each entry once
+/// (every worker archives the whole topic, and a restart may archive again what it read since
+/// its last checkpoint).
+const INTERACTIONS_VIEW: &str = r#"CREATE VIEW interactions AS SELECT
+    uuid_text(id) AS id, ts, uuid_text(reporter) AS reporter, uuid_text(peer) AS peer, CAST(kind AS VARCHAR) AS kind,
+    duration_s, access_point, location
+  FROM (SELECT *, row_number() OVER (PARTITION BY id ORDER BY ts) AS copy FROM interactions_raw) WHERE copy = 1"#;
+
 /// `enforcement_current`: each UUID's latest enforcement change, i.e. its state now.
 const ENFORCEMENT_CURRENT_VIEW: &str = r#"CREATE VIEW enforcement_current AS
   SELECT ts, uuid, state, since, until, reason, attempts, findings FROM (
@@ -86,6 +96,8 @@ pub struct SqlSources {
     pub enforcement: Option<Arc<LiveRows>>,
     /// Live rows of the open attempts files.
     pub attempts: Option<Arc<LiveRows>>,
+    /// Live rows of the open interactions files.
+    pub interactions: Option<Arc<LiveRows>>,
     /// The pipeline's registry.
     pub devices: Option<Arc<Devices>>,
     /// The enforcer's audit trail: its folder (`enforcer.audit.dir`) and the schema of its files
@@ -103,6 +115,7 @@ impl SqlSources {
             findings: Some(Arc::new(LiveRows::new())),
             enforcement: Some(Arc::new(LiveRows::new())),
             attempts: Some(Arc::new(LiveRows::new())),
+            interactions: Some(Arc::new(LiveRows::new())),
             devices: Some(Arc::new(Devices::new())),
             audit: None,
             audit_live: Some(Arc::new(LiveRows::new())),
@@ -176,6 +189,11 @@ impl SqlSurface {
         )?;
         ctx.register_table("devices", Arc::new(DevicesTable::new(sources.devices.clone(), sources.devices_snapshot())))?;
         ctx.sql(ATTEMPTS_VIEW).await?.collect().await?;
+        ctx.register_table(
+            "interactions_raw",
+            archive(folders::INTERACTIONS, meshguard_schemas::InputTopic::Interactions.schema(), &sources.interactions),
+        )?;
+        ctx.sql(INTERACTIONS_VIEW).await?.collect().await?;
         if let Some((dir, schema)) = &sources.audit {
             // Written by the enforcer: with its live rows when it runs in this process.
             ctx.register_table("audit_raw", Arc::new(ArchiveTable::new(dir.clone(), schema.clone(), sources.audit_live.clone())))?;

@@ -74,8 +74,10 @@ async fn a_query_sees_closed_files_and_live_rows_each_once() {
 #[tokio::test]
 async fn every_table_answers_even_with_no_archive_yet() {
     let dir = tempfile::tempdir().unwrap();
-    let surface = SqlSurface::new(&SqlSources { archive_dir: dir.path().join("nothing-here"), ..Default::default() }).await.unwrap();
-    for table in ["findings", "enforcement", "attempts", "devices"] {
+    let sources = SqlSources { archive_dir: dir.path().join("nothing-here"), ..Default::default() }
+        .with_audit(dir.path().join("nothing-here/audit"), meshguard_enforcer::audit_schema());
+    let surface = SqlSurface::new(&sources).await.unwrap();
+    for table in ["findings", "enforcement", "enforcement_current", "attempts", "interactions", "devices", "audit"] {
         assert_eq!(count(&surface, &format!("SELECT count(*) FROM {table}")).await, 0, "{table}");
     }
 }

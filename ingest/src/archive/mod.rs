@@ -94,6 +94,8 @@ pub const ATTEMPTS: &str = "attempts";
 pub const FINDINGS: &str = "findings";
 /// Folder of the enforcement changes.
 pub const ENFORCEMENT: &str = "enforcement";
+/// Folder of the devices' reported interactions (the cross-check's history).
+pub const INTERACTIONS: &str = "interactions";
 
 /// Counters of the archive by table (a fixed handful of label values), registered in the caller's
 /// Prometheus registry. They count closed files only: what a checkpoint can rely on.
