@@ -26,9 +26,11 @@
 //! before every commit, so a commit never covers a record whose rows are not on disk; a failure to
 //! write them stops the service (nothing more is committed).
 //!
-//! **Restarts.** At start the notification limiter is seeded from the tail of the notifications
+//! **Restarts and rebalances.** At each assignment of the group (the first included, before the
+//! first finding after it) the notification limiter is seeded from the tail of the notifications
 //! topic (each notice carries its finding's `event_ts` in the [`EVENT_TS_HEADER`] header), so the
-//! findings a restart replays are held back by the notices the previous run already published.
+//! findings a restart replays, or a partition taken over from another enforcer brings, are held
+//! back by the notices already published.
 //!
 //! This module owns the loop, the order of work and the commit rule. It must never compute
 //! enforcement state (the pipeline owns it), never call a target in dry run, and never log a
@@ -334,11 +336,9 @@ impl EnforcerService {
         } else {
             None
         };
-        let mut limiter = NotificationLimiter::new(config.notification_interval_ms);
-        blocking(|| seed_limiter(&mut limiter, &config, kafka, &topics.notifications));
-        // The first assignment comes after this read, but nothing is missed in between that a
-        // read at the assignment would see: this enforcer holds nothing yet, and the others'
-        // notices of the last moments are read again at the next assignment.
+        // Seeded from the notifications topic at each assignment, the first included (see `handle`):
+        // a read here would miss what the partitions' previous holder publishes until then.
+        let limiter = NotificationLimiter::new(config.notification_interval_ms);
         info!(
             message = "Enforcer started.",
             group_id = %config.group_id,
@@ -349,7 +349,7 @@ impl EnforcerService {
         Ok(Self {
             limiter,
             assignments,
-            limiter_assignments: 1,
+            limiter_assignments: 0,
             kafka: kafka.clone(),
             config,
             topics,
@@ -685,8 +685,8 @@ fn notification_lookback(config: &EnforcerConfig) -> Duration {
     Duration::from_millis(config.notification_interval_ms.saturating_mul(2)) + Duration::from_secs(600)
 }
 
-/// Seeds `limiter` with the notices at the tail of the notifications topic (see [`notify`]): at
-/// start, and again at each new assignment. Leaves it as it is, with a warning, when the topic
+/// Seeds `limiter` with the notices at the tail of the notifications topic (see [`notify`]), at
+/// each assignment of the enforcer's group, the first included. Leaves it as it is, with a warning, when the topic
 /// cannot be read.
 fn seed_limiter(limiter: &mut NotificationLimiter, config: &EnforcerConfig, kafka: &KafkaConfig, topic: &str) {
     if !config.notifications || config.notification_interval_ms == 0 {
