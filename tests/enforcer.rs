@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshguard_testkit::{Broker, Mosquitto, ProduceRecord, consume_all, consume_available, create_topics, produce};
+use meshguard_testkit::{Broker, KillOnDrop, Mosquitto, ProduceRecord, consume_all, consume_available, create_topics, produce};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet};
 use serde_json::Value;
 
@@ -354,6 +354,22 @@ fn crash_findings(i: u32) -> Vec<(uuid::Uuid, Value)> {
         .collect()
 }
 
+/// The ids of the notices the [`crash_findings`] of `devices` give: the first and the third
+/// finding of each, to the target and to its owner.
+fn expected_notices(devices: std::ops::Range<u32>) -> BTreeSet<String> {
+    let mut want = BTreeSet::new();
+    for i in devices {
+        let findings = crash_findings(i);
+        for (finding, _) in [&findings[0], &findings[2]] {
+            for recipient in [TARGET, OWNER] {
+                let recipient = uuid::Uuid::parse_str(recipient).unwrap();
+                want.insert(meshguard_enforcer::service::notify::notification_id(finding, &recipient).to_string());
+            }
+        }
+    }
+    want
+}
+
 /// The findings of a round of devices, on the findings topic.
 async fn produce_findings(broker: &Broker, devices: std::ops::Range<u32>) {
     let findings: Vec<ProduceRecord> = devices
@@ -602,17 +618,7 @@ async fn a_killed_enforcer_restarts_and_changes_nothing_a_consumer_can_see() {
         let v: Value = serde_json::from_slice(n.payload.as_ref().unwrap()).unwrap();
         assert!(seen.insert(v["id"].as_str().unwrap().to_owned()), "notice {} published twice: {v}", v["id"]);
     }
-    let mut want = BTreeSet::new();
-    for i in 0..CRASH_DEVICES {
-        let findings = crash_findings(i);
-        for (finding, _) in [&findings[0], &findings[2]] {
-            for recipient in [TARGET, OWNER] {
-                let recipient = uuid::Uuid::parse_str(recipient).unwrap();
-                want.insert(meshguard_enforcer::service::notify::notification_id(finding, &recipient).to_string());
-            }
-        }
-    }
-    assert_eq!(seen, want);
+    assert_eq!(seen, expected_notices(0..CRASH_DEVICES));
 
     // Audit: every state change, and a call of each target for every action.
     let rows = audit_rows(&dir.path().join("audit"));
@@ -729,27 +735,5 @@ async fn an_enforcer_taking_over_partitions_knows_the_notices_of_the_one_that_le
         .iter()
         .map(|n| serde_json::from_slice::<Value>(n.payload.as_ref().unwrap()).unwrap()["id"].as_str().unwrap().to_owned())
         .collect();
-    let mut want = BTreeSet::new();
-    for i in 0..DEVICES {
-        let findings = crash_findings(i);
-        for (finding, _) in [&findings[0], &findings[2]] {
-            for recipient in [TARGET, OWNER] {
-                let recipient = uuid::Uuid::parse_str(recipient).unwrap();
-                want.insert(meshguard_enforcer::service::notify::notification_id(finding, &recipient).to_string());
-            }
-        }
-    }
-    assert_eq!(seen, want, "the first and third finding of each device told, never the second");
-}
-
-/// Kills the child on drop (a failed assertion must not leave an enforcer running).
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    assert_eq!(seen, expected_notices(0..DEVICES), "the first and third finding of each device told, never the second");
 }

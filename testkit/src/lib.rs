@@ -548,3 +548,17 @@ mod tests {
         }
     }
 }
+
+/// A child process killed (SIGKILL) and reaped on drop, unless taken out before: a test that fails
+/// before stopping what it started properly leaves nothing running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
