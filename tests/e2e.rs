@@ -691,6 +691,53 @@ async fn manual_block_and_unblock_from_the_command_line() {
     terminate(child.0.take().unwrap());
 }
 
+/// The control API over HTTP: without the bearer token a request is refused; with it, a block is
+/// published on the control topic and applied by the pipeline like `meshguard block`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_block_needs_the_token_and_is_applied() {
+    let r = "a4000000-0000-4000-8000-000000000001";
+    let broker = Broker::start().unwrap();
+    setup(&broker).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["run", "--brokers", &broker.bootstrap(), "--quiet"])
+        .env("MESHGUARD_KAFKA__INSTANCE_ID", "e2e-http-worker-1")
+        .env("MESHGUARD_KAFKA__GROUP_ID", "e2e-http")
+        .env("MESHGUARD_PIPELINE__CHECKPOINT_DIR", state.path())
+        .env("MESHGUARD_ARCHIVE__DIR", state.path().join("archive"))
+        .env("MESHGUARD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MESHGUARD_HTTP__TOKEN", "s3cret-token")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
+        .env("MESHGUARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(Some(child));
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/api/block");
+    let body = serde_json::json!({"uuid": r, "for_s": 3600, "reason": "over http"});
+    // Wait for the listener (it starts before the pipeline is ready).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        match client.post(&url).json(&body).send().await {
+            Ok(resp) => break resp,
+            Err(_) if std::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("the HTTP listener never came up: {e}"),
+        }
+    };
+    assert_eq!(refused.status(), 401, "no token");
+    let wrong = client.post(&url).bearer_auth("guess").json(&body).send().await.unwrap();
+    assert_eq!(wrong.status(), 401, "wrong token");
+    let ok = client.post(&url).bearer_auth("s3cret-token").json(&body).send().await.unwrap();
+    assert_eq!(ok.status(), 202, "{:?}", ok.text().await);
+    let changes = consume_all(&broker.bootstrap(), "meshguard.enforcement.v1", 1, Duration::from_secs(60)).unwrap();
+    let v: Value = serde_json::from_slice(changes[0].payload.as_ref().unwrap()).unwrap();
+    assert_eq!((v["uuid"].as_str(), v["state"].as_str(), v["reason"].as_str()), (Some(r), Some("blocked"), Some("manual: over http")));
+    terminate(child.0.take().unwrap());
+}
+
 /// Runs `psql` (the real client) against `port` with `password`; `(success, stdout, stderr)`.
 fn psql(port: u16, password: &str, sql: &str) -> (bool, String, String) {
     let out = Command::new(std::env::var("MESHGUARD_PSQL_BIN").unwrap_or_else(|_| "psql".into()))
