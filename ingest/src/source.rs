@@ -312,17 +312,22 @@ impl std::fmt::Debug for TopicReader {
     }
 }
 
+/// A consumer for reading a topic by assigned positions, outside any group's assignment:
+/// `client` names it (`group.id`; nothing is committed), reads start from the earliest offset.
+pub fn reader_consumer(kafka: &KafkaConfig, client: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
+    kafka
+        .client_config()
+        .set("group.id", client)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+}
+
 impl TopicReader {
     /// A reader of `topic`; `client` names the client (`group.id`; nothing is committed).
     pub fn new(kafka: &KafkaConfig, topic: &str, client: &str) -> Result<Self> {
-        let consumer: BaseConsumer = kafka
-            .client_config()
-            .set("group.id", client)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
-            .create()
-            .map_err(Error::kafka(format!("creating the reader of {topic}")))?;
+        let consumer = reader_consumer(kafka, client).map_err(Error::kafka(format!("creating the reader of {topic}")))?;
         Ok(Self { consumer, topic: topic.to_owned() })
     }
 

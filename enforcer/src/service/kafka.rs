@@ -148,14 +148,8 @@ pub fn read_notification_tail(
     use rdkafka::message::Headers as _;
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", client)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "20")
-        .create()
-        .map_err(Error::kafka("creating the reader of the notifications topic"))?;
+    let consumer: BaseConsumer =
+        meshguard_ingest::source::reader_consumer(kafka, client).map_err(Error::kafka("creating the reader of the notifications topic"))?;
     let md = consumer.fetch_metadata(Some(topic), timeout).map_err(Error::kafka("reading metadata of the notifications topic"))?;
     // (partition, first offset to read, end): partitions with records only.
     let mut ranges: Vec<(i32, i64, i64)> = Vec::new();
