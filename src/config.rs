@@ -114,8 +114,13 @@ impl KafkaSection {
 pub struct PipelineSection {
     /// Most records in one micro-batch.
     pub batch_max_records: usize,
-    /// Longest wait to fill a micro-batch, ms.
+    /// Longest wait for a micro-batch's first record, ms (how often the loop turns when idle).
     pub batch_max_wait_ms: u64,
+    /// Once a micro-batch has records and nothing more is fetched yet, how long to wait for more
+    /// before judging it, ms. 0 (the default) judges what has arrived at once: batches then grow
+    /// with the load by themselves (what arrives while one batch is judged is the next batch), and
+    /// an attempt never waits for others. More trades latency for fewer, larger batches.
+    pub batch_linger_ms: u64,
     /// Largest accepted input record, bytes; larger ones are dead-lettered unread.
     pub max_record_bytes: usize,
     /// Time between checkpoints, ms.
@@ -136,6 +141,7 @@ impl Default for PipelineSection {
             // DESIGN.md: about 10,000 records / 50 ms.
             batch_max_records: 10_000,
             batch_max_wait_ms: 50,
+            batch_linger_ms: 0,
             max_record_bytes: meshguard_schemas::DEFAULT_MAX_RECORD_BYTES,
             checkpoint_interval_ms: 5_000,
             checkpoint_dir: PathBuf::from(".meshguard/checkpoints"),
@@ -256,9 +262,10 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> anyhow::Result<()> {
         let p = &self.pipeline;
-        let checks: [(bool, &str, String); 8] = [
+        let checks: [(bool, &str, String); 9] = [
             (p.batch_max_records > 0, "pipeline.batch_max_records", "must be at least 1".into()),
             (p.batch_max_wait_ms > 0, "pipeline.batch_max_wait_ms", "must be at least 1".into()),
+            (p.batch_linger_ms <= p.batch_max_wait_ms, "pipeline.batch_linger_ms", "must not exceed batch_max_wait_ms".into()),
             (p.max_record_bytes >= 64, "pipeline.max_record_bytes", "must be at least 64".into()),
             (p.checkpoint_interval_ms >= 100, "pipeline.checkpoint_interval_ms", "must be at least 100".into()),
             (self.engine.allowed_lateness_ms >= 0, "engine.allowed_lateness_ms", "must not be negative".into()),

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_enforcer;
+mod checkpointer;
 mod config;
 mod pipeline;
 mod quality;

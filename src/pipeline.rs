@@ -8,8 +8,10 @@
 //!    open archive file (fsynced and renamed into place), so the archive holds every attempt the
 //!    checkpoint will call consumed;
 //! 2. note the findings topic's end offsets in the engine (for the read-back on restore);
-//! 3. snapshot the engine and save it durably (state and input offsets together);
-//! 4. only then commit the same input offsets to the consumer group.
+//! 3. snapshot the engine and save it durably (state and input offsets together): the snapshot on
+//!    this thread, the write on the checkpoint thread while this one goes on (see
+//!    [`crate::checkpointer`]);
+//! 4. only then, once the write is durable, commit the same input offsets to the consumer group.
 //!
 //! On start: restore the checkpoint, read back the findings written after it (a crash may have
 //! left some) so the replay does not repeat them, read the registry and presence to their end,
@@ -17,7 +19,8 @@
 //!
 //! After the checkpoint, archive folders past `archive.retention_days` are deleted.
 //!
-//! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes.
+//! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes (and,
+//! at a checkpoint, closing the archive files and one `ListOffsets` request).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +39,7 @@ use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTo
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{info, warn};
 
+use crate::checkpointer::{Checkpointer, Done};
 use crate::config::Config;
 
 /// How long Kafka admin and flush calls may take before the worker gives up.
@@ -64,6 +68,7 @@ pub struct PipelineMetrics {
     batch_seconds: Histogram,
     latency_seconds: Histogram,
     checkpoint_seconds: Histogram,
+    checkpoint_pause_seconds: Histogram,
     late_events: IntCounter,
     throttle_tightenings: IntCounter,
     enforcement_changes: IntCounterVec,
@@ -179,7 +184,18 @@ impl PipelineMetrics {
             .buckets(buckets.clone()),
         )?;
         let checkpoint_seconds = Histogram::with_opts(
-            HistogramOpts::new("meshguard_checkpoint_duration_seconds", "Time to flush, save and commit one checkpoint.").buckets(buckets),
+            HistogramOpts::new(
+                "meshguard_checkpoint_duration_seconds",
+                "From the start of a checkpoint (the flush) until it is durable and its offsets committed.",
+            )
+            .buckets(buckets.clone()),
+        )?;
+        let checkpoint_pause_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "meshguard_checkpoint_pause_seconds",
+                "Time the pipeline stops judging attempts for a checkpoint: flush, archive files closed, findings' end offsets, snapshot (the write runs on its own thread).",
+            )
+            .buckets(buckets),
         )?;
         let late_events = IntCounter::new("meshguard_late_events_total", "Events older than their partition's watermark on arrival.")?;
         let throttle_tightenings = IntCounter::new(
@@ -200,11 +216,12 @@ impl PipelineMetrics {
         )?;
         let timing_model_version =
             IntGauge::new("meshguard_timing_model_version", "Version of the trained timing model the worker scores with (0: none yet).")?;
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(findings.clone()),
             Box::new(batch_seconds.clone()),
             Box::new(latency_seconds.clone()),
             Box::new(checkpoint_seconds.clone()),
+            Box::new(checkpoint_pause_seconds.clone()),
             Box::new(late_events.clone()),
             Box::new(throttle_tightenings.clone()),
             Box::new(enforcement_changes.clone()),
@@ -232,6 +249,7 @@ impl PipelineMetrics {
             batch_seconds,
             latency_seconds,
             checkpoint_seconds,
+            checkpoint_pause_seconds,
             late_events,
             throttle_tightenings,
             enforcement_changes,
@@ -251,6 +269,7 @@ pub struct Pipeline {
     sink: Arc<KafkaSink>,
     engine: Engine,
     store: LocalCheckpointStore,
+    checkpointer: Checkpointer,
     /// The archive (`archive.enabled`): attempts, findings and enforcement changes, each also
     /// readable live by the SQL surface until its file closes.
     archive: Option<Archives>,
@@ -327,8 +346,12 @@ impl Pipeline {
         let sink = Arc::new(KafkaSink::new(kafka)?);
         // Before the group hands our partitions to another worker, every finding we produced must
         // be on the topic, so the next owner's read-back sees it and does not repeat it.
+        // And the checkpoint being written, if any, must be on disk before the next owner reads it.
+        let checkpointer = Checkpointer::start(store.clone()).context("starting the checkpoint thread")?;
         let revoke_sink = sink.clone();
+        let written = checkpointer.waiter();
         let on_revoke: RevokeHook = Arc::new(move || {
+            written.wait();
             if let Err(e) = revoke_sink.flush(KAFKA_TIMEOUT) {
                 warn!(message = "Flushing outputs before a rebalance failed; the next owner may repeat some.", error = %e);
             }
@@ -389,6 +412,7 @@ impl Pipeline {
             sink,
             engine,
             store,
+            checkpointer,
             archive,
             sql,
             devices_written: (0, None),
@@ -419,7 +443,7 @@ impl Pipeline {
         info!(message = "Global tables loaded.", records = n, registered = pipeline.engine.registry_len());
         // A checkpoint before the first finding: it records where the findings topic ended, so a
         // crash before the first periodic checkpoint is still read back, not repeated.
-        pipeline.checkpoint()?;
+        pipeline.checkpoint_now()?;
         Ok(pipeline)
     }
 
@@ -427,12 +451,13 @@ impl Pipeline {
     pub fn run(mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         let max_records = self.cfg.pipeline.batch_max_records;
         let max_wait = Duration::from_millis(self.cfg.pipeline.batch_max_wait_ms);
+        let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let interval = Duration::from_millis(self.cfg.pipeline.checkpoint_interval_ms);
         let mut raw = RawBatch::default();
         let mut last_checkpoint = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             raw.clear();
-            self.source.poll(&mut raw, max_records, max_wait);
+            self.source.poll(&mut raw, max_records, max_wait, linger);
 
             self.apply_rebalance();
             // Manual overrides, in the control topic's order, before the batch is judged; only
@@ -482,15 +507,19 @@ impl Pipeline {
                 self.metrics.timing_model_version.set(i64::try_from(model.version).unwrap_or(i64::MAX));
                 self.engine.set_timing_model(Some(model));
             }
-            if last_checkpoint.elapsed() >= interval {
-                self.checkpoint()?;
-                if let Some(lag) = self.source.lag(Duration::from_secs(1)) {
+            if let Some(done) = self.checkpointer.try_done() {
+                self.finish_checkpoint(done?)?;
+            }
+            // Due, and the previous one written: otherwise it waits for a later turn.
+            if last_checkpoint.elapsed() >= interval && !self.checkpointer.in_flight() {
+                self.start_checkpoint()?;
+                if let Some(lag) = self.source.lag() {
                     self.metrics.consumer_lag.set(lag);
                 }
                 last_checkpoint = Instant::now();
             }
         }
-        self.checkpoint()?;
+        self.checkpoint_now()?;
         info!(message = "Stopped after a final checkpoint.");
         Ok(())
     }
@@ -637,8 +666,22 @@ impl Pipeline {
         Ok(())
     }
 
-    /// See the module docs for the protocol.
-    fn checkpoint(&mut self) -> anyhow::Result<()> {
+    /// A checkpoint written through: waits for the one in flight, if any, then takes one and waits
+    /// until it is durable and committed (at start and at stop).
+    fn checkpoint_now(&mut self) -> anyhow::Result<()> {
+        if let Some(done) = self.checkpointer.wait_done() {
+            self.finish_checkpoint(done?)?;
+        }
+        self.start_checkpoint()?;
+        match self.checkpointer.wait_done() {
+            Some(done) => self.finish_checkpoint(done?),
+            None => Ok(()),
+        }
+    }
+
+    /// Steps 1–3 of the protocol in the module docs, up to the snapshot; the checkpoint thread
+    /// writes it, and [`Pipeline::finish_checkpoint`] takes it from there.
+    fn start_checkpoint(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
         if let Some(archives) = &mut self.archive {
@@ -649,16 +692,25 @@ impl Pipeline {
         let ends = self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?;
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
         let cp = self.engine.checkpoint();
-        self.store.save(&cp).context("saving a checkpoint")?;
         let offsets: Vec<Position> = cp
             .partitions
             .iter()
             .filter(|(_, s)| s.next_offset > 0)
             .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
             .collect();
+        self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
+        self.checkpointer.submit(cp, offsets, started)
+    }
+
+    /// Step 4, once the checkpoint thread has written the checkpoint: commits its offsets (of the
+    /// partitions still ours), then archive retention and the gauges.
+    fn finish_checkpoint(&mut self, done: Done) -> anyhow::Result<()> {
+        done.result.context("saving a checkpoint")?;
         // The checkpoint is durable and says where each partition resumes; the committed offset
         // only mirrors it (for lag and for tools). A commit refused during a rebalance is retried
-        // by the next checkpoint, not a reason to stop.
+        // by the next checkpoint, not a reason to stop. A partition revoked while the checkpoint
+        // was written is no longer ours to commit: its next owner may be ahead already.
+        let offsets: Vec<Position> = done.offsets.into_iter().filter(|p| self.owned.contains(&(p.topic, p.partition))).collect();
         if let Err(e) = self.source.commit(&offsets) {
             warn!(message = "Committing offsets failed; the checkpoint stands.", error = %e);
         }
@@ -670,8 +722,13 @@ impl Pipeline {
             }
             self.write_devices_snapshot();
         }
+        tracing::debug!(
+            message = "Checkpoint durable.",
+            write_ms = done.write.as_millis() as u64,
+            ms = done.started.elapsed().as_millis() as u64
+        );
         self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.checkpoint_seconds.observe(done.started.elapsed().as_secs_f64());
         self.metrics.state.set(&self.engine, &self.owned);
         Ok(())
     }

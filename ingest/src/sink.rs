@@ -3,9 +3,10 @@
 //! is the durability point: when it returns `Ok`, every record sent before it is on the broker.
 //! The pipeline flushes before each checkpoint, so a checkpoint never claims output that was lost.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -21,6 +22,9 @@ struct DeliveryContext {
     failed: AtomicU64,
     delivered: AtomicU64,
     last_error: Mutex<Option<(String, String)>>,
+    /// Signalled after every delivery report, for [`KafkaSink::flush`].
+    reported: Condvar,
+    reported_lock: Mutex<()>,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -29,6 +33,7 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let _wake = Wake(&self.reported);
         match result {
             Ok(_) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -43,10 +48,23 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// Wakes the flushers when dropped, after the delivery is counted.
+struct Wake<'a>(&'a Condvar);
+
+impl Drop for Wake<'_> {
+    fn drop(&mut self) {
+        self.0.notify_all();
+    }
+}
+
 /// The output side of a worker. See the module docs.
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryContext>,
     kafka: KafkaConfig,
+    /// A consumer for end-offset queries (created on first use) and the partitions of each topic
+    /// asked about (from metadata, once).
+    offsets: OnceLock<BaseConsumer>,
+    partitions: Mutex<HashMap<String, Vec<i32>>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -65,7 +83,7 @@ impl KafkaSink {
             .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext::default())
             .map_err(Error::kafka("creating the producer"))?;
-        Ok(Self { producer, kafka: kafka.clone() })
+        Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default() })
     }
 
     /// Queues one record. When the producer's queue is full, waits for it to drain: a slow broker
@@ -90,7 +108,7 @@ impl KafkaSink {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     // Waits for in-flight deliveries, not a fixed time; returns early once drained.
-                    let _ = self.producer.flush(Duration::from_millis(100));
+                    self.wait_delivered(Duration::from_millis(100));
                 }
                 Err((e, _)) => {
                     return Err(Error::Kafka { context: format!("sending to {topic}"), cause: e });
@@ -102,7 +120,9 @@ impl KafkaSink {
     /// Waits until every queued record is delivered; fails if any delivery failed since the last
     /// flush (those records are lost to the broker, so the caller must not checkpoint past them).
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        self.producer.flush(timeout).map_err(Error::kafka("flushing the producer"))?;
+        if !self.wait_delivered(timeout) {
+            return Err(Error::Timeout { what: "flushing the producer".into(), after_ms: timeout.as_millis() as u64 });
+        }
         let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
         if failed > 0 {
             let (topic, last_error) = self.producer.context().last_error.lock().ok().and_then(|mut l| l.take()).unwrap_or_default();
@@ -111,24 +131,69 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Waits until no record is in flight (every delivery report served), at most `timeout`;
+    /// whether none is. The producer's own thread serves the reports and wakes this wait, so it
+    /// returns within a millisecond of the last one (rdkafka's `flush` on a `ThreadedProducer`
+    /// competes with that thread for the reports and wakes only every 100 ms).
+    fn wait_delivered(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let context = self.producer.context();
+        loop {
+            // The count includes a report being served; its callback wakes us once it is counted,
+            // and the count drops just after: a short re-check covers that gap.
+            if self.producer.in_flight_count() == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let guard = context.reported_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            drop(context.reported.wait_timeout(guard, left.min(Duration::from_millis(1))));
+        }
+    }
+
     /// Records delivered so far.
     pub fn delivered(&self) -> u64 {
         self.producer.context().delivered.load(Ordering::Relaxed)
     }
 
-    /// The end offset (high watermark) of every partition of `topic`.
+    /// The end offset (high watermark) of every partition of `topic`: one `ListOffsets` request
+    /// (the partitions are read from the metadata the first time a topic is asked about).
     pub fn end_offsets(&self, topic: &str, timeout: Duration) -> Result<Vec<(i32, i64)>> {
-        let client = self.producer.client();
-        let md = client.fetch_metadata(Some(topic), timeout).map_err(Error::kafka(format!("reading metadata of {topic}")))?;
-        let mut out = Vec::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                let (_, high) =
-                    client.fetch_watermarks(topic, p.id(), timeout).map_err(Error::kafka(format!("reading the end of {topic}")))?;
-                out.push((p.id(), high));
+        let consumer = match self.offsets.get() {
+            Some(c) => c,
+            None => {
+                let c: BaseConsumer = self
+                    .kafka
+                    .client_config()
+                    .set("group.id", "meshguard-end-offsets")
+                    .set("enable.auto.commit", "false")
+                    .create()
+                    .map_err(Error::kafka("creating the end-offset reader"))?;
+                self.offsets.get_or_init(|| c)
             }
+        };
+        let known = self.partitions.lock().ok().and_then(|p| p.get(topic).cloned());
+        let partitions = match known {
+            Some(p) => p,
+            None => {
+                let md = consumer.fetch_metadata(Some(topic), timeout).map_err(Error::kafka(format!("reading metadata of {topic}")))?;
+                let p: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+                if let Ok(mut known) = self.partitions.lock()
+                    && !p.is_empty()
+                {
+                    known.insert(topic.to_owned(), p.clone());
+                }
+                p
+            }
+        };
+        let mut query = rdkafka::TopicPartitionList::new();
+        for p in &partitions {
+            query.add_partition_offset(topic, *p, rdkafka::Offset::End).map_err(Error::kafka("building the end-offset query"))?;
         }
-        Ok(out)
+        let ends = consumer.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {topic}")))?;
+        Ok(ends.elements().iter().map(|e| (e.partition(), e.offset().to_raw().unwrap_or(0).max(0))).collect())
     }
 
     /// Reads `topic` from `from` (per-partition offsets; partitions not listed from the beginning)

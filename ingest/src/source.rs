@@ -12,6 +12,7 @@
 //!
 //! Payloads are copied once into a reused arena ([`TopicBuf`]): no allocation per record.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -179,14 +180,72 @@ struct GroupContext {
     resolver: OffsetResolver,
     on_revoke: RevokeHook,
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
+    /// Records of the assigned partitions not yet consumed, from librdkafka's last statistics
+    /// (-1 until the first).
+    lag: Arc<AtomicI64>,
 }
 
-impl ClientContext for GroupContext {}
+/// How often librdkafka reports the group consumer's statistics (the lag gauge's refresh).
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// The part of librdkafka's statistics the lag needs (the rest of the document is skipped).
+#[derive(serde::Deserialize)]
+struct LagStatistics {
+    #[serde(default)]
+    topics: std::collections::HashMap<String, LagTopic>,
+}
+
+#[derive(serde::Deserialize)]
+struct LagTopic {
+    #[serde(default)]
+    partitions: std::collections::HashMap<String, LagPartition>,
+}
+
+#[derive(serde::Deserialize)]
+struct LagPartition {
+    partition: i32,
+    desired: bool,
+    hi_offset: i64,
+    app_offset: i64,
+    committed_offset: i64,
+}
+
+/// Records not yet consumed, summed over the partitions the consumer wants (its assignment): the
+/// high watermark of the last fetch minus the next offset handed to the application (or, before
+/// the first record, the committed offset). Partitions whose watermark is not known yet count 0.
+fn lag_of(stats: &[u8]) -> Option<i64> {
+    let stats: LagStatistics = serde_json::from_slice(stats).ok()?;
+    let mut lag = 0;
+    for p in stats.topics.values().flat_map(|t| t.partitions.values()) {
+        if p.partition < 0 || !p.desired || p.hi_offset < 0 {
+            continue;
+        }
+        let at = if p.app_offset >= 0 { p.app_offset } else { p.committed_offset.max(0) };
+        lag += (p.hi_offset - at).max(0);
+    }
+    Some(lag)
+}
+
+impl ClientContext for GroupContext {
+    /// Statistics arrive in the pipeline's own `poll`, every [`STATISTICS_INTERVAL_MS`]: the lag
+    /// costs no request of its own (a per-partition watermark query took 400 ms per checkpoint).
+    fn stats_raw(&self, statistics: &[u8]) {
+        if let Some(lag) = lag_of(statistics) {
+            self.lag.store(lag, Ordering::Relaxed);
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if matches!(rebalance, Rebalance::Revoke(_)) {
             (self.on_revoke)();
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            warn!(message = "Committing offsets failed; the checkpoint stands, the next one commits again.", error = %e);
         }
     }
 
@@ -242,6 +301,7 @@ pub struct KafkaSource {
     enforcement: TopicReader,
     topics: Topics,
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
+    lag: Arc<AtomicI64>,
 }
 
 /// Reads `consumer`'s assignment up to where it ends now, handing every record to `visit`; returns
@@ -388,7 +448,8 @@ impl KafkaSource {
     /// Connects both consumers and subscribes the group consumer to the keyed topics.
     pub fn new(kafka: &KafkaConfig, topics: Topics, resolver: OffsetResolver, on_revoke: RevokeHook) -> Result<Self> {
         let events = Arc::new(Mutex::new(Vec::new()));
-        let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone() };
+        let lag = Arc::new(AtomicI64::new(-1));
+        let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone(), lag: lag.clone() };
         let mut config = kafka.client_config();
         if let Some(id) = &kafka.instance_id {
             config.set("group.instance.id", id);
@@ -403,6 +464,7 @@ impl KafkaSource {
             // A crashed worker's partitions move to the others after 10 s (Kafka's default is 45 s).
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "2000")
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             .create_with_context(context)
             .map_err(Error::kafka("creating the group consumer"))?;
         group.subscribe(&[&topics.messages, &topics.identity_requests]).map_err(Error::kafka("subscribing to the input topics"))?;
@@ -416,7 +478,7 @@ impl KafkaSource {
             .map_err(Error::kafka("creating the global-table consumer"))?;
         let control = TopicReader::new(kafka, &topics.control, &format!("{}-control", kafka.group_id))?;
         let enforcement = TopicReader::new(kafka, &topics.enforcement, &format!("{}-enforcement", kafka.group_id))?;
-        Ok(Self { group, global, control, enforcement, topics, events })
+        Ok(Self { group, global, control, enforcement, topics, events, lag })
     }
 
     /// Starts reading the control topic and the enforcement topic from their beginnings: every
@@ -480,9 +542,10 @@ impl KafkaSource {
         }
     }
 
-    /// Fills `out` with up to `max_records` records, waiting at most `max_wait` for them: first
-    /// whatever the global topics have (without waiting), then the keyed topics.
-    pub fn poll(&self, out: &mut RawBatch, max_records: usize, max_wait: Duration) {
+    /// Fills `out` with up to `max_records` records: first whatever the global topics have
+    /// (without waiting), then the keyed topics, waiting at most `max_wait` for their first record
+    /// and, after it, at most `linger` for more whenever nothing more is fetched.
+    pub fn poll(&self, out: &mut RawBatch, max_records: usize, max_wait: Duration, linger: Duration) {
         while out.len() < max_records {
             match self.global.poll(Duration::ZERO) {
                 Some(Ok(m)) => self.push(out, &m),
@@ -491,13 +554,20 @@ impl KafkaSource {
             }
         }
         // Take what is already fetched without waiting (and without reading the clock per record);
-        // only when the queue runs dry, wait for more until the batch's deadline.
-        let deadline = Instant::now() + max_wait;
+        // only when the queue runs dry, wait for more until the batch's deadline: `max_wait` with
+        // nothing in hand, `linger` after the first record of the group's topics.
+        let started = Instant::now();
+        let mut deadline = started + max_wait;
+        let mut first = true;
         let mut wait = Duration::ZERO;
         while out.len() < max_records {
             match self.group.poll(wait) {
                 Some(Ok(m)) => {
                     self.push(out, &m);
+                    if first {
+                        first = false;
+                        deadline = deadline.min(Instant::now() + linger);
+                    }
                     wait = Duration::ZERO;
                 }
                 Some(Err(e)) => warn!(message = "Consumer error.", error = %e),
@@ -517,7 +587,7 @@ impl KafkaSource {
         self.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default()
     }
 
-    /// Commits next offsets of the keyed topics' partitions to the group (synchronously). Call only
+    /// Commits next offsets of the keyed topics' partitions to the group (asynchronously). Call only
     /// after the checkpoint holding the same offsets is durable.
     pub fn commit(&self, positions: &[Position]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
@@ -531,19 +601,54 @@ impl KafkaSource {
         if tpl.count() == 0 {
             return Ok(());
         }
-        self.group.commit(&tpl, CommitMode::Sync).map_err(Error::kafka("committing offsets"))
+        // Asynchronous: the commit only mirrors a checkpoint that is already durable, and a round
+        // trip on the pipeline's thread would delay every attempt behind it. A failure is logged
+        // by the commit callback; the next checkpoint commits again.
+        self.group.commit(&tpl, CommitMode::Async).map_err(Error::kafka("committing offsets"))
     }
 
     /// Messages not yet consumed by this worker, summed over its partitions of the keyed topics
-    /// (high watermark minus position), for the lag metric.
-    pub fn lag(&self, timeout: Duration) -> Option<i64> {
-        let positions = self.group.position().ok()?;
-        let mut lag = 0;
-        for e in positions.elements() {
-            let (_, high) = self.group.fetch_watermarks(e.topic(), e.partition(), timeout).ok()?;
-            let pos = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
-            lag += (high - pos).max(0);
-        }
-        Some(lag)
+    /// (high watermark minus position), for the lag metric: librdkafka's latest statistics, so
+    /// reading it costs nothing; `None` until the first statistics arrive (within 5 s of polling).
+    pub fn lag(&self) -> Option<i64> {
+        Some(self.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::lag_of;
+
+    /// An excerpt of librdkafka's statistics for a consumer of two topics (fields it does not
+    /// read left in, as librdkafka sends them).
+    const STATS: &str = r#"{
+      "name": "rdkafka#consumer-1", "type": "consumer", "ts": 1, "brokers": {"127.0.0.1:9092/1": {"rtt": {"avg": 1}}},
+      "topics": {
+        "platform.messages.v1": {"topic": "platform.messages.v1", "partitions": {
+          "0": {"partition": 0, "desired": true, "hi_offset": 120, "app_offset": 100, "committed_offset": 90, "consumer_lag": 30},
+          "1": {"partition": 1, "desired": true, "hi_offset": 50, "app_offset": -1001, "committed_offset": 45, "consumer_lag": 5},
+          "2": {"partition": 2, "desired": false, "hi_offset": 500, "app_offset": -1001, "committed_offset": -1001, "consumer_lag": -1},
+          "-1": {"partition": -1, "desired": false, "hi_offset": -1, "app_offset": -1001, "committed_offset": -1001, "consumer_lag": -1}
+        }},
+        "platform.identity-requests.v1": {"topic": "platform.identity-requests.v1", "partitions": {
+          "0": {"partition": 0, "desired": true, "hi_offset": 7, "app_offset": -1001, "committed_offset": -1001, "consumer_lag": -1},
+          "1": {"partition": 1, "desired": true, "hi_offset": -1, "app_offset": -1001, "committed_offset": -1001, "consumer_lag": -1},
+          "2": {"partition": 2, "desired": true, "hi_offset": 9, "app_offset": 12, "committed_offset": 3, "consumer_lag": 0}
+        }}
+      }
+    }"#;
+
+    #[test]
+    fn lag_counts_the_assigned_partitions_from_the_next_offset_the_application_gets() {
+        // 120-100 (consumed) + 50-45 (committed, nothing consumed yet) + 7-0 (nothing committed);
+        // partition 2 of messages is not ours, the UA partition and an unknown watermark count
+        // nothing, and a position past a stale watermark is not negative lag.
+        assert_eq!(lag_of(STATS.as_bytes()), Some(20 + 5 + 7));
+    }
+
+    #[test]
+    fn statistics_without_topics_mean_no_lag_and_garbage_means_unknown() {
+        assert_eq!(lag_of(br#"{"name": "c", "type": "consumer"}"#), Some(0));
+        assert_eq!(lag_of(b"not json"), None);
     }
 }
