@@ -45,3 +45,30 @@ async fn catching_up_reads_the_global_topics_to_where_they_end_now() {
     assert_eq!(source.catch_up_globals(&mut raw, Duration::from_secs(30)).unwrap(), 0);
     assert!(raw.is_empty());
 }
+
+/// A micro-batch is handed over as soon as what has been fetched runs out (`linger` 0), however
+/// long `max_wait` is: an attempt never waits for others to fill its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_handed_over_when_the_fetched_records_run_out_not_at_max_wait() {
+    let broker = Broker::start().unwrap();
+    let topics = Topics::default();
+    create_topics(&broker.bootstrap(), &[(topics.messages.as_str(), 1, false), (topics.identity_requests.as_str(), 1, false)])
+        .await
+        .unwrap();
+    let record = |key: &str| (Some(key.as_bytes().to_vec()), Some(b"{}".to_vec()), Some(1_795_539_600_000));
+    produce(&broker.bootstrap(), &topics.messages, &[record("a"), record("b"), record("c")]).await.unwrap();
+
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let source = KafkaSource::new(&kafka, topics.clone(), Arc::new(|_, _| None), Arc::new(|| {})).unwrap();
+    let max_wait = Duration::from_secs(120);
+    let mut raw = RawBatch::default();
+    let started = std::time::Instant::now();
+    // The first poll joins the group and gets the partition; the records come in one fetch or a few.
+    while raw.topic(InputTopic::Messages).len() < 3 {
+        source.poll(&mut raw, 10_000, max_wait, Duration::ZERO);
+        assert!(started.elapsed() < max_wait, "the records never came");
+    }
+    // Joining the group takes seconds; waiting for the batch to fill would take `max_wait`.
+    assert!(started.elapsed() < max_wait / 4, "the batch waited for more records: {:?}", started.elapsed());
+    assert_eq!(raw.topic(InputTopic::Messages).offset, vec![0, 1, 2]);
+}
