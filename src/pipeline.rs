@@ -7,7 +7,9 @@
 //! 1. flush the producer: every finding and dead letter sent so far is on the broker; close every
 //!    open archive file (fsynced and renamed into place), so the archive holds every attempt the
 //!    checkpoint will call consumed;
-//! 2. note the findings topic's end offsets in the engine (for the read-back on restore);
+//! 2. note the findings topic's end offsets in the engine (for the read-back on restore): exact at
+//!    start and stop, otherwise lower bounds known without a round trip (see
+//!    `Pipeline::start_checkpoint`);
 //! 3. snapshot the engine and save it durably (state and input offsets together): the snapshot on
 //!    this thread, the write on the checkpoint thread while this one goes on (see
 //!    [`crate::checkpointer`]);
@@ -267,6 +269,9 @@ pub struct Pipeline {
     cfg: Config,
     source: KafkaSource,
     sink: Arc<KafkaSink>,
+    /// The findings topic's end offsets, as last read by the thread that asks the broker (see
+    /// [`FindingsEnds`]).
+    findings_ends: FindingsEnds,
     engine: Engine,
     store: LocalCheckpointStore,
     checkpointer: Checkpointer,
@@ -343,7 +348,7 @@ impl Pipeline {
         let resolver: OffsetResolver = Arc::new(move |topic, partition| {
             resolver_store.load_partition(&(topic, partition)).ok().flatten().map(|s| s.next_offset).filter(|o| *o > 0)
         });
-        let sink = Arc::new(KafkaSink::new(kafka)?);
+        let sink = Arc::new(KafkaSink::tracking_ends(kafka, &topics.findings)?);
         // Before the group hands our partitions to another worker, every finding we produced must
         // be on the topic, so the next owner's read-back sees it and does not repeat it.
         // And the checkpoint being written, if any, must be on disk before the next owner reads it.
@@ -406,9 +411,12 @@ impl Pipeline {
         };
         metrics.timing_model_version.set(model.as_ref().map_or(0, |m| i64::try_from(m.version).unwrap_or(i64::MAX)));
         engine.set_timing_model(model);
+        let findings_ends =
+            FindingsEnds::start(sink.clone(), topics.findings.clone(), Duration::from_millis(cfg.pipeline.checkpoint_interval_ms))?;
         let mut pipeline = Self {
             cfg,
             source,
+            findings_ends,
             sink,
             engine,
             store,
@@ -512,7 +520,7 @@ impl Pipeline {
             }
             // Due, and the previous one written: otherwise it waits for a later turn.
             if last_checkpoint.elapsed() >= interval && !self.checkpointer.in_flight() {
-                self.start_checkpoint()?;
+                self.start_checkpoint(false)?;
                 if let Some(lag) = self.source.lag() {
                     self.metrics.consumer_lag.set(lag);
                 }
@@ -666,13 +674,14 @@ impl Pipeline {
         Ok(())
     }
 
-    /// A checkpoint written through: waits for the one in flight, if any, then takes one and waits
-    /// until it is durable and committed (at start and at stop).
+    /// A checkpoint written through: waits for the one in flight, if any, then takes one with the
+    /// findings topic's exact end offsets and waits until it is durable and committed (at start
+    /// and at stop).
     fn checkpoint_now(&mut self) -> anyhow::Result<()> {
         if let Some(done) = self.checkpointer.wait_done() {
             self.finish_checkpoint(done?)?;
         }
-        self.start_checkpoint()?;
+        self.start_checkpoint(true)?;
         match self.checkpointer.wait_done() {
             Some(done) => self.finish_checkpoint(done?),
             None => Ok(()),
@@ -681,7 +690,14 @@ impl Pipeline {
 
     /// Steps 1–3 of the protocol in the module docs, up to the snapshot; the checkpoint thread
     /// writes it, and [`Pipeline::finish_checkpoint`] takes it from there.
-    fn start_checkpoint(&mut self) -> anyhow::Result<()> {
+    ///
+    /// The findings positions a restore reads back from must be at or before every finding this
+    /// worker sends after the snapshot. `exact` asks the broker for the topic's end (a round trip);
+    /// otherwise they are the highest of three lower bounds known without one: the previous
+    /// checkpoint's, the ends last read by the [`FindingsEnds`] thread (read before this moment),
+    /// and the offsets after this worker's own last delivered findings (after the flush, all
+    /// of them).
+    fn start_checkpoint(&mut self, exact: bool) -> anyhow::Result<()> {
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
         if let Some(archives) = &mut self.archive {
@@ -689,7 +705,19 @@ impl Pipeline {
                 archive.close_all().context("closing archive files before a checkpoint")?;
             }
         }
-        let ends = self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?;
+        let ends = if exact {
+            self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?
+        } else {
+            let mut ends: HashMap<i32, i64> = HashMap::new();
+            let previous = self.engine.sink_positions.iter().filter(|(t, _, _)| *t == self.topics.findings).map(|(_, p, o)| (*p, *o));
+            for (p, o) in previous.chain(self.findings_ends.latest()).chain(self.sink.delivered_ends()) {
+                let end = ends.entry(p).or_insert(o);
+                *end = (*end).max(o);
+            }
+            let mut ends: Vec<(i32, i64)> = ends.into_iter().collect();
+            ends.sort_unstable();
+            ends
+        };
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
         let cp = self.engine.checkpoint();
         let offsets: Vec<Position> = cp
@@ -699,6 +727,7 @@ impl Pipeline {
             .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
             .collect();
         self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64);
         self.checkpointer.submit(cp, offsets, started)
     }
 
@@ -731,6 +760,40 @@ impl Pipeline {
         self.metrics.checkpoint_seconds.observe(done.started.elapsed().as_secs_f64());
         self.metrics.state.set(&self.engine, &self.owned);
         Ok(())
+    }
+}
+
+/// A thread that reads the findings topic's end offsets from the broker every `interval`, so a
+/// checkpoint has recent positions without a round trip of its own (see
+/// [`Pipeline::start_checkpoint`]). It stops when this is dropped.
+#[derive(Debug)]
+struct FindingsEnds {
+    latest: Arc<std::sync::Mutex<Vec<(i32, i64)>>>,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl FindingsEnds {
+    fn start(sink: Arc<KafkaSink>, topic: String, interval: Duration) -> anyhow::Result<Self> {
+        let latest = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let shared = latest.clone();
+        std::thread::Builder::new()
+            .name("meshguard-findings-ends".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    match sink.end_offsets(&topic, KAFKA_TIMEOUT) {
+                        Ok(ends) => *shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ends,
+                        Err(e) => tracing::debug!(message = "Reading the findings topic's end failed; the next turn retries.", error = %e),
+                    }
+                }
+            })
+            .context("starting the findings-ends thread")?;
+        Ok(Self { latest, _stop: stop })
+    }
+
+    /// The ends last read (empty before the first read).
+    fn latest(&self) -> Vec<(i32, i64)> {
+        self.latest.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 

@@ -25,6 +25,10 @@ struct DeliveryContext {
     /// Signalled after every delivery report, for [`KafkaSink::flush`].
     reported: Condvar,
     reported_lock: Mutex<()>,
+    /// The topic whose delivered offsets are tracked ([`KafkaSink::delivered_ends`]), if any.
+    tracked: Option<String>,
+    /// Next offset after the last record delivered to each of its partitions.
+    ends: Mutex<HashMap<i32, i64>>,
 }
 
 impl ClientContext for DeliveryContext {}
@@ -35,8 +39,14 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let _wake = Wake(&self.reported);
         match result {
-            Ok(_) => {
+            Ok(m) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
+                if self.tracked.as_deref() == Some(m.topic())
+                    && let Ok(mut ends) = self.ends.lock()
+                {
+                    let end = ends.entry(m.partition()).or_insert(0);
+                    *end = (*end).max(m.offset() + 1);
+                }
             }
             Err((e, m)) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
@@ -76,12 +86,22 @@ impl std::fmt::Debug for KafkaSink {
 impl KafkaSink {
     /// An idempotent producer.
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
+        Self::with_tracked(kafka, None)
+    }
+
+    /// As [`new`](Self::new), also noting where its own records to `topic` end in each partition
+    /// ([`KafkaSink::delivered_ends`]).
+    pub fn tracking_ends(kafka: &KafkaConfig, topic: &str) -> Result<Self> {
+        Self::with_tracked(kafka, Some(topic.to_owned()))
+    }
+
+    fn with_tracked(kafka: &KafkaConfig, tracked: Option<String>) -> Result<Self> {
         // Defaults; `[kafka.client]` overrides any of them. librdkafka's idempotent producer
         // busy-polls against tansu 0.6 (librdkafka issue #2565; see BENCHMARKS.md), where
         // `"enable.idempotence" = "false"` is the workaround: restores read back what a crash left.
         let producer = kafka
             .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")])
-            .create_with_context(DeliveryContext::default())
+            .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default() })
     }
@@ -151,6 +171,17 @@ impl KafkaSink {
             let guard = context.reported_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             drop(context.reported.wait_timeout(guard, left.min(Duration::from_millis(1))));
         }
+    }
+
+    /// For the topic given to [`tracking_ends`](Self::tracking_ends): the offset after the last
+    /// record this sink delivered to each partition it wrote to. After a [`flush`](Self::flush),
+    /// every record sent later lands at or after these offsets: a lower bound of the partition's
+    /// end known without asking the broker.
+    pub fn delivered_ends(&self) -> Vec<(i32, i64)> {
+        let ends = self.producer.context().ends.lock().map(|e| e.clone()).unwrap_or_default();
+        let mut ends: Vec<(i32, i64)> = ends.into_iter().collect();
+        ends.sort_unstable();
+        ends
     }
 
     /// Records delivered so far.

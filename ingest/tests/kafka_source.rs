@@ -72,3 +72,24 @@ async fn a_batch_is_handed_over_when_the_fetched_records_run_out_not_at_max_wait
     assert!(started.elapsed() < max_wait / 4, "the batch waited for more records: {:?}", started.elapsed());
     assert_eq!(raw.topic(InputTopic::Messages).offset, vec![0, 1, 2]);
 }
+
+/// The sink's own view of where its records end (no request to the broker) agrees with the
+/// broker's after a flush, partition by partition, and only the tracked topic is tracked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_knows_where_its_delivered_records_end_without_asking() {
+    let broker = Broker::start().unwrap();
+    create_topics(&broker.bootstrap(), &[("findings", 3, false), ("other", 1, false)]).await.unwrap();
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let sink = meshguard_ingest::KafkaSink::tracking_ends(&kafka, "findings").unwrap();
+    assert!(sink.delivered_ends().is_empty());
+    for i in 0..30u32 {
+        sink.send("findings", format!("key-{i}").as_bytes(), b"{}").unwrap();
+        sink.send("other", b"k", b"{}").unwrap();
+    }
+    sink.flush(Duration::from_secs(30)).unwrap();
+    let mine = sink.delivered_ends();
+    let broker_ends = sink.end_offsets("findings", Duration::from_secs(30)).unwrap();
+    let written: Vec<(i32, i64)> = broker_ends.iter().copied().filter(|(_, end)| *end > 0).collect();
+    assert_eq!(mine, written, "delivered ends vs the broker's");
+    assert_eq!(mine.iter().map(|(_, end)| end).sum::<i64>(), 30);
+}

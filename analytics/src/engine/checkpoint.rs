@@ -38,14 +38,35 @@ pub struct Checkpoint {
     pub global: GlobalSnapshot,
 }
 
-/// One version of a registry entry: from when, and the record as JSON text (`None`: tombstone).
-pub type RegistryVersion = (i64, Option<String>);
+/// One version of a registry entry: from when, and the record (`None`: tombstone).
+pub type RegistryVersion = (i64, Option<RecordText>);
+
+/// A registry record in a checkpoint: shared with the engine while the snapshot is in memory, and
+/// written as its JSON text (records hold arbitrary JSON values, which a compact binary format
+/// cannot round-trip). The text is made when the checkpoint is written, on the thread that writes
+/// it: a snapshot of a directory of a million records costs the pipeline pointer copies, not a
+/// million JSON encodings.
+#[derive(Debug, Clone)]
+pub struct RecordText(pub Arc<RegistryRecord>);
+
+impl Serialize for RecordText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(self.0.as_ref()).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        serde_json::from_str(&text).map(|r| Self(Arc::new(r))).map_err(|e| serde::de::Error::custom(format!("a registry record: {e}")))
+    }
+}
 
 /// The global tables with the positions they were read up to.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GlobalSnapshot {
-    /// Registry versions; records kept as their JSON text (they hold arbitrary JSON values, which
-    /// a compact binary format cannot round-trip).
+    /// Registry versions (records written as their JSON text, see [`RecordText`]).
     pub registry: Vec<(Uuid, Vec<RegistryVersion>)>,
     /// Presence versions.
     pub presence: TableSnapshot<Uuid, bool>,
@@ -74,10 +95,7 @@ impl Engine {
             .registry
             .iter()
             .map(|(uuid, versions)| {
-                let versions = versions
-                    .iter()
-                    .map(|(t, rec)| (*t, rec.as_ref().and_then(|r| serde_json::to_string(r.record.as_ref()).ok())))
-                    .collect();
+                let versions = versions.iter().map(|(t, rec)| (*t, rec.as_ref().map(|r| RecordText(r.record.clone())))).collect();
                 (*uuid, versions)
             })
             .collect();
@@ -108,15 +126,8 @@ impl Engine {
     pub fn restore_global(&mut self, g: GlobalSnapshot) -> Result<()> {
         self.registry = Default::default();
         for (uuid, versions) in g.registry {
-            for (t, text) in versions {
-                let record =
-                    match text {
-                        None => None,
-                        Some(text) => Some(Arc::new(serde_json::from_str::<RegistryRecord>(&text).map_err(|e| {
-                            Error::CheckpointFormat { name: "global".into(), reason: format!("registry record {uuid}: {e}") }
-                        })?)),
-                    };
-                self.apply_registry(uuid, t, record);
+            for (t, record) in versions {
+                self.apply_registry(uuid, t, record.map(|r| r.0));
             }
         }
         self.presence = Default::default();
