@@ -1,10 +1,11 @@
 //! Writing checkpoints off the pipeline's thread.
 //!
-//! A checkpoint's snapshot is taken on the pipeline's thread, after the producer is flushed and
-//! the archive files are closed (steps 1–3 of the protocol in [`crate::pipeline`]). Writing it
-//! durably (a file per partition and one for the global tables, each fsynced and renamed into
-//! place) takes tens to hundreds of milliseconds of disk time; the [`Checkpointer`]'s thread does
-//! that while the pipeline goes on judging attempts. When the write is durable the pipeline gets
+//! A checkpoint's snapshot is taken on the pipeline's thread, after the producer is flushed
+//! (steps 1–3 of the protocol in [`crate::pipeline`]), and the archive's open files are handed
+//! over with it. Closing those files and writing the checkpoint durably (a file per partition and
+//! one for the global tables, each fsynced and renamed into place) take tens to hundreds of
+//! milliseconds of disk time; the [`Checkpointer`]'s thread does that, files first, while the
+//! pipeline goes on judging attempts. When the write is durable the pipeline gets
 //! it back ([`Checkpointer::try_done`]) and only then commits the checkpoint's offsets.
 //!
 //! One checkpoint is written at a time: a checkpoint falling due while the previous one is still
@@ -18,9 +19,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use meshguard_analytics::{Checkpoint, CheckpointStore, LocalCheckpointStore, Position};
+use meshguard_ingest::archive::Closing;
 
-/// A checkpoint to write, with the input offsets to commit once it is durable.
+/// A checkpoint to write, the archive files to close before it, and the input offsets to commit
+/// once it is durable.
 struct Job {
+    closing: Vec<Closing>,
     checkpoint: Checkpoint,
     offsets: Vec<Position>,
     started: Instant,
@@ -31,8 +35,8 @@ struct Job {
 pub(crate) struct Done {
     /// The input offsets it holds: to commit now.
     pub offsets: Vec<Position>,
-    /// Whether it is durable.
-    pub result: meshguard_analytics::Result<()>,
+    /// Whether it is durable (its archive files closed, then its files written).
+    pub result: anyhow::Result<()>,
     /// When its snapshot began (before the flush).
     pub started: Instant,
     /// How long the write took.
@@ -80,7 +84,12 @@ impl Checkpointer {
         let thread = std::thread::Builder::new().name("meshguard-checkpoint".into()).spawn(move || {
             for job in job_rx {
                 let began = Instant::now();
-                let result = store.save(&job.checkpoint);
+                // The archive holds every attempt the checkpoint calls consumed: its files first.
+                let closed = job.closing.into_iter().try_for_each(|c| c.finish().map(drop));
+                let result = match closed {
+                    Ok(()) => store.save(&job.checkpoint).map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::Error::from(e).context("closing archive files before a checkpoint")),
+                };
                 drop(job.checkpoint);
                 thread_idle.set_busy(false);
                 let done = Done { offsets: job.offsets, result, started: job.started, write: began.elapsed() };
@@ -103,10 +112,16 @@ impl Checkpointer {
     }
 
     /// Hands a checkpoint over for writing. Call only when not [`in_flight`](Self::in_flight).
-    pub fn submit(&mut self, checkpoint: Checkpoint, offsets: Vec<Position>, started: Instant) -> anyhow::Result<()> {
+    pub fn submit(
+        &mut self,
+        closing: Vec<Closing>,
+        checkpoint: Checkpoint,
+        offsets: Vec<Position>,
+        started: Instant,
+    ) -> anyhow::Result<()> {
         debug_assert!(!self.in_flight, "one checkpoint at a time");
         self.idle.set_busy(true);
-        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job { checkpoint, offsets, started }).is_ok());
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job { closing, checkpoint, offsets, started }).is_ok());
         if !sent {
             self.idle.set_busy(false);
             anyhow::bail!("the checkpoint thread has stopped");
@@ -167,7 +182,7 @@ mod tests {
         let mut writer = Checkpointer::start(store.clone()).unwrap();
         assert!(writer.try_done().is_none(), "nothing in flight");
         let offsets = vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 42 }];
-        writer.submit(Checkpoint::default(), offsets.clone(), Instant::now()).unwrap();
+        writer.submit(Vec::new(), Checkpoint::default(), offsets.clone(), Instant::now()).unwrap();
         assert!(writer.in_flight());
         let done = writer.wait_done().unwrap().unwrap();
         assert!(done.result.is_ok());
@@ -186,7 +201,7 @@ mod tests {
         // The directory disappears under the store: the write must fail, not pass silently.
         std::fs::remove_dir_all(dir.path().join("ckpt")).unwrap();
         let mut writer = Checkpointer::start(store).unwrap();
-        writer.submit(Checkpoint::default(), Vec::new(), Instant::now()).unwrap();
+        writer.submit(Vec::new(), Checkpoint::default(), Vec::new(), Instant::now()).unwrap();
         let done = writer.wait_done().unwrap().unwrap();
         assert!(done.result.is_err());
     }

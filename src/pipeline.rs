@@ -4,9 +4,9 @@
 //! (`[archive]`, Parquet) before detection.
 //!
 //! The checkpoint protocol (effectively once):
-//! 1. flush the producer: every finding and dead letter sent so far is on the broker; close every
-//!    open archive file (fsynced and renamed into place), so the archive holds every attempt the
-//!    checkpoint will call consumed;
+//! 1. flush the producer: every finding and dead letter sent so far is on the broker; take every
+//!    open archive file off the archive, to be closed (fsynced and renamed into place) before the
+//!    checkpoint is written, so the archive holds every attempt the checkpoint will call consumed;
 //! 2. note the findings topic's end offsets in the engine (for the read-back on restore): exact at
 //!    start and stop, otherwise lower bounds known without a round trip (see
 //!    `Pipeline::start_checkpoint`);
@@ -21,8 +21,7 @@
 //!
 //! After the checkpoint, archive folders past `archive.retention_days` are deleted.
 //!
-//! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes (and,
-//! at a checkpoint, closing the archive files and one `ListOffsets` request).
+//! The loop runs on one OS thread and never blocks on anything but Kafka polls and flushes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -195,7 +194,7 @@ impl PipelineMetrics {
         let checkpoint_pause_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "meshguard_checkpoint_pause_seconds",
-                "Time the pipeline stops judging attempts for a checkpoint: flush, archive files closed, findings' end offsets, snapshot (the write runs on its own thread).",
+                "Time the pipeline stops judging attempts for a checkpoint: flush and snapshot (closing archive files and the write run on their own thread).",
             )
             .buckets(buckets),
         )?;
@@ -700,11 +699,8 @@ impl Pipeline {
     fn start_checkpoint(&mut self, exact: bool) -> anyhow::Result<()> {
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
-        if let Some(archives) = &mut self.archive {
-            for archive in archives.all() {
-                archive.close_all().context("closing archive files before a checkpoint")?;
-            }
-        }
+        // Closed by the checkpoint thread, before it writes the checkpoint.
+        let closing = self.archive.as_mut().map(|archives| archives.all().map(ParquetArchive::detach_all).into()).unwrap_or_default();
         let ends = if exact {
             self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?
         } else {
@@ -728,7 +724,7 @@ impl Pipeline {
             .collect();
         self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
         tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64);
-        self.checkpointer.submit(cp, offsets, started)
+        self.checkpointer.submit(closing, cp, offsets, started)
     }
 
     /// Step 4, once the checkpoint thread has written the checkpoint: commits its offsets (of the

@@ -325,12 +325,15 @@ impl ParquetArchive {
     /// Closes every open file: when this returns, every row appended so far is in a complete,
     /// fsynced `part-*.parquet` file. Call it before saving a checkpoint.
     pub fn close_all(&mut self) -> Result<Vec<ClosedFile>> {
-        let open = std::mem::take(&mut self.open);
-        let mut closed = Vec::with_capacity(open.len());
-        for (_, file) in open {
-            closed.push(self.close(file)?);
-        }
-        Ok(closed)
+        self.detach_all().finish()
+    }
+
+    /// Takes every open file off the archive, to be closed by [`Closing::finish`], on another
+    /// thread if the caller likes: the rows appended so far are durable once that returns. Later
+    /// appends go to new files. Call [`apply_retention`](Self::apply_retention) only after the
+    /// files are closed (it does not know about them).
+    pub fn detach_all(&mut self) -> Closing {
+        Closing { files: std::mem::take(&mut self.open).into_values().collect(), live: self.live.clone(), metrics: self.metrics.clone() }
     }
 
     /// Deletes the `date=` folders more than `retention_days` before the UTC date of `now_ms`,
@@ -417,28 +420,8 @@ impl ParquetArchive {
 
     /// Finishes `file`: footer, fsync, rename to the final name, fsync of the folder.
     fn close(&self, file: OpenFile) -> Result<ClosedFile> {
-        let OpenFile { seq, writer, tmp, path, rows } = file;
-        let out = writer.into_inner().map_err(parquet_error(&tmp))?;
-        out.sync_all().map_err(io_error("syncing", &tmp))?;
-        let bytes = out.metadata().map_err(io_error("reading the size of", &tmp))?.len();
-        drop(out);
-        // The rename publishes the rows to readers of the folder; live readers stop seeing them
-        // in the same critical section.
-        match &self.live {
-            Some(live) => live.close(seq, || fs::rename(&tmp, &path)),
-            None => fs::rename(&tmp, &path),
-        }
-        .map_err(io_error("renaming", &tmp))?;
-        if let Some(folder) = path.parent() {
-            sync_dir(folder)?;
-        }
-        self.metrics.rows.inc_by(rows as u64);
-        self.metrics.files.inc();
-        self.metrics.bytes.inc_by(bytes);
-        debug!(message = "Closed an archive file.", rows, bytes, path = %path.display());
-        Ok(ClosedFile { path, rows: rows as u64, bytes })
+        close_file(file, self.live.as_deref(), &self.metrics)
     }
-
     /// Deletes this writer's temporary files in every date folder.
     fn remove_stale_temporaries(&self) -> Result<usize> {
         let mut removed = 0;
@@ -460,6 +443,57 @@ impl ParquetArchive {
         }
         Ok(removed)
     }
+}
+
+/// Files taken off an archive to be closed ([`ParquetArchive::detach_all`]).
+pub struct Closing {
+    files: Vec<OpenFile>,
+    live: Option<Arc<LiveRows>>,
+    metrics: TableMetrics,
+}
+
+impl std::fmt::Debug for Closing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Closing").field("files", &self.files.iter().map(|f| &f.path).collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+impl Closing {
+    /// Whether there is nothing to close.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Closes every file (footer, fsync, rename, fsync of the folder): when this returns `Ok`,
+    /// their rows are in complete `part-*.parquet` files.
+    pub fn finish(self) -> Result<Vec<ClosedFile>> {
+        let Self { files, live, metrics } = self;
+        files.into_iter().map(|file| close_file(file, live.as_deref(), &metrics)).collect()
+    }
+}
+
+/// Finishes `file`: footer, fsync, rename to the final name, fsync of the folder.
+fn close_file(file: OpenFile, live: Option<&LiveRows>, metrics: &TableMetrics) -> Result<ClosedFile> {
+    let OpenFile { seq, writer, tmp, path, rows } = file;
+    let out = writer.into_inner().map_err(parquet_error(&tmp))?;
+    out.sync_all().map_err(io_error("syncing", &tmp))?;
+    let bytes = out.metadata().map_err(io_error("reading the size of", &tmp))?.len();
+    drop(out);
+    // The rename publishes the rows to readers of the folder; live readers stop seeing them
+    // in the same critical section.
+    match live {
+        Some(live) => live.close(seq, || fs::rename(&tmp, &path)),
+        None => fs::rename(&tmp, &path),
+    }
+    .map_err(io_error("renaming", &tmp))?;
+    if let Some(folder) = path.parent() {
+        sync_dir(folder)?;
+    }
+    metrics.rows.inc_by(rows as u64);
+    metrics.files.inc();
+    metrics.bytes.inc_by(bytes);
+    debug!(message = "Closed an archive file.", rows, bytes, path = %path.display());
+    Ok(ClosedFile { path, rows: rows as u64, bytes })
 }
 
 /// Days since 1970-01-01 of `date`.

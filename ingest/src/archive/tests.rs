@@ -218,6 +218,28 @@ fn metrics_count_closed_files() {
     assert_eq!(names, ["meshguard_archive_bytes_total", "meshguard_archive_files_total", "meshguard_archive_rows_total"]);
 }
 
+/// Detached files are closed elsewhere (the checkpoint thread) while appends go on into new files:
+/// nothing is published before `finish`, everything after, and no row is in two files.
+#[test]
+fn detached_files_close_on_another_thread_while_appends_go_to_new_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut archive = open(&cfg);
+    let root = archive.root().to_owned();
+    archive.append(&attempts(30, |i| DAY_MS + i as i64)).unwrap();
+    let closing = archive.detach_all();
+    assert!(!closing.is_empty());
+    assert!(archive.detach_all().is_empty(), "nothing is left open");
+    archive.append(&attempts(12, |i| DAY_MS + 1_000 + i as i64)).unwrap();
+    assert!(files(&root).iter().all(|f| !f.ends_with(".parquet")), "nothing published before finish: {:?}", files(&root));
+    let closed = std::thread::spawn(move || closing.finish().unwrap()).join().unwrap();
+    assert_eq!(closed.iter().map(|c| c.rows).sum::<u64>(), 30);
+    assert_eq!(read_all(&root).num_rows(), 30, "the detached rows only");
+    archive.close_all().unwrap();
+    assert_eq!(read_all(&root).num_rows(), 42);
+    assert_eq!(files(&root).iter().filter(|f| f.ends_with(".parquet")).count(), 2);
+}
+
 #[test]
 fn bad_configuration_and_foreign_batches_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
