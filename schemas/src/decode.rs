@@ -1,10 +1,12 @@
 //! Column-wise decoding of a micro-batch of Kafka payloads into one canonical `RecordBatch`.
 //!
-//! The fast path hands the whole batch to arrow-json, then validates and converts columns with
-//! Arrow kernels (UUID text to 16 bytes, enum text to dictionary codes, defaults filled), collecting
-//! a [`RecordError`] per bad row and filtering those rows out. Each payload is fed separately so
-//! that a payload holding two objects, or half of one, is caught instead of silently merging with
-//! its neighbour.
+//! The fast path hands the batch to arrow-json in chunks of [`CHUNK_ROWS`] records and converts
+//! each chunk's columns straight into the canonical columns of the whole batch while the chunk is
+//! still in cache (UUID text to 16 bytes, enum text to dictionary codes, defaults filled),
+//! collecting a [`RecordError`] per bad row; the bad rows are filtered out at the end. Columns the
+//! canonical schema keeps as they are (times, numbers, free text, locations) are only
+//! concatenated. Each payload is fed separately so that a payload holding two objects, or half of
+//! one, is caught instead of silently merging with its neighbour.
 //!
 //! arrow-json fails a whole batch on the first syntax or type error and does not say which record
 //! broke it. Only then does the slow path run: each payload is checked on its own against the same
@@ -12,19 +14,25 @@
 //! through the fast path again. A batch with one bad record therefore costs one extra parse of its
 //! records, never a lost good record.
 
+mod json_field;
+mod uuid_text;
+
 use std::sync::Arc;
 
+use arrow::array::NullBufferBuilder;
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBufferBuilder, DictionaryArray, FixedSizeBinaryBuilder, Int64Array, ListArray,
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBufferBuilder, DictionaryArray, FixedSizeBinaryArray, Int64Array, ListArray,
     StringArray, StringBuilder, UInt8Array,
 };
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::compute::filter;
-use arrow::datatypes::{Float64Type, SchemaRef, UInt8Type};
+use arrow::datatypes::{Float64Type, SchemaRef, TimestampMillisecondType, UInt8Type};
 use arrow::json::ReaderBuilder;
 use arrow::record_batch::RecordBatch;
 use std::borrow::Cow;
 
 use serde_json::value::RawValue;
+#[cfg(test)]
 use uuid::Uuid;
 
 use crate::enums::{Action, Auth, InteractionKind};
@@ -46,8 +54,8 @@ pub struct DecodedBatch {
     pub rejected: Vec<RecordError>,
 }
 
-/// Rows per arrow-json pass; larger inputs are decoded in chunks and concatenated. Small enough for
-/// the tape and its strings to stay in cache: on the 2-core bench machine a 10,000-record batch
+/// Rows per arrow-json pass. Small enough for the tape, its strings and the chunk's columns to
+/// stay in cache until they are converted: on the 2-core bench machine a 10,000-record batch
 /// decodes 29% faster in chunks of 1,024 than of 16,384 (512 is no better).
 const CHUNK_ROWS: usize = 1_024;
 
@@ -59,6 +67,8 @@ pub struct BatchDecoder {
     schema: SchemaRef,
     max_record_bytes: usize,
     json: Option<arrow::json::reader::Decoder>,
+    /// Finds `"payload"` in a record, for the topic's JSON field (see [`json_value`]).
+    json_key: memchr::memmem::Finder<'static>,
 }
 
 impl std::fmt::Debug for BatchDecoder {
@@ -71,7 +81,18 @@ impl BatchDecoder {
     /// A decoder for `topic` (not [`InputTopic::Registry`], whose records are decoded with
     /// [`crate::registry::RegistryRecord::from_json`]).
     pub fn new(topic: InputTopic) -> Self {
-        Self { topic, raw_schema: topic.raw_schema(), schema: topic.schema(), max_record_bytes: DEFAULT_MAX_RECORD_BYTES, json: None }
+        debug_assert!(
+            topic.fields().iter().all(|f| f.ty != FieldType::Json || f.name == JSON_FIELD),
+            "only the message payload is a JSON field"
+        );
+        Self {
+            topic,
+            raw_schema: topic.raw_schema(),
+            schema: topic.schema(),
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            json: None,
+            json_key: memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, JSON_KEY).into_owned(),
+        }
     }
 
     /// Sets the largest accepted record in bytes.
@@ -98,38 +119,40 @@ impl BatchDecoder {
             }
         }
 
-        let raw = match self.raw_decode(payloads, &candidates) {
-            Some(raw) => raw,
-            None => {
-                // Slow path: find the bad records one by one, then decode the rest.
-                let mut good = Vec::with_capacity(candidates.len());
-                let mut fields = Vec::new();
-                for &i in &candidates {
-                    match self.check_record(i as usize, payloads[i as usize], &mut fields) {
-                        Ok(()) => good.push(i),
-                        Err(e) => rejected.push(e),
-                    }
-                }
-                candidates = good;
-                match self.raw_decode(payloads, &candidates) {
-                    Some(raw) => raw,
-                    None => self.decode_one_by_one(payloads, &mut candidates, &mut rejected),
+        let mut out = Canonical::new(self.topic, candidates.len());
+        if !self.fast_decode(payloads, &candidates, &mut out) {
+            // Slow path: find the bad records one by one, then decode the rest.
+            let mut good = Vec::with_capacity(candidates.len());
+            let mut fields = Vec::new();
+            for &i in &candidates {
+                match self.check_record(i as usize, payloads[i as usize], &mut fields) {
+                    Ok(()) => good.push(i),
+                    Err(e) => rejected.push(e),
                 }
             }
-        };
+            candidates = good;
+            out = Canonical::new(self.topic, candidates.len());
+            if !self.fast_decode(payloads, &candidates, &mut out) {
+                out = Canonical::new(self.topic, candidates.len());
+                self.decode_one_by_one(payloads, &mut candidates, &mut rejected, &mut out);
+            }
+        }
 
-        let (batch, source) = self.canonicalize(payloads, raw, candidates, &mut rejected);
+        let (batch, source) = self.finish(out, candidates, &mut rejected);
         rejected.sort_by_key(|e| e.index);
         DecodedBatch { batch, source, rejected }
     }
 
-    /// arrow-json over the records `which`; `None` when any of them breaks it.
-    fn raw_decode(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
-        if which.len() <= CHUNK_ROWS {
-            return self.raw_decode_chunk(payloads, which);
+    /// arrow-json over the records `which`, chunk by chunk, each chunk converted into `out` at
+    /// once; `false` when any record breaks arrow-json (`out` then holds part of the batch).
+    fn fast_decode(&mut self, payloads: &[&[u8]], which: &[u32], out: &mut Canonical) -> bool {
+        let mut row = 0;
+        for chunk in which.chunks(CHUNK_ROWS) {
+            let Some(raw) = self.raw_decode_chunk(payloads, chunk) else { return false };
+            out.append(&self.json_key, payloads, &raw, chunk, row);
+            row += chunk.len();
         }
-        let chunks: Option<Vec<RecordBatch>> = which.chunks(CHUNK_ROWS).map(|c| self.raw_decode_chunk(payloads, c)).collect();
-        arrow::compute::concat_batches(&self.raw_schema, &chunks?).ok()
+        true
     }
 
     fn raw_decode_chunk(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
@@ -156,9 +179,8 @@ impl BatchDecoder {
 
     /// Last resort, when the slow-path checks passed records that arrow-json still refuses: decode
     /// each alone, rejecting the ones that fail with arrow-json's own reason.
-    fn decode_one_by_one(&self, payloads: &[&[u8]], candidates: &mut Vec<u32>, rejected: &mut Vec<RecordError>) -> RecordBatch {
+    fn decode_one_by_one(&self, payloads: &[&[u8]], candidates: &mut Vec<u32>, rejected: &mut Vec<RecordError>, out: &mut Canonical) {
         let mut good = Vec::with_capacity(candidates.len());
-        let mut batches = Vec::with_capacity(candidates.len());
         for &i in candidates.iter() {
             let p = payloads[i as usize];
             let mut decoder = match ReaderBuilder::new(self.raw_schema.clone()).with_batch_size(1).build_decoder() {
@@ -177,15 +199,14 @@ impl BatchDecoder {
             });
             match result {
                 Ok(Some(b)) => {
+                    out.append(&self.json_key, payloads, &b, &[i], good.len());
                     good.push(i);
-                    batches.push(b);
                 }
                 Ok(None) => rejected.push(RecordError::new(i as usize, None, "one JSON object", "nothing")),
                 Err(e) => rejected.push(RecordError::new(i as usize, None, "one JSON object per the contract", e.to_string())),
             }
         }
         *candidates = good;
-        arrow::compute::concat_batches(&self.raw_schema, &batches).unwrap_or_else(|_| RecordBatch::new_empty(self.raw_schema.clone()))
     }
 
     /// Per-record check of syntax and types, mirroring what arrow-json refuses, with precise errors.
@@ -250,88 +271,18 @@ impl BatchDecoder {
         Ok(())
     }
 
-    /// Validates and converts the raw columns into the canonical schema, rejecting bad rows.
-    fn canonicalize(
-        &self,
-        payloads: &[&[u8]],
-        raw: RecordBatch,
-        source: Vec<u32>,
-        rejected: &mut Vec<RecordError>,
-    ) -> (RecordBatch, Vec<u32>) {
-        let rows = raw.num_rows();
-        debug_assert_eq!(rows, source.len());
-        let mut bad = RowErrors::new(rows);
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        let mut actions: Option<UInt8Array> = None;
-        let mut raw_index = 0;
-
-        for spec in self.topic.fields() {
-            if spec.ty == FieldType::Json {
-                columns.push(extract_json(spec, payloads, &source, &mut bad));
-                continue;
-            }
-            let col = raw.column(raw_index);
-            raw_index += 1;
-            match spec.required {
-                Required::Yes => bad.require(col.as_ref(), spec, &source, |_| true),
-                Required::UnlessConnect => {
-                    let connect = Action::Connect.code();
-                    let acts = actions.as_ref();
-                    bad.require(col.as_ref(), spec, &source, |row| acts.is_some_and(|a| a.is_valid(row) && a.value(row) != connect));
-                }
-                Required::No => {}
-            }
-            let out: ArrayRef = match spec.ty {
-                FieldType::Uuid => Arc::new(uuid_column(col.as_string::<i32>(), spec, &source, &mut bad)),
-                FieldType::Action => {
-                    let keys = enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, Action::parse);
-                    actions = Some(keys.clone());
-                    dictionary(keys, Action::NAMES)
-                }
-                FieldType::Auth => dictionary(enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, Auth::parse), Auth::NAMES),
-                FieldType::InteractionKind => {
-                    dictionary(enum_keys(col.as_string::<i32>(), spec, &source, &mut bad, InteractionKind::parse), InteractionKind::NAMES)
-                }
-                FieldType::Bool if spec.required == Required::No => Arc::new(false_when_null(col.as_boolean())),
-                FieldType::Int => {
-                    let ints: &Int64Array = col.as_primitive();
-                    for (row, v) in ints.iter().enumerate() {
-                        if v.is_some_and(|v| v < 0) {
-                            bad.set(
-                                row,
-                                RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{}", ints.value(row))),
-                            );
-                        }
-                    }
-                    col.clone()
-                }
-                FieldType::Float => {
-                    for (row, v) in col.as_primitive::<Float64Type>().iter().enumerate() {
-                        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-                            bad.set(row, RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{v:?}")));
-                        }
-                    }
-                    col.clone()
-                }
-                FieldType::Location => {
-                    check_location(col.as_struct(), spec, &source, &mut bad);
-                    col.clone()
-                }
-                FieldType::UuidList => Arc::new(uuid_list_column(col.as_list::<i32>(), spec, &source, &mut bad)),
-                FieldType::Time | FieldType::Str | FieldType::Bool | FieldType::Json => col.clone(),
-            };
-            columns.push(out);
-        }
-
-        let (columns, source) = if bad.count == 0 {
+    /// The canonical batch of the converted rows, without the rejected ones.
+    fn finish(&self, out: Canonical, source: Vec<u32>, rejected: &mut Vec<RecordError>) -> (RecordBatch, Vec<u32>) {
+        let (columns, bad) = out.finish(&self.raw_schema);
+        let (columns, source) = if bad.errors.is_empty() {
             (columns, source)
         } else {
             // Filter column by column: the rejected rows may hold nulls in non-nullable columns,
             // which a RecordBatch of the canonical schema refuses to carry even for a moment.
-            let keep = bad.keep_mask();
+            let keep = bad.keep_mask(source.len());
             let kept_source = source.iter().zip(keep.values().iter()).filter(|(_, k)| *k).map(|(s, _)| *s).collect();
             let filtered: Result<Vec<ArrayRef>, _> = columns.iter().map(|c| filter(c.as_ref(), &keep)).collect();
-            rejected.extend(bad.errors.into_iter().flatten());
+            rejected.extend(bad.errors);
             match filtered {
                 Ok(cols) => (cols, kept_source),
                 Err(e) => return self.reject_all(kept_source, &e.to_string(), rejected),
@@ -351,27 +302,54 @@ impl BatchDecoder {
     }
 }
 
-/// The first error of each bad row.
+/// The one JSON field of the contract (the message payload) and how it is spelled as a key.
+const JSON_FIELD: &str = "payload";
+const JSON_KEY: &[u8] = b"\"payload\"";
+
+/// How common bytes are in contract records, for choosing the bytes memchr's key search looks for
+/// first. Its default ranking (from general text) takes `"` for a rare byte, so in JSON nearly every
+/// string raised a candidate match; punctuation, digits, hex letters (UUIDs) and `-` are common
+/// here, other letters roughly as in English text.
+#[derive(Debug, Clone, Copy)]
+struct JsonRank;
+
+impl memchr::arch::all::packedpair::HeuristicFrequencyRank for JsonRank {
+    fn rank(&self, byte: u8) -> u8 {
+        const BY_FREQUENCY: &[u8] = b"etaoinshrdlcumwfgypbvkjxqz";
+        match byte {
+            b'"' | b':' | b',' | b'{' | b'}' | b'[' | b']' | b'-' | b'.' | b' ' | b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => 255,
+            _ => match BY_FREQUENCY.iter().position(|&c| c == byte.to_ascii_lowercase()) {
+                Some(k) => 250 - 8 * k as u8,
+                None => 32,
+            },
+        }
+    }
+}
+
+/// The first error of each bad row, kept sparse: most batches have none.
 struct RowErrors {
-    errors: Vec<Option<RecordError>>,
-    count: usize,
+    /// Which rows already have an error (empty until the first one).
+    bad: Vec<bool>,
+    errors: Vec<RecordError>,
+    rows: usize,
 }
 
 impl RowErrors {
     fn new(rows: usize) -> Self {
-        let mut errors = Vec::with_capacity(rows);
-        errors.resize_with(rows, || None);
-        Self { errors, count: 0 }
+        Self { bad: Vec::new(), errors: Vec::new(), rows }
     }
 
     fn set(&mut self, row: usize, e: RecordError) {
-        if self.errors[row].is_none() {
-            self.errors[row] = Some(e);
-            self.count += 1;
+        if self.bad.is_empty() {
+            self.bad = vec![false; self.rows];
+        }
+        if !self.bad[row] {
+            self.bad[row] = true;
+            self.errors.push(e);
         }
     }
 
-    fn require(&mut self, col: &dyn Array, spec: &FieldSpec, source: &[u32], applies: impl Fn(usize) -> bool) {
+    fn require(&mut self, col: &dyn Array, spec: &FieldSpec, row0: usize, source: &[u32], applies: impl Fn(usize) -> bool) {
         if col.null_count() == 0 {
             return;
         }
@@ -379,89 +357,308 @@ impl RowErrors {
             if col.is_null(row) && applies(row) {
                 let found =
                     if spec.required == Required::UnlessConnect { "nothing (required for every action but connect)" } else { "nothing" };
-                self.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), found));
+                self.set(row0 + row, RecordError::new(src as usize, Some(spec.name), spec.expected(), found));
             }
         }
     }
 
-    fn keep_mask(&self) -> BooleanArray {
-        let mut b = BooleanBufferBuilder::new(self.errors.len());
-        for e in &self.errors {
-            b.append(e.is_none());
+    fn keep_mask(&self, rows: usize) -> BooleanArray {
+        let mut b = BooleanBufferBuilder::new(rows);
+        for row in 0..rows {
+            b.append(!self.bad.get(row).copied().unwrap_or(false));
         }
         BooleanArray::new(b.finish(), None)
     }
 }
 
-fn uuid_column(col: &StringArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) -> arrow::array::FixedSizeBinaryArray {
-    let mut out = FixedSizeBinaryBuilder::with_capacity(col.len(), 16);
+/// One canonical column being filled, chunk by chunk.
+enum Column {
+    /// `FixedSizeBinary(16)`: the parsed bytes (zeros under nulls).
+    Uuid { values: Vec<u8>, nulls: NullBufferBuilder },
+    /// `Dictionary(UInt8, Utf8)` keys (0 under nulls) over `names`.
+    Enum { keys: Vec<u8>, nulls: NullBufferBuilder, names: &'static [&'static str] },
+    /// `List(FixedSizeBinary(16))`.
+    UuidList { offsets: Vec<i32>, values: Vec<u8>, nulls: NullBufferBuilder },
+    /// The raw text of a JSON object field.
+    Json(StringBuilder),
+    /// Columns kept as arrow-json decoded them, one array per chunk.
+    Raw(Vec<ArrayRef>),
+}
+
+/// The canonical columns of a batch under construction, and the errors of its rows.
+struct Canonical {
+    fields: &'static [FieldSpec],
+    columns: Vec<Column>,
+    bad: RowErrors,
+    /// Action codes of the current chunk (`NO_ACTION` for none), for `Required::UnlessConnect`.
+    actions: Vec<u8>,
+}
+
+const NO_ACTION: u8 = u8::MAX;
+
+impl Canonical {
+    fn new(topic: InputTopic, rows: usize) -> Self {
+        let fields = topic.fields();
+        let columns = fields
+            .iter()
+            .map(|spec| match spec.ty {
+                FieldType::Uuid => Column::Uuid { values: Vec::with_capacity(rows * 16), nulls: NullBufferBuilder::new(rows) },
+                FieldType::Action => {
+                    Column::Enum { keys: Vec::with_capacity(rows), nulls: NullBufferBuilder::new(rows), names: Action::NAMES }
+                }
+                FieldType::Auth => Column::Enum { keys: Vec::with_capacity(rows), nulls: NullBufferBuilder::new(rows), names: Auth::NAMES },
+                FieldType::InteractionKind => {
+                    Column::Enum { keys: Vec::with_capacity(rows), nulls: NullBufferBuilder::new(rows), names: InteractionKind::NAMES }
+                }
+                FieldType::UuidList => {
+                    let mut offsets = Vec::with_capacity(rows + 1);
+                    offsets.push(0);
+                    Column::UuidList { offsets, values: Vec::new(), nulls: NullBufferBuilder::new(rows) }
+                }
+                FieldType::Json => Column::Json(StringBuilder::with_capacity(rows, 0)),
+                FieldType::Time | FieldType::Str | FieldType::Bool | FieldType::Int | FieldType::Float | FieldType::Location => {
+                    Column::Raw(Vec::with_capacity(rows.div_ceil(CHUNK_ROWS)))
+                }
+            })
+            .collect();
+        Self { fields, columns, bad: RowErrors::new(rows), actions: Vec::new() }
+    }
+
+    /// Validates and converts one arrow-json chunk, whose rows are `row0..` of the batch and come
+    /// from the payloads `source`. Errors are recorded field by field in schema order, so each row
+    /// keeps the error of its first bad field.
+    fn append(&mut self, key: &memchr::memmem::Finder<'_>, payloads: &[&[u8]], raw: &RecordBatch, source: &[u32], row0: usize) {
+        debug_assert_eq!(raw.num_rows(), source.len());
+        let bad = &mut self.bad;
+        let actions = &mut self.actions;
+        actions.clear();
+        let mut has_actions = false;
+        let mut raw_index = 0;
+        for (spec, column) in self.fields.iter().zip(&mut self.columns) {
+            if let Column::Json(out) = column {
+                json_column(key, out, spec, payloads, row0, source, bad);
+                continue;
+            }
+            let col = raw.column(raw_index);
+            raw_index += 1;
+            match spec.required {
+                Required::Yes => bad.require(col.as_ref(), spec, row0, source, |_| true),
+                Required::UnlessConnect => {
+                    let connect = Action::Connect.code();
+                    let acts = &*actions;
+                    bad.require(col.as_ref(), spec, row0, source, |row| has_actions && acts[row] != NO_ACTION && acts[row] != connect);
+                }
+                Required::No => {}
+            }
+            match column {
+                Column::Uuid { values, nulls } => uuid_column(col.as_string::<i32>(), values, nulls, spec, row0, source, bad),
+                Column::Enum { keys, nulls, .. } => {
+                    let text = col.as_string::<i32>();
+                    match spec.ty {
+                        FieldType::Action => {
+                            let start = keys.len();
+                            enum_keys(text, keys, nulls, spec, row0, source, bad, Action::parse);
+                            actions.extend((start..keys.len()).map(|k| if nulls.is_valid(k) { keys[k] } else { NO_ACTION }));
+                            has_actions = true;
+                        }
+                        FieldType::Auth => enum_keys(text, keys, nulls, spec, row0, source, bad, Auth::parse),
+                        _ => enum_keys(text, keys, nulls, spec, row0, source, bad, InteractionKind::parse),
+                    }
+                }
+                Column::UuidList { offsets, values, nulls } => {
+                    uuid_list_column(col.as_list::<i32>(), offsets, values, nulls, spec, row0, source, bad)
+                }
+                Column::Raw(chunks) => {
+                    match spec.ty {
+                        FieldType::Int => {
+                            let ints: &Int64Array = col.as_primitive();
+                            if ints.values().iter().any(|&v| v < 0) {
+                                for (row, v) in ints.iter().enumerate() {
+                                    if v.is_some_and(|v| v < 0) {
+                                        bad.set(
+                                            row0 + row,
+                                            RecordError::new(
+                                                source[row] as usize,
+                                                Some(spec.name),
+                                                spec.expected(),
+                                                format!("{}", ints.value(row)),
+                                            ),
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                        FieldType::Float => {
+                            for (row, v) in col.as_primitive::<Float64Type>().iter().enumerate() {
+                                if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                                    bad.set(
+                                        row0 + row,
+                                        RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{v:?}")),
+                                    );
+                                }
+                            }
+                        }
+                        FieldType::Location => check_location(col.as_struct(), spec, row0, source, bad),
+                        _ => {}
+                    }
+                    chunks.push(col.clone());
+                }
+                Column::Json(_) => {}
+            }
+        }
+    }
+
+    /// The finished columns (in the canonical schema's order) and the errors of the bad rows.
+    fn finish(self, raw_schema: &SchemaRef) -> (Vec<ArrayRef>, RowErrors) {
+        let mut raw_index = 0;
+        let mut columns = Vec::with_capacity(self.columns.len());
+        for (spec, column) in self.fields.iter().zip(self.columns) {
+            let array: ArrayRef = match column {
+                Column::Uuid { values, mut nulls } => Arc::new(FixedSizeBinaryArray::new(16, values.into(), nulls.finish())),
+                Column::Enum { keys, mut nulls, names } => dictionary(UInt8Array::new(ScalarBuffer::from(keys), nulls.finish()), names),
+                Column::UuidList { offsets, values, mut nulls } => {
+                    let field = Arc::new(arrow::datatypes::Field::new("item", crate::schema::UUID_TYPE, false));
+                    let values = Arc::new(FixedSizeBinaryArray::new(16, values.into(), None));
+                    Arc::new(ListArray::new(field, OffsetBuffer::new(ScalarBuffer::from(offsets)), values, nulls.finish()))
+                }
+                Column::Json(mut out) => Arc::new(out.finish()),
+                Column::Raw(chunks) => {
+                    let raw_type = raw_schema.field(raw_index).data_type();
+                    let col = match chunks.len() {
+                        0 => arrow::array::new_empty_array(raw_type),
+                        1 => chunks[0].clone(),
+                        _ => {
+                            let refs: Vec<&dyn Array> = chunks.iter().map(|c| c.as_ref()).collect();
+                            // Cannot fail: the chunks share the raw schema's type.
+                            arrow::compute::concat(&refs).unwrap_or_else(|_| arrow::array::new_null_array(raw_type, 0))
+                        }
+                    };
+                    match spec.ty {
+                        // arrow-json decodes times without a time zone (see `FieldSpec::raw_field`).
+                        FieldType::Time => Arc::new(col.as_primitive::<TimestampMillisecondType>().clone().with_timezone("UTC")),
+                        FieldType::Bool if spec.required == Required::No => Arc::new(false_when_null(col.as_boolean())),
+                        _ => col,
+                    }
+                }
+            };
+            if !matches!(spec.ty, FieldType::Json) {
+                raw_index += 1;
+            }
+            columns.push(array);
+        }
+        (columns, self.bad)
+    }
+}
+
+/// The bytes of a string column's value at `row` (whatever is there under a null).
+#[inline(always)]
+fn text_at<'a>(col: &'a StringArray, offsets: &[i32], row: usize) -> &'a [u8] {
+    &col.value_data()[offsets[row] as usize..offsets[row + 1] as usize]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn uuid_column(
+    col: &StringArray,
+    values: &mut Vec<u8>,
+    nulls: &mut NullBufferBuilder,
+    spec: &FieldSpec,
+    row0: usize,
+    source: &[u32],
+    bad: &mut RowErrors,
+) {
+    let offsets = col.value_offsets();
+    let has_nulls = col.null_count() > 0;
     for (row, &src) in source.iter().enumerate().take(col.len()) {
-        if col.is_null(row) {
-            out.append_null();
+        if has_nulls && col.is_null(row) {
+            values.extend_from_slice(&[0; 16]);
+            nulls.append_null();
             continue;
         }
-        let text = col.value(row);
-        match Uuid::try_parse_ascii(text.as_bytes()) {
-            Ok(u) => {
-                // Cannot fail: the value has the builder's width.
-                let _ = out.append_value(u.as_bytes());
+        match uuid_text::parse(text_at(col, offsets, row)) {
+            Some(bytes) => {
+                values.extend_from_slice(&bytes);
+                nulls.append_non_null();
             }
-            Err(_) => {
-                bad.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{text:?}")));
-                out.append_null();
+            None => {
+                bad.set(row0 + row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{:?}", col.value(row))));
+                values.extend_from_slice(&[0; 16]);
+                nulls.append_null();
             }
         }
     }
-    out.finish()
 }
 
-fn uuid_list_column(col: &ListArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) -> ListArray {
+#[allow(clippy::too_many_arguments)]
+fn uuid_list_column(
+    col: &ListArray,
+    offsets: &mut Vec<i32>,
+    values: &mut Vec<u8>,
+    nulls: &mut NullBufferBuilder,
+    spec: &FieldSpec,
+    row0: usize,
+    source: &[u32],
+    bad: &mut RowErrors,
+) {
     let items = col.values().as_string::<i32>();
-    let mut values = FixedSizeBinaryBuilder::with_capacity(items.len(), 16);
-    let offsets = col.value_offsets();
+    let item_offsets = items.value_offsets();
+    values.reserve(items.len() * 16);
+    let list_offsets = col.value_offsets();
+    let mut end_offset = offsets.last().copied().unwrap_or(0);
     for row in 0..col.len() {
-        let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+        let (start, end) = (list_offsets[row] as usize, list_offsets[row + 1] as usize);
         for k in start..end {
-            let parsed = if items.is_null(k) { None } else { Uuid::try_parse_ascii(items.value(k).as_bytes()).ok() };
+            let parsed = if items.is_null(k) { None } else { uuid_text::parse(text_at(items, item_offsets, k)) };
             match parsed {
-                Some(u) => {
-                    let _ = values.append_value(u.as_bytes());
-                }
+                Some(bytes) => values.extend_from_slice(&bytes),
                 None => {
                     // Keep the child array dense; the row is rejected and filtered out below.
-                    let _ = values.append_value([0u8; 16]);
+                    values.extend_from_slice(&[0; 16]);
                     let found = if items.is_null(k) { "null".to_owned() } else { format!("{:?}", items.value(k)) };
-                    bad.set(row, RecordError::new(source[row] as usize, Some(&format!("{}[{}]", spec.name, k - start)), "a UUID", found));
+                    bad.set(
+                        row0 + row,
+                        RecordError::new(source[row] as usize, Some(&format!("{}[{}]", spec.name, k - start)), "a UUID", found),
+                    );
                 }
             }
         }
+        end_offset += (end - start) as i32;
+        offsets.push(end_offset);
     }
-    let field = Arc::new(arrow::datatypes::Field::new("item", crate::schema::UUID_TYPE, false));
-    ListArray::new(field, col.offsets().clone(), Arc::new(values.finish()), col.nulls().cloned())
+    match col.nulls() {
+        Some(n) => nulls.append_buffer(n),
+        None => nulls.append_n_non_nulls(col.len()),
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn enum_keys<E: Copy + Into<u8>>(
     col: &StringArray,
+    keys: &mut Vec<u8>,
+    nulls: &mut NullBufferBuilder,
     spec: &FieldSpec,
+    row0: usize,
     source: &[u32],
     bad: &mut RowErrors,
     parse: impl Fn(&str) -> Option<E>,
-) -> UInt8Array {
-    let mut keys = Vec::with_capacity(col.len());
+) {
     for (row, &src) in source.iter().enumerate().take(col.len()) {
         if col.is_null(row) {
-            keys.push(None);
+            keys.push(0);
+            nulls.append_null();
             continue;
         }
         match parse(col.value(row)) {
-            Some(e) => keys.push(Some(e.into())),
+            Some(e) => {
+                keys.push(e.into());
+                nulls.append_non_null();
+            }
             None => {
-                bad.set(row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{:?}", col.value(row))));
-                keys.push(None);
+                bad.set(row0 + row, RecordError::new(src as usize, Some(spec.name), spec.expected(), format!("{:?}", col.value(row))));
+                keys.push(0);
+                nulls.append_null();
             }
         }
     }
-    UInt8Array::from(keys)
 }
 
 macro_rules! into_u8 {
@@ -483,7 +680,7 @@ fn unreachable_dictionary() -> ArrayRef {
     Arc::new(DictionaryArray::<UInt8Type>::from_iter(std::iter::empty::<&str>()))
 }
 
-fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, source: &[u32], bad: &mut RowErrors) {
+fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, row0: usize, source: &[u32], bad: &mut RowErrors) {
     for (name, limit) in [("lat", 90.0), ("lon", 180.0)] {
         let Some(values) = col.column_by_name(name) else {
             continue;
@@ -491,46 +688,68 @@ fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, source: &[u
         for (row, v) in values.as_primitive::<Float64Type>().iter().enumerate() {
             if col.is_valid(row) && v.is_some_and(|v| v.is_nan() || v.abs() > limit) {
                 let field = format!("{}.{name}", spec.name);
-                bad.set(row, RecordError::new(source[row] as usize, Some(&field), format!("degrees within ±{limit}"), format!("{v:?}")));
+                bad.set(
+                    row0 + row,
+                    RecordError::new(source[row] as usize, Some(&field), format!("degrees within ±{limit}"), format!("{v:?}")),
+                );
             }
         }
     }
 }
 
-/// Pulls a JSON-object field (the message `payload`) out as text. arrow-json cannot keep a nested
-/// object as text, so records that mention the key are scanned once more with serde_json, borrowing
-/// the raw text without building a value.
-fn extract_json(spec: &FieldSpec, payloads: &[&[u8]], source: &[u32], bad: &mut RowErrors) -> ArrayRef {
-    #[derive(serde::Deserialize)]
-    struct Holder<'a> {
-        #[serde(borrow, default)]
-        payload: Option<&'a serde_json::value::RawValue>,
-    }
-    debug_assert_eq!(spec.name, "payload", "only the message payload is a JSON field");
-    let needle = format!("\"{}\"", spec.name);
-    let finder = memchr::memmem::Finder::new(needle.as_bytes());
-    let mut out = StringBuilder::with_capacity(source.len(), 0);
+/// Appends the raw text of the JSON-object field (the message `payload`) of the records `source`
+/// to `out`. arrow-json cannot keep a nested object as text, so the records that mention the key
+/// are read once more: by [`json_field::find`] when it can vouch for serde_json's verdict, by
+/// serde_json itself otherwise (borrowing the raw text, never building a value).
+fn json_column(
+    key: &memchr::memmem::Finder<'_>,
+    out: &mut StringBuilder,
+    spec: &FieldSpec,
+    payloads: &[&[u8]],
+    row0: usize,
+    source: &[u32],
+    bad: &mut RowErrors,
+) {
     for (row, &i) in source.iter().enumerate() {
         let p = payloads[i as usize];
-        if finder.find(p).is_none() {
+        if key.find(p).is_none() {
             out.append_null();
             continue;
         }
-        match serde_json::from_slice::<Holder<'_>>(p) {
-            Ok(Holder { payload: Some(raw) }) if raw.get().starts_with('{') => out.append_value(raw.get()),
-            Ok(Holder { payload: Some(raw) }) if raw.get() == "null" => out.append_null(),
-            Ok(Holder { payload: None }) => out.append_null(),
-            Ok(Holder { payload: Some(raw) }) => {
-                bad.set(row, RecordError::new(i as usize, Some(spec.name), spec.expected(), crate::error::excerpt(raw.get())));
+        match json_value(p) {
+            Ok(None) => out.append_null(),
+            Ok(Some(raw)) if raw.starts_with('{') => out.append_value(raw),
+            Ok(Some(raw)) => {
+                bad.set(row0 + row, RecordError::new(i as usize, Some(spec.name), spec.expected(), crate::error::excerpt(raw)));
                 out.append_null();
             }
             Err(e) => {
-                bad.set(row, RecordError::new(i as usize, Some(spec.name), spec.expected(), e.to_string()));
+                bad.set(row0 + row, RecordError::new(i as usize, Some(spec.name), spec.expected(), e.to_string()));
                 out.append_null();
             }
         }
     }
-    Arc::new(out.finish())
+}
+
+/// The raw text of a record's top-level `payload`, as serde_json reads it (`Ok(None)`: absent or
+/// `null`; `Err`: serde_json refuses the record).
+fn json_value(p: &[u8]) -> Result<Option<&str>, serde_json::Error> {
+    match json_field::find(p, JSON_FIELD.as_bytes()) {
+        Some(None) => return Ok(None),
+        // The scanner only answers for ASCII records, so the range is always text.
+        Some(Some(range)) => {
+            if let Ok(raw) = std::str::from_utf8(&p[range]) {
+                return Ok((raw != "null").then_some(raw));
+            }
+        }
+        None => {}
+    }
+    #[derive(serde::Deserialize)]
+    struct Holder<'a> {
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+    serde_json::from_slice::<Holder<'_>>(p).map(|h| h.payload.map(RawValue::get))
 }
 
 /// An optional boolean with its contract default (`false`) in place of nulls.
@@ -598,5 +817,9 @@ impl<'de> serde::de::Visitor<'de> for TopLevel<'_, 'de> {
     }
 }
 
+#[cfg(test)]
+mod differential;
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,199 @@
+//! Differential tests: the decoder must give exactly what the decoder before the chunk-wise
+//! conversion gave ([`super::reference`]), for good and bad records of every topic: the same
+//! batch (compared as Arrow IPC bytes too), the same sources, the same errors.
+
+#![allow(clippy::unwrap_used)]
+
+use arrow::ipc::writer::StreamWriter;
+use proptest::prelude::*;
+
+use super::reference;
+use super::*;
+
+/// Values per field type: the first `n` of each list are valid, the rest are not (or are unusual).
+fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
+    match ty {
+        FieldType::Uuid => (
+            3,
+            &[
+                r#""9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c""#,
+                r#""C4D5E6F7-1A2B-4C3D-8E9F-0A1B2C3D4E5F""#,
+                r#""5f0c9f2e-8d1a-4c3b-9a77-2b1d3c4e5f60""#,
+                r#""{9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c}""#,
+                r#""9b2f1c3a0d4e4f5a8b6c7d8e9f0a1b2c""#,
+                r#""9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2g""#,
+                r#""zz""#,
+                "7",
+                "null",
+            ],
+        ),
+        FieldType::Time => (
+            4,
+            &[
+                "1795539600000",
+                r#""2026-11-24T17:00:00.123Z""#,
+                r#""2026-11-24T18:00:00.123+01:00""#,
+                r#""2026-11-24T17:00:00""#,
+                "1.7955396e12",
+                "-1",
+                r#""yesterday""#,
+                "true",
+                "null",
+            ],
+        ),
+        FieldType::Str => (4, &[r#""eu-1""#, r#""""#, r#""a\"b""#, r#""é\u00e9""#, "5", "null", "[]"]),
+        FieldType::Bool => (2, &["true", "false", "null", r#""yes""#, "1"]),
+        FieldType::Int => (2, &["27", "0", "-5", "1.5", r#""3""#, "1e3", "null"]),
+        FieldType::Float => (2, &["1.5", "0", "-1", r#""2""#, "null", "1e400"]),
+        FieldType::Action => (3, &[r#""send""#, r#""connect""#, r#""configure""#, r#""teleport""#, "7", "null"]),
+        FieldType::Auth => (2, &[r#""valid""#, r#""missing""#, r#""nope""#, "null"]),
+        FieldType::InteractionKind => (2, &[r#""proximity""#, r#""sms""#, r#""telepathy""#, "null"]),
+        FieldType::UuidList => (
+            2,
+            &[
+                r#"["9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","e1f2a3b4-5c6d-4e7f-8a9b-0c1d2e3f4a5b"]"#,
+                "[]",
+                r#"["9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","x"]"#,
+                "[1]",
+                "[null]",
+                r#""9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c""#,
+                "null",
+            ],
+        ),
+        FieldType::Location => (
+            3,
+            &[
+                r#"{"lat":52.52,"lon":13.405,"country":"DE"}"#,
+                "{}",
+                r#"{"lat":1,"extra":[1]}"#,
+                r#"{"lat":"north"}"#,
+                r#"{"lat":123.0}"#,
+                r#"{"lon":-200}"#,
+                r#""x""#,
+                "null",
+            ],
+        ),
+        FieldType::Json => (
+            4,
+            &[
+                r#"{"command":"off","level":3}"#,
+                "{}",
+                r#"{"payload":{"a":1},"s":"a\"b"}"#,
+                r#"{ "a" : [ 1 , 2 ] , "é" : true }"#,
+                "null",
+                r#""off""#,
+                "[1]",
+                "01",
+            ],
+        ),
+    }
+}
+
+/// One record from generated choices: per field a variant (or absent), then a record-level twist.
+fn record(topic: InputTopic, choices: &[u8], twist: u8, rotate: usize, spaced: bool) -> String {
+    let fields = topic.fields();
+    let mut members: Vec<String> = Vec::new();
+    for (k, spec) in fields.iter().enumerate() {
+        let c = choices.get(k).copied().unwrap_or(0);
+        let (valid, all) = variants(spec.ty);
+        let absent = spec.required != Required::Yes && c % 3 == 0;
+        if absent || c == 255 {
+            continue;
+        }
+        let value = if c < 200 { all[usize::from(c) % valid] } else { all[usize::from(c) % all.len()] };
+        members.push(if spaced { format!("\"{}\" : {value}", spec.name) } else { format!("\"{}\":{value}", spec.name) });
+    }
+    let n = members.len().max(1);
+    members.rotate_left(rotate % n);
+    let sep = if spaced { " ,\n " } else { "," };
+    let mut text = format!("{{{}}}", members.join(sep));
+    match twist {
+        0..=219 => {}
+        220 => text.truncate(text.len() / 2),
+        221 => text = format!("{text}{text}"),
+        222 => text = format!("[{text}]"),
+        223 => text.insert_str(1, r#""x":01,"#),
+        224 => text.insert_str(1, r#""x":1 "y":2,"#),
+        225 => text.insert_str(1, r#""payload":{"first":1},"#),
+        226 => text.insert_str(1, r#""x":"\"payload\":{}","#),
+        227 => text.insert_str(1, r#""x":[1,,2],"#),
+        228 => text = format!(" \n{text}\t "),
+        229 => text.insert_str(1, r#""ext":{"payload":"nested"},"#),
+        230 => text = "42".into(),
+        231 => text = String::new(),
+        232 => text.insert_str(1, r#""x":1.,"#),
+        233 => text.insert_str(1, "\"x\":\"\u{1}\","),
+        _ => {}
+    }
+    text
+}
+
+/// IPC stream bytes of a batch: buffers, validity and all.
+fn ipc(batch: &RecordBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, &batch.schema()).unwrap();
+    w.write(batch).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    out
+}
+
+fn assert_same(topic: InputTopic, records: &[String], decoder: &mut BatchDecoder, oracle: &mut reference::BatchDecoder) {
+    let slices: Vec<&[u8]> = records.iter().map(String::as_bytes).collect();
+    let new = decoder.decode(&slices);
+    let old = oracle.decode(&slices);
+    assert_eq!(new.rejected, old.rejected, "{topic:?} {records:#?}");
+    assert_eq!(new.source, old.source, "{topic:?} {records:#?}");
+    assert_eq!(new.batch, old.batch, "{topic:?} {records:#?}");
+    assert!(ipc(&new.batch) == ipc(&old.batch), "{topic:?}: same values, different IPC bytes {records:#?}");
+}
+
+const TOPICS: [InputTopic; 4] = [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn same_output_as_before(
+        topic in 0..TOPICS.len(),
+        records in proptest::collection::vec(
+            (proptest::collection::vec(any::<u8>(), 15), any::<u8>(), 0..16usize, any::<bool>()),
+            0..24,
+        ),
+    ) {
+        let topic = TOPICS[topic];
+        let records: Vec<String> = records.iter().map(|(c, twist, rotate, spaced)| record(topic, c, *twist, *rotate, *spaced)).collect();
+        // Fresh decoders, then the same ones again (reused arrow-json state).
+        let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+        assert_same(topic, &records, &mut decoder, &mut oracle);
+        assert_same(topic, &records, &mut decoder, &mut oracle);
+    }
+}
+
+/// Batches of several chunks, with bad records in some of them, good-only ones, and the bench's mix.
+#[test]
+fn same_output_as_before_across_chunks() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for topic in TOPICS {
+        let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+        for (size, bad_rate) in
+            [(CHUNK_ROWS * 2 + 17, 0u64), (CHUNK_ROWS * 3, 0), (CHUNK_ROWS + 5, 1), (CHUNK_ROWS * 2 + 1, 50), (0, 0), (1, 0)]
+        {
+            let records: Vec<String> = (0..size)
+                .map(|_| {
+                    let bad = bad_rate > 0 && next() % 1000 < bad_rate;
+                    let choices: Vec<u8> = (0..15).map(|_| if bad { next() as u8 } else { (next() % 200) as u8 }).collect();
+                    let twist = if bad { next() as u8 } else { 0 };
+                    record(topic, &choices, twist, (next() % 4) as usize, next() % 5 == 0)
+                })
+                .collect();
+            assert_same(topic, &records, &mut decoder, &mut oracle);
+        }
+    }
+}
