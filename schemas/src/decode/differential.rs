@@ -90,17 +90,21 @@ fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
 }
 
 /// One record from generated choices: per field a variant (or absent), then a record-level twist.
-fn record(topic: InputTopic, choices: &[u8], twist: u8, rotate: usize, spaced: bool) -> String {
+/// `mode` decides how wrong it may be: below 160 every field is valid (so that most batches take
+/// the fast path and twists matter), below 224 one field may be anything, else every field.
+fn record(topic: InputTopic, choices: &[u8], mode: u8, twist: u8, rotate: usize, spaced: bool) -> String {
     let fields = topic.fields();
+    let wild = usize::from(mode) % fields.len();
     let mut members: Vec<String> = Vec::new();
     for (k, spec) in fields.iter().enumerate() {
         let c = choices.get(k).copied().unwrap_or(0);
         let (valid, all) = variants(spec.ty);
         let absent = spec.required != Required::Yes && c % 3 == 0;
-        if absent || c == 255 {
+        let any = mode >= 224 || (mode >= 160 && k == wild);
+        if absent || (any && c == 255) {
             continue;
         }
-        let value = if c < 200 { all[usize::from(c) % valid] } else { all[usize::from(c) % all.len()] };
+        let value = if any { all[usize::from(c) % all.len()] } else { all[usize::from(c) % valid] };
         members.push(if spaced { format!("\"{}\" : {value}", spec.name) } else { format!("\"{}\":{value}", spec.name) });
     }
     let n = members.len().max(1);
@@ -157,12 +161,13 @@ proptest! {
     fn same_output_as_before(
         topic in 0..TOPICS.len(),
         records in proptest::collection::vec(
-            (proptest::collection::vec(any::<u8>(), 15), any::<u8>(), 0..16usize, any::<bool>()),
+            (proptest::collection::vec(any::<u8>(), 15), any::<u8>(), any::<u8>(), 0..16usize, any::<bool>()),
             0..24,
         ),
     ) {
         let topic = TOPICS[topic];
-        let records: Vec<String> = records.iter().map(|(c, twist, rotate, spaced)| record(topic, c, *twist, *rotate, *spaced)).collect();
+        let records: Vec<String> =
+            records.iter().map(|(c, mode, twist, rotate, spaced)| record(topic, c, *mode, *twist, *rotate, *spaced)).collect();
         // Fresh decoders, then the same ones again (reused arrow-json state).
         let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
         assert_same(topic, &records, &mut decoder, &mut oracle);
@@ -188,12 +193,34 @@ fn same_output_as_before_across_chunks() {
             let records: Vec<String> = (0..size)
                 .map(|_| {
                     let bad = bad_rate > 0 && next() % 1000 < bad_rate;
-                    let choices: Vec<u8> = (0..15).map(|_| if bad { next() as u8 } else { (next() % 200) as u8 }).collect();
-                    let twist = if bad { next() as u8 } else { 0 };
-                    record(topic, &choices, twist, (next() % 4) as usize, next() % 5 == 0)
+                    let choices: Vec<u8> = (0..15).map(|_| next() as u8).collect();
+                    let (mode, twist) = if bad { (next() as u8 | 0x80, next() as u8) } else { (0, 0) };
+                    record(topic, &choices, mode, twist, (next() % 4) as usize, next() % 5 == 0)
                 })
                 .collect();
             assert_same(topic, &records, &mut decoder, &mut oracle);
+        }
+    }
+}
+
+/// Every record-level twist and every variant of every field, each next to good records.
+#[test]
+fn same_output_as_before_on_every_variant_and_twist() {
+    for topic in TOPICS {
+        let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+        let good = record(topic, &[1; 15], 0, 0, 0, false);
+        let mut odd: Vec<String> = (220..=233).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
+        for (k, spec) in topic.fields().iter().enumerate() {
+            for v in 0..variants(spec.ty).1.len() {
+                let mut choices = [1u8; 15];
+                // `mode` 160 + k lets exactly field k take any variant; 1 + 3v is never "absent".
+                choices[k] = (1 + 3 * v) as u8;
+                odd.push(record(topic, &choices, 160 + k as u8, 0, 0, false));
+            }
+        }
+        for bad in &odd {
+            assert_same(topic, &[good.clone(), bad.clone(), good.clone()], &mut decoder, &mut oracle);
+            assert_same(topic, std::slice::from_ref(bad), &mut decoder, &mut oracle);
         }
     }
 }
