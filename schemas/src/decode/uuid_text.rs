@@ -53,10 +53,13 @@ fn le32(b: &[u8]) -> u64 {
 fn hex8(x: u64) -> Option<u32> {
     // Each byte is below 0x80 (checked below), so adding at most 0x50 never carries into the next
     // byte, and a byte's high bit after `+ (0x80 - c)` says whether it was >= c.
+    if x & HIGH != 0 {
+        return None;
+    }
     let lower = x | 0x2020_2020_2020_2020;
     let digit = (x + 0x50 * ONES) & !(x + 0x46 * ONES); // 0x30 <= b < 0x3A
     let alpha = (lower + 0x1F * ONES) & !(lower + 0x19 * ONES); // 0x61 <= b|0x20 < 0x67
-    if x & HIGH != 0 || (digit | alpha) & HIGH != HIGH {
+    if (digit | alpha) & HIGH != HIGH {
         return None;
     }
     // Digits' low nibble is their value; letters' low nibble is 1..=6, nine short of theirs.
