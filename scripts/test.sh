@@ -84,11 +84,45 @@ eval "$(bash scripts/install-chromium.sh)"
 export MESHGUARD_CHROMIUM_BIN
 "$MESHGUARD_CHROMIUM_BIN" --version 2>/dev/null || true
 
+section "Build cache ($CARGO_TARGET_DIR)"
+# The cache outlives the clone, and each change of Cargo.lock, features or checkout path leaves a set of
+# artifacts behind. After the suite, scripts/sweep-target.py keeps only what this build used (set
+# MESHGUARD_SWEEP=0 to keep everything). Before it, a disk too full for a build is made room on: first the
+# incremental folders, then the whole debug profile (a build from nothing still fits in CI's time).
+need_gib=${MESHGUARD_MIN_FREE_GIB:-20}
+free_gib() {
+    mkdir -p "$CARGO_TARGET_DIR"
+    echo $(($(df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 { print $4 }') / 1048576))
+}
+echo "$(free_gib) GiB free (a build needs about $need_gib)"
+if (($(free_gib) < need_gib)); then
+    echo "low on disk: removing incremental build folders"
+    rm -rf "$CARGO_TARGET_DIR"/*/incremental
+    if (($(free_gib) < need_gib)); then
+        echo "still low on disk: removing $CARGO_TARGET_DIR/debug (everything will be rebuilt)"
+        rm -rf "$CARGO_TARGET_DIR/debug"
+    fi
+    echo "$(free_gib) GiB free"
+fi
+sweep() {
+    # Only after a build got through: sweeping needs the build's list of artifacts.
+    [[ "${MESHGUARD_SWEEP:-1}" != 0 && -n "${built:-}" ]] || return 0
+    section "Build cache sweep"
+    local used
+    used="$(mktemp)"
+    cargo test --no-run --workspace --all-targets --locked --message-format=json >"$used" 2>/dev/null || true
+    cargo clippy --workspace --all-targets --locked --message-format=json -- -D warnings >>"$used" 2>/dev/null || true
+    python3 scripts/sweep-target.py "$CARGO_TARGET_DIR/debug" "$used" || true
+    rm -f "$used"
+}
+trap sweep EXIT
+
 section "Format (cargo fmt --check)"
 cargo fmt --all --check
 
 section "Lints (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+built=1
 
 section "Tests"
 if cargo nextest --version >/dev/null 2>&1; then
