@@ -8,11 +8,11 @@
 //! concatenated. Each payload is fed separately so that a payload holding two objects, or half of
 //! one, is caught instead of silently merging with its neighbour.
 //!
-//! arrow-json fails a whole batch on the first syntax or type error and does not say which record
-//! broke it. Only then does the slow path run: each payload is checked on its own against the same
-//! [`FieldSpec`]s with serde_json, the bad ones are rejected with a precise reason, and the rest go
-//! through the fast path again. A batch with one bad record therefore costs one extra parse of its
-//! records, never a lost good record.
+//! arrow-json fails a whole chunk on the first syntax or type error and does not say which record
+//! broke it. Only then does the slow path run, for that chunk alone: each of its payloads is
+//! checked on its own against the same [`FieldSpec`]s with serde_json, the bad ones are rejected
+//! with a precise reason, and the rest go through the fast path again. A bad record therefore
+//! costs one extra parse of the [`CHUNK_ROWS`] records around it, never a lost good record.
 
 mod json_field;
 mod uuid_text;
@@ -120,39 +120,34 @@ impl BatchDecoder {
         }
 
         let mut out = Canonical::new(self.topic, candidates.len());
-        if !self.fast_decode(payloads, &candidates, &mut out) {
-            // Slow path: find the bad records one by one, then decode the rest.
-            let mut good = Vec::with_capacity(candidates.len());
-            let mut fields = Vec::new();
-            for &i in &candidates {
+        let mut decoded = Vec::with_capacity(candidates.len());
+        let mut fields = Vec::new();
+        for chunk in candidates.chunks(CHUNK_ROWS) {
+            if let Some(raw) = self.raw_decode_chunk(payloads, chunk) {
+                out.append(&self.json_key, payloads, &raw, chunk, decoded.len());
+                decoded.extend_from_slice(chunk);
+                continue;
+            }
+            // Slow path, for this chunk only: find its bad records one by one, then decode the rest.
+            let mut good = Vec::with_capacity(chunk.len());
+            for &i in chunk {
                 match self.check_record(i as usize, payloads[i as usize], &mut fields) {
                     Ok(()) => good.push(i),
                     Err(e) => rejected.push(e),
                 }
             }
-            candidates = good;
-            out = Canonical::new(self.topic, candidates.len());
-            if !self.fast_decode(payloads, &candidates, &mut out) {
-                out = Canonical::new(self.topic, candidates.len());
-                self.decode_one_by_one(payloads, &mut candidates, &mut rejected, &mut out);
+            match self.raw_decode_chunk(payloads, &good) {
+                Some(raw) => {
+                    out.append(&self.json_key, payloads, &raw, &good, decoded.len());
+                    decoded.extend_from_slice(&good);
+                }
+                None => self.decode_one_by_one(payloads, &good, &mut rejected, &mut out, &mut decoded),
             }
         }
 
-        let (batch, source) = self.finish(out, candidates, &mut rejected);
+        let (batch, source) = self.finish(out, decoded, &mut rejected);
         rejected.sort_by_key(|e| e.index);
         DecodedBatch { batch, source, rejected }
-    }
-
-    /// arrow-json over the records `which`, chunk by chunk, each chunk converted into `out` at
-    /// once; `false` when any record breaks arrow-json (`out` then holds part of the batch).
-    fn fast_decode(&mut self, payloads: &[&[u8]], which: &[u32], out: &mut Canonical) -> bool {
-        let mut row = 0;
-        for chunk in which.chunks(CHUNK_ROWS) {
-            let Some(raw) = self.raw_decode_chunk(payloads, chunk) else { return false };
-            out.append(&self.json_key, payloads, &raw, chunk, row);
-            row += chunk.len();
-        }
-        true
     }
 
     fn raw_decode_chunk(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
@@ -178,10 +173,17 @@ impl BatchDecoder {
     }
 
     /// Last resort, when the slow-path checks passed records that arrow-json still refuses: decode
-    /// each alone, rejecting the ones that fail with arrow-json's own reason.
-    fn decode_one_by_one(&self, payloads: &[&[u8]], candidates: &mut Vec<u32>, rejected: &mut Vec<RecordError>, out: &mut Canonical) {
-        let mut good = Vec::with_capacity(candidates.len());
-        for &i in candidates.iter() {
+    /// each alone, rejecting the ones that fail with arrow-json's own reason; the others are
+    /// appended to `out` and to `good`.
+    fn decode_one_by_one(
+        &self,
+        payloads: &[&[u8]],
+        candidates: &[u32],
+        rejected: &mut Vec<RecordError>,
+        out: &mut Canonical,
+        good: &mut Vec<u32>,
+    ) {
+        for &i in candidates {
             let p = payloads[i as usize];
             let mut decoder = match ReaderBuilder::new(self.raw_schema.clone()).with_batch_size(1).build_decoder() {
                 Ok(d) => d,
@@ -206,7 +208,6 @@ impl BatchDecoder {
                 Err(e) => rejected.push(RecordError::new(i as usize, None, "one JSON object per the contract", e.to_string())),
             }
         }
-        *candidates = good;
     }
 
     /// Per-record check of syntax and types, mirroring what arrow-json refuses, with precise errors.
