@@ -14,6 +14,7 @@
 //! with a precise reason, and the rest go through the fast path again. A bad record therefore
 //! costs one extra parse of the [`CHUNK_ROWS`] records around it, never a lost good record.
 
+mod direct;
 mod json_field;
 mod uuid_text;
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use arrow::array::NullBufferBuilder;
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBufferBuilder, DictionaryArray, FixedSizeBinaryArray, Int64Array, ListArray,
-    StringArray, StringBuilder, UInt8Array,
+    StringArray, UInt8Array,
 };
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::compute::filter;
@@ -69,6 +70,24 @@ pub struct BatchDecoder {
     json: Option<arrow::json::reader::Decoder>,
     /// Finds `"payload"` in a record, for the topic's JSON field (see [`json_value`]).
     json_key: memchr::memmem::Finder<'static>,
+    /// Chunks that went through arrow-json (the others went through [`direct`]).
+    #[cfg(test)]
+    arrow_chunks: usize,
+}
+
+/// The serde_json path's buffers, kept across the chunks of one batch.
+struct Direct<'p> {
+    staging: direct::Staging<'p>,
+    raw: Vec<Option<direct::RawBuilder>>,
+}
+
+impl<'p> Direct<'p> {
+    fn new(fields: &[FieldSpec]) -> Self {
+        Self {
+            staging: direct::Staging::new(fields.len()),
+            raw: fields.iter().map(|f| direct::RawBuilder::new(f.ty, CHUNK_ROWS)).collect(),
+        }
+    }
 }
 
 impl std::fmt::Debug for BatchDecoder {
@@ -92,6 +111,8 @@ impl BatchDecoder {
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             json: None,
             json_key: memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, JSON_KEY).into_owned(),
+            #[cfg(test)]
+            arrow_chunks: 0,
         }
     }
 
@@ -122,9 +143,9 @@ impl BatchDecoder {
         let mut out = Canonical::new(self.topic, candidates.len());
         let mut decoded = Vec::with_capacity(candidates.len());
         let mut fields = Vec::new();
+        let mut direct = Direct::new(self.topic.fields());
         for chunk in candidates.chunks(CHUNK_ROWS) {
-            if let Some(raw) = self.raw_decode_chunk(payloads, chunk) {
-                out.append(&self.json_key, payloads, &raw, chunk, decoded.len());
+            if self.fast_chunk(payloads, chunk, decoded.len(), &mut out, &mut direct) {
                 decoded.extend_from_slice(chunk);
                 continue;
             }
@@ -136,18 +157,32 @@ impl BatchDecoder {
                     Err(e) => rejected.push(e),
                 }
             }
-            match self.raw_decode_chunk(payloads, &good) {
-                Some(raw) => {
-                    out.append(&self.json_key, payloads, &raw, &good, decoded.len());
-                    decoded.extend_from_slice(&good);
-                }
-                None => self.decode_one_by_one(payloads, &good, &mut rejected, &mut out, &mut decoded),
+            if self.fast_chunk(payloads, &good, decoded.len(), &mut out, &mut direct) {
+                decoded.extend_from_slice(&good);
+            } else {
+                self.decode_one_by_one(payloads, &good, &mut rejected, &mut out, &mut decoded);
             }
         }
 
         let (batch, source) = self.finish(out, decoded, &mut rejected);
         rejected.sort_by_key(|e| e.index);
         DecodedBatch { batch, source, rejected }
+    }
+
+    /// One chunk of records, rows `row0..` of the batch, into `out`: through serde_json when all
+    /// its records are ordinary ([`direct`]), through arrow-json otherwise; `false`, with nothing
+    /// of the chunk kept, when a record breaks arrow-json.
+    fn fast_chunk<'p>(&mut self, payloads: &[&'p [u8]], chunk: &[u32], row0: usize, out: &mut Canonical, direct: &mut Direct<'p>) -> bool {
+        if out.append_direct(payloads, chunk, row0, &mut direct.staging, &mut direct.raw) {
+            return true;
+        }
+        #[cfg(test)]
+        {
+            self.arrow_chunks += 1;
+        }
+        let Some(raw) = self.raw_decode_chunk(payloads, chunk) else { return false };
+        out.append(&self.json_key, payloads, &raw, chunk, row0);
+        true
     }
 
     fn raw_decode_chunk(&mut self, payloads: &[&[u8]], which: &[u32]) -> Option<RecordBatch> {
@@ -381,9 +416,49 @@ enum Column {
     /// `List(FixedSizeBinary(16))`.
     UuidList { offsets: Vec<i32>, values: Vec<u8>, nulls: NullBufferBuilder },
     /// The raw text of a JSON object field.
-    Json(StringBuilder),
+    Json(TextColumn),
     /// Columns kept as arrow-json decoded them, one array per chunk.
     Raw(Vec<ArrayRef>),
+}
+
+/// A `Utf8` column built value by value that can be cut back (a rolled-back chunk).
+struct TextColumn {
+    offsets: Vec<i32>,
+    data: Vec<u8>,
+    nulls: NullBufferBuilder,
+}
+
+impl TextColumn {
+    fn new(rows: usize) -> Self {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        Self { offsets, data: Vec::new(), nulls: NullBufferBuilder::new(rows) }
+    }
+
+    fn append_value(&mut self, text: &str) {
+        self.data.extend_from_slice(text.as_bytes());
+        self.offsets.push(self.data.len() as i32);
+        self.nulls.append_non_null();
+    }
+
+    fn append_null(&mut self) {
+        self.offsets.push(self.data.len() as i32);
+        self.nulls.append_null();
+    }
+
+    fn truncate(&mut self, rows: usize) {
+        self.offsets.truncate(rows + 1);
+        self.data.truncate(self.offsets.last().map_or(0, |&o| o as usize));
+        self.nulls.truncate(rows);
+    }
+
+    fn finish(mut self) -> StringArray {
+        let rows = self.offsets.len() - 1;
+        let nulls = self.nulls.finish();
+        // Cannot fail: the values are whole `&str`s.
+        StringArray::try_new(OffsetBuffer::new(ScalarBuffer::from(self.offsets)), self.data.into(), nulls)
+            .unwrap_or_else(|_| StringArray::new_null(rows))
+    }
 }
 
 /// The canonical columns of a batch under construction, and the errors of its rows.
@@ -416,13 +491,190 @@ impl Canonical {
                     offsets.push(0);
                     Column::UuidList { offsets, values: Vec::new(), nulls: NullBufferBuilder::new(rows) }
                 }
-                FieldType::Json => Column::Json(StringBuilder::with_capacity(rows, 0)),
+                FieldType::Json => Column::Json(TextColumn::new(rows)),
                 FieldType::Time | FieldType::Str | FieldType::Bool | FieldType::Int | FieldType::Float | FieldType::Location => {
                     Column::Raw(Vec::with_capacity(rows.div_ceil(CHUNK_ROWS)))
                 }
             })
             .collect();
         Self { fields, columns, bad: RowErrors::new(rows), actions: Vec::new() }
+    }
+
+    /// Reads the chunk `source` (rows `row0..` of the batch) with serde_json and converts each record
+    /// at once; `false`, with nothing of the chunk kept, when a record is not ordinary (see
+    /// [`direct`]) and the chunk must go through arrow-json.
+    fn append_direct<'p>(
+        &mut self,
+        payloads: &[&'p [u8]],
+        source: &[u32],
+        row0: usize,
+        staging: &mut direct::Staging<'p>,
+        raw: &mut [Option<direct::RawBuilder>],
+    ) -> bool {
+        let errors = self.bad.errors.len();
+        for (n, &i) in source.iter().enumerate() {
+            if !direct::stage(self.fields, payloads[i as usize], staging) {
+                self.rollback(row0, errors, raw);
+                return false;
+            }
+            self.append_staged(staging, raw, row0 + n, i);
+        }
+        for (column, builder) in self.columns.iter_mut().zip(raw.iter_mut()) {
+            if let (Column::Raw(chunks), Some(b)) = (column, builder) {
+                chunks.push(b.finish());
+            }
+        }
+        true
+    }
+
+    /// Forgets everything of the rows from `row0` on.
+    fn rollback(&mut self, row0: usize, errors: usize, raw: &mut [Option<direct::RawBuilder>]) {
+        for column in &mut self.columns {
+            match column {
+                Column::Uuid { values, nulls } => {
+                    values.truncate(row0 * 16);
+                    nulls.truncate(row0);
+                }
+                Column::Enum { keys, nulls, .. } => {
+                    keys.truncate(row0);
+                    nulls.truncate(row0);
+                }
+                Column::UuidList { offsets, values, nulls } => {
+                    offsets.truncate(row0 + 1);
+                    values.truncate(offsets.last().map_or(0, |&o| o as usize * 16));
+                    nulls.truncate(row0);
+                }
+                Column::Json(text) => text.truncate(row0),
+                Column::Raw(_) => {}
+            }
+        }
+        for builder in raw.iter_mut().flatten() {
+            builder.finish();
+        }
+        self.bad.errors.truncate(errors);
+        if let Some(bad) = self.bad.bad.get_mut(row0..) {
+            bad.fill(false);
+        }
+    }
+
+    /// Converts one staged record, row `row` of the batch from payload `src`: the same checks, in
+    /// the same order, with the same errors as [`Canonical::append`] on arrow-json's columns.
+    fn append_staged(&mut self, staging: &direct::Staging<'_>, raw: &mut [Option<direct::RawBuilder>], row: usize, src: u32) {
+        use direct::Val;
+        let bad = &mut self.bad;
+        let src_index = src as usize;
+        let mut action: Option<u8> = None;
+        for (k, (spec, column)) in self.fields.iter().zip(&mut self.columns).enumerate() {
+            let v = staging.vals[k];
+            let missing = matches!(v, Val::Absent | Val::Null);
+            if missing {
+                match spec.required {
+                    Required::Yes => bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), "nothing")),
+                    Required::UnlessConnect if action.is_some_and(|a| a != Action::Connect.code()) => bad.set(
+                        row,
+                        RecordError::new(src_index, Some(spec.name), spec.expected(), "nothing (required for every action but connect)"),
+                    ),
+                    _ => {}
+                }
+            }
+            match column {
+                Column::Uuid { values, nulls } => match v {
+                    Val::Str(text) => match uuid_text::parse(text.as_bytes()) {
+                        Some(bytes) => {
+                            values.extend_from_slice(&bytes);
+                            nulls.append_non_null();
+                        }
+                        None => {
+                            bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), format!("{text:?}")));
+                            values.extend_from_slice(&[0; 16]);
+                            nulls.append_null();
+                        }
+                    },
+                    _ => {
+                        values.extend_from_slice(&[0; 16]);
+                        nulls.append_null();
+                    }
+                },
+                Column::Enum { keys, nulls, .. } => {
+                    let code = match v {
+                        Val::Str(text) => {
+                            let code = match spec.ty {
+                                FieldType::Action => Action::parse(text).map(Action::code),
+                                FieldType::Auth => Auth::parse(text).map(Auth::code),
+                                _ => InteractionKind::parse(text).map(InteractionKind::code),
+                            };
+                            if code.is_none() {
+                                bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), format!("{text:?}")));
+                            }
+                            code
+                        }
+                        _ => None,
+                    };
+                    keys.push(code.unwrap_or(0));
+                    nulls.append(code.is_some());
+                    if spec.ty == FieldType::Action {
+                        action = code;
+                    }
+                }
+                Column::UuidList { offsets, values, nulls } => {
+                    let mut end = offsets.last().copied().unwrap_or(0);
+                    if let Val::List(start, stop) = v {
+                        let items = &staging.items[start as usize..stop as usize];
+                        for (j, item) in items.iter().enumerate() {
+                            match item.and_then(|text| uuid_text::parse(text.as_bytes())) {
+                                Some(bytes) => values.extend_from_slice(&bytes),
+                                None => {
+                                    values.extend_from_slice(&[0; 16]);
+                                    let found = match item {
+                                        Some(text) => format!("{text:?}"),
+                                        None => "null".to_owned(),
+                                    };
+                                    bad.set(row, RecordError::new(src_index, Some(&format!("{}[{j}]", spec.name)), "a UUID", found));
+                                }
+                            }
+                        }
+                        end += items.len() as i32;
+                        nulls.append_non_null();
+                    } else {
+                        nulls.append_null();
+                    }
+                    offsets.push(end);
+                }
+                Column::Json(text) => match v {
+                    Val::Json(raw) if raw.starts_with('{') => text.append_value(raw),
+                    Val::Json(raw) if raw != "null" => {
+                        bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), crate::error::excerpt(raw)));
+                        text.append_null();
+                    }
+                    _ => text.append_null(),
+                },
+                Column::Raw(_) => {
+                    match v {
+                        Val::Int(n) if spec.ty == FieldType::Int && n < 0 => {
+                            bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), format!("{n}")));
+                        }
+                        Val::Float(x) if !(x.is_finite() && x >= 0.0) => {
+                            bad.set(row, RecordError::new(src_index, Some(spec.name), spec.expected(), format!("{x:?}")));
+                        }
+                        Val::Loc { lat, lon, .. } => {
+                            for (name, value, limit) in [("lat", lat, 90.0), ("lon", lon, 180.0)] {
+                                if let Some(value) = value.filter(|x: &f64| x.is_nan() || x.abs() > limit) {
+                                    let field = format!("{}.{name}", spec.name);
+                                    bad.set(
+                                        row,
+                                        RecordError::new(src_index, Some(&field), format!("degrees within ±{limit}"), format!("{value:?}")),
+                                    );
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let Some(b) = &mut raw[k] {
+                        b.append(v);
+                    }
+                }
+            }
+        }
     }
 
     /// Validates and converts one arrow-json chunk, whose rows are `row0..` of the batch and come
@@ -491,7 +743,7 @@ impl Canonical {
                         }
                         FieldType::Float => {
                             for (row, v) in col.as_primitive::<Float64Type>().iter().enumerate() {
-                                if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
                                     bad.set(
                                         row0 + row,
                                         RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{v:?}")),
@@ -522,7 +774,7 @@ impl Canonical {
                     let values = Arc::new(FixedSizeBinaryArray::new(16, values.into(), None));
                     Arc::new(ListArray::new(field, OffsetBuffer::new(ScalarBuffer::from(offsets)), values, nulls.finish()))
                 }
-                Column::Json(mut out) => Arc::new(out.finish()),
+                Column::Json(out) => Arc::new(out.finish()),
                 Column::Raw(chunks) => {
                     let raw_type = raw_schema.field(raw_index).data_type();
                     let col = match chunks.len() {
@@ -687,7 +939,7 @@ fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, row0: usize
             continue;
         };
         for (row, v) in values.as_primitive::<Float64Type>().iter().enumerate() {
-            if col.is_valid(row) && v.is_some_and(|v| v.is_nan() || v.abs() > limit) {
+            if let Some(v) = v.filter(|v| col.is_valid(row) && (v.is_nan() || v.abs() > limit)) {
                 let field = format!("{}.{name}", spec.name);
                 bad.set(
                     row0 + row,
@@ -704,7 +956,7 @@ fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, row0: usize
 /// serde_json itself otherwise (borrowing the raw text, never building a value).
 fn json_column(
     key: &memchr::memmem::Finder<'_>,
-    out: &mut StringBuilder,
+    out: &mut TextColumn,
     spec: &FieldSpec,
     payloads: &[&[u8]],
     row0: usize,

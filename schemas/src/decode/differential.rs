@@ -25,6 +25,9 @@ fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
                 r#""zz""#,
                 "7",
                 "null",
+                r#""9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2\u0063""#,
+                r#""urn:uuid:9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c""#,
+                r#""9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2é""#,
             ],
         ),
         FieldType::Time => (
@@ -39,12 +42,20 @@ fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
                 r#""yesterday""#,
                 "true",
                 "null",
+                "9223372036854775807",
+                "9223372036854775808",
+                "-9223372036854775808",
+                "-0",
+                r#""2026-11-24T17:00:00.123456789Z""#,
+                r#""2026-11-24 17:00:00""#,
+                r#""2026-11-24""#,
+                r#""1795539600000""#,
             ],
         ),
-        FieldType::Str => (4, &[r#""eu-1""#, r#""""#, r#""a\"b""#, r#""é\u00e9""#, "5", "null", "[]"]),
+        FieldType::Str => (5, &[r#""eu-1""#, r#""""#, r#""a\"b""#, r#""é\u00e9""#, r#""日本 é""#, "5", "null", "[]", "\"\u{1}\""]),
         FieldType::Bool => (2, &["true", "false", "null", r#""yes""#, "1"]),
-        FieldType::Int => (2, &["27", "0", "-5", "1.5", r#""3""#, "1e3", "null"]),
-        FieldType::Float => (2, &["1.5", "0", "-1", r#""2""#, "null", "1e400"]),
+        FieldType::Int => (2, &["27", "0", "-5", "1.5", r#""3""#, "1e3", "null", "-0", "9223372036854775808", "9223372036854775807"]),
+        FieldType::Float => (2, &["1.5", "0", "-1", r#""2""#, "null", "1e400", "52.520000000000003", "1E5", "-0.0", "1e-400", "7"]),
         FieldType::Action => (3, &[r#""send""#, r#""connect""#, r#""configure""#, r#""teleport""#, "7", "null"]),
         FieldType::Auth => (2, &[r#""valid""#, r#""missing""#, r#""nope""#, "null"]),
         FieldType::InteractionKind => (2, &[r#""proximity""#, r#""sms""#, r#""telepathy""#, "null"]),
@@ -71,6 +82,10 @@ fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
                 r#"{"lon":-200}"#,
                 r#""x""#,
                 "null",
+                r#"{"lat":1,"lat":2}"#,
+                r#"{"lat":null,"lon":1e2,"country":null}"#,
+                r#"{"country":7}"#,
+                r#"{"c\u006funtry":"DE"}"#,
             ],
         ),
         FieldType::Json => (
@@ -84,6 +99,8 @@ fn variants(ty: FieldType) -> (usize, &'static [&'static str]) {
                 r#""off""#,
                 "[1]",
                 "01",
+                r#"{"s":"\u00e9"}"#,
+                r#"{"deep":[[[[{"a":[]}]]]]}"#,
             ],
         ),
     }
@@ -113,7 +130,13 @@ fn record(topic: InputTopic, choices: &[u8], mode: u8, twist: u8, rotate: usize,
     let mut text = format!("{{{}}}", members.join(sep));
     match twist {
         0..=219 => {}
-        220 => text.truncate(text.len() / 2),
+        220 => {
+            let mut half = text.len() / 2;
+            while !text.is_char_boundary(half) {
+                half -= 1;
+            }
+            text.truncate(half);
+        }
         221 => text = format!("{text}{text}"),
         222 => text = format!("[{text}]"),
         223 => text.insert_str(1, r#""x":01,"#),
@@ -127,6 +150,9 @@ fn record(topic: InputTopic, choices: &[u8], mode: u8, twist: u8, rotate: usize,
         231 => text = String::new(),
         232 => text.insert_str(1, r#""x":1.,"#),
         233 => text.insert_str(1, "\"x\":\"\u{1}\","),
+        234 => text.insert_str(1, r#""\u0069d":"x","#),
+        235 => text.insert_str(1, r#""ext":"é\"\\","#),
+        236 => text = text.replacen(r#""id""#, r#""i\u0064""#, 1),
         _ => {}
     }
     text
@@ -209,7 +235,7 @@ fn same_output_as_before_on_every_variant_and_twist() {
     for topic in TOPICS {
         let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
         let good = record(topic, &[1; 15], 0, 0, 0, false);
-        let mut odd: Vec<String> = (220..=233).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
+        let mut odd: Vec<String> = (220..=236).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
         for (k, spec) in topic.fields().iter().enumerate() {
             for v in 0..variants(spec.ty).1.len() {
                 let mut choices = [1u8; 15];
@@ -223,4 +249,22 @@ fn same_output_as_before_on_every_variant_and_twist() {
             assert_same(topic, std::slice::from_ref(bad), &mut decoder, &mut oracle);
         }
     }
+}
+
+/// Ordinary chunks never reach arrow-json; a chunk with one out-of-the-ordinary record goes through
+/// it whole, and the batch is still the same as before.
+#[test]
+fn only_unusual_chunks_go_through_arrow_json() {
+    let topic = InputTopic::Messages;
+    let plain = r#"{"id":"5f0c9f2e-8d1a-4c3b-9a77-2b1d3c4e5f60","ts":1795539600000,"action":"send","from":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f","auth":"valid","broker":"eu-1"}"#;
+    let escaped = plain.replace("eu-1", r"eu\u002d1");
+    let quoted_number = plain.replace(r#""auth""#, r#""payload_bytes":"27","auth""#);
+    let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+    let mut records = vec![plain.to_owned(); CHUNK_ROWS * 2 + 3];
+    assert_same(topic, &records, &mut decoder, &mut oracle);
+    assert_eq!(decoder.arrow_chunks, 0);
+    records[CHUNK_ROWS + 1] = escaped;
+    records[CHUNK_ROWS * 2 + 2] = quoted_number;
+    assert_same(topic, &records, &mut decoder, &mut oracle);
+    assert_eq!(decoder.arrow_chunks, 2, "the second and third chunks");
 }

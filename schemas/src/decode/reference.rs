@@ -1,7 +1,8 @@
 //! The decoder as it was before the chunk-wise conversion (commit 7414312), frozen: the oracle
 //! of the differential tests in `tests.rs`, which require the current decoder to give the same
 //! batch, sources and errors for any input. Test-only; delete it together with those tests when
-//! the decoder's behaviour is changed on purpose.
+//! the decoder's behaviour is changed on purpose. One change since: an out-of-range number is
+//! shown as the number (`-1.0`), not as Rust's `Some(-1.0)`, in both decoders.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -300,7 +301,7 @@ impl BatchDecoder {
                 }
                 FieldType::Float => {
                     for (row, v) in col.as_primitive::<Float64Type>().iter().enumerate() {
-                        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                        if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
                             bad.set(row, RecordError::new(source[row] as usize, Some(spec.name), spec.expected(), format!("{v:?}")));
                         }
                     }
@@ -479,7 +480,7 @@ fn check_location(col: &arrow::array::StructArray, spec: &FieldSpec, source: &[u
             continue;
         };
         for (row, v) in values.as_primitive::<Float64Type>().iter().enumerate() {
-            if col.is_valid(row) && v.is_some_and(|v| v.is_nan() || v.abs() > limit) {
+            if let Some(v) = v.filter(|v| col.is_valid(row) && (v.is_nan() || v.abs() > limit)) {
                 let field = format!("{}.{name}", spec.name);
                 bad.set(row, RecordError::new(source[row] as usize, Some(&field), format!("degrees within ±{limit}"), format!("{v:?}")));
             }
