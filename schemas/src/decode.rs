@@ -1,8 +1,10 @@
 //! Column-wise decoding of a micro-batch of Kafka payloads into one canonical `RecordBatch`.
 //!
-//! The fast path hands the batch to arrow-json in chunks of [`CHUNK_ROWS`] records and converts
-//! each chunk's columns straight into the canonical columns of the whole batch while the chunk is
-//! still in cache (UUID text to 16 bytes, enum text to dictionary codes, defaults filled),
+//! The batch is decoded in chunks of [`CHUNK_ROWS`] records. A chunk of ordinary records (strict
+//! JSON, no escapes, each field of its column's type: nearly all traffic) is read with serde_json
+//! straight into the canonical columns ([`direct`]). Any other chunk goes to arrow-json, the
+//! decoder of record, whose columns are converted into the canonical columns of the whole batch
+//! while the chunk is still in cache (UUID text to 16 bytes, enum text to dictionary codes, defaults filled),
 //! collecting a [`RecordError`] per bad row; the bad rows are filtered out at the end. Columns the
 //! canonical schema keeps as they are (times, numbers, free text, locations) are only
 //! concatenated. Each payload is fed separately so that a payload holding two objects, or half of
