@@ -249,27 +249,9 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     let stop = Arc::new(AtomicBool::new(false));
 
     // The findings consumer starts at the current end, so only this phase's findings count.
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", format!("meshguard-bench-latency-reader-{}", std::process::id()))
-        .set("auto.offset.reset", "latest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .context("creating the latency consumer")?;
-    consumer.subscribe(&[&topics.findings])?;
-    let reader_stop = stop.clone();
-    let reader = std::thread::spawn(move || {
-        let mut latencies = Vec::new();
-        while !reader_stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                let now = chrono::Utc::now().timestamp_millis();
-                if let Some(f) = m.payload().and_then(|p| serde_json::from_slice::<meshguard_schemas::output::Finding>(p).ok()) {
-                    latencies.push(now - f.event_ts);
-                }
-            }
-        }
-        latencies
-    });
+    let reader = latency_reader(kafka, "latency-reader", &topics.findings, "latest", stop.clone(), |m| {
+        m.payload().and_then(|p| serde_json::from_slice::<meshguard_schemas::output::Finding>(p).ok()).map(|f| f.event_ts)
+    })?;
 
     let kafka_p = kafka.clone();
     let pipeline_stop = stop.clone();
@@ -292,10 +274,50 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let _ = pipeline.join();
-    let mut lat = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
-    lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p).round() as usize).copied();
-    Ok(
-        json!({ "rate": args.latency_rate, "seconds": args.latency_seconds, "findings": lat.len(), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": lat.last() }),
-    )
+    let lat = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
+    let mut out = json!({ "rate": args.latency_rate, "seconds": args.latency_seconds, "findings": lat.len() });
+    if let (Some(out), serde_json::Value::Object(pcts)) = (out.as_object_mut(), percentiles(lat)) {
+        out.extend(pcts);
+    }
+    Ok(out)
+}
+
+/// A thread reading `topic` from `offset_reset` (`latest` or `earliest`) until `stop`, as a
+/// consumer that fetches eagerly (`fetch.wait.max.ms=5`): for every record `event_ms` picks, the
+/// milliseconds from that event time to the record's arrival here.
+pub(crate) fn latency_reader(
+    kafka: &KafkaConfig,
+    name: &str,
+    topic: &str,
+    offset_reset: &str,
+    stop: Arc<AtomicBool>,
+    event_ms: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64> + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<Vec<i64>>> {
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", format!("meshguard-bench-{name}-{}", std::process::id()))
+        .set("auto.offset.reset", offset_reset)
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .with_context(|| format!("creating the bench's {name} consumer"))?;
+    consumer.subscribe(&[topic])?;
+    Ok(std::thread::spawn(move || {
+        let mut latencies = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let now = chrono::Utc::now().timestamp_millis();
+                if let Some(at) = event_ms(&m) {
+                    latencies.push(now - at);
+                }
+            }
+        }
+        latencies
+    }))
+}
+
+/// `p50_ms`, `p99_ms` and `max_ms` of latencies (nearest rank; null when there are none).
+pub(crate) fn percentiles(mut latencies: Vec<i64>) -> serde_json::Value {
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied();
+    json!({ "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": latencies.last() })
 }

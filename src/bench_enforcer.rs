@@ -22,12 +22,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use meshguard_enforcer::{EnforcerConfig, EnforcerService, TargetConfig};
 use meshguard_ingest::{KafkaConfig, KafkaSink, Topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::bench::{BenchArgs, fresh_config, meshguard_cpu_seconds, phase_topics, run_pipeline_until};
+use crate::bench::{BenchArgs, fresh_config, latency_reader, meshguard_cpu_seconds, percentiles, phase_topics, run_pipeline_until};
 use crate::config::Config;
 
 /// Offenders of the throughput phase.
@@ -216,54 +215,17 @@ fn latency_phase(
     let stop = Arc::new(AtomicBool::new(false));
 
     // The enforcement topic's reader: `blocked` records, latency from their `since`.
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", format!("meshguard-bench-enforcement-reader-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .context("creating the enforcement reader")?;
-    consumer.subscribe(&[&topics.enforcement])?;
+    let reader = latency_reader(kafka, "enforcement-reader", &topics.enforcement, "earliest", stop.clone(), |m| {
+        m.payload()
+            .and_then(|p| serde_json::from_slice::<meshguard_schemas::output::EnforcementState>(p).ok())
+            .filter(|s| s.state == meshguard_schemas::EnforcementStateKind::Blocked)
+            .map(|s| s.since)
+    })?;
     // The broker's own share: the crossing attempts read back from the messages topic by a
     // consumer like the one above (one hop through the broker; the state takes two).
-    let hop: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", format!("meshguard-bench-messages-reader-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .context("creating the messages reader")?;
-    hop.subscribe(&[&topics.messages])?;
-    let hop_stop = stop.clone();
-    let hop_reader = std::thread::spawn(move || {
-        let mut latencies = Vec::new();
-        while !hop_stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = hop.poll(Duration::from_millis(50)) {
-                let now = chrono::Utc::now().timestamp_millis();
-                if let (Some(ts), Some(p)) = (m.timestamp().to_millis(), m.payload())
-                    && p.windows(CROSSING.len()).any(|w| w == CROSSING)
-                {
-                    latencies.push(now - ts);
-                }
-            }
-        }
-        latencies
-    });
-    let reader_stop = stop.clone();
-    let reader = std::thread::spawn(move || {
-        let mut latencies = Vec::new();
-        while !reader_stop.load(Ordering::Relaxed) {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                let now = chrono::Utc::now().timestamp_millis();
-                if let Some(s) = m.payload().and_then(|p| serde_json::from_slice::<meshguard_schemas::output::EnforcementState>(p).ok())
-                    && s.state == meshguard_schemas::EnforcementStateKind::Blocked
-                {
-                    latencies.push(now - s.since);
-                }
-            }
-        }
-        latencies
-    });
+    let hop_reader = latency_reader(kafka, "messages-reader", &topics.messages, "earliest", stop.clone(), |m| {
+        m.payload().filter(|p| p.windows(CROSSING.len()).any(|w| w == CROSSING)).and(m.timestamp().to_millis())
+    })?;
 
     // The enforcer, with a webhook target at the receiver, on the runtime's workers.
     let (arrivals, port) = runtime.block_on(start_receiver())?;
@@ -322,20 +284,23 @@ fn latency_phase(
     let _ = enforcer_stop_tx.send(());
     runtime.block_on(enforcer).map_err(|_| anyhow::anyhow!("the enforcer task panicked"))??;
     let _ = pipeline.join();
-    let mut on_kafka = reader.join().map_err(|_| anyhow::anyhow!("the enforcement reader panicked"))?;
-    let mut hops = hop_reader.join().map_err(|_| anyhow::anyhow!("the messages reader panicked"))?;
-    hops.sort_unstable();
-    let mut applied: Vec<i64> = arrivals.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, since, at)| at - since).collect();
-    on_kafka.sort_unstable();
-    applied.sort_unstable();
-    let pct = |v: &[i64], p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied();
+    let on_kafka = reader.join().map_err(|_| anyhow::anyhow!("the enforcement reader panicked"))?;
+    let hops = hop_reader.join().map_err(|_| anyhow::anyhow!("the messages reader panicked"))?;
+    let applied: Vec<i64> = arrivals.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, since, at)| at - since).collect();
+    let counted = |count_key: &str, latencies: Vec<i64>| {
+        let mut out = json!({ count_key: latencies.len() });
+        if let (Some(out), serde_json::Value::Object(pcts)) = (out.as_object_mut(), percentiles(latencies)) {
+            out.extend(pcts);
+        }
+        out
+    };
     Ok(json!({
         "offenders_per_second": args.latency_rate,
         "seconds": args.latency_seconds,
         "offenders": offenders,
-        "attempt_on_kafka": { "attempts": hops.len(), "p50_ms": pct(&hops, 0.5), "p99_ms": pct(&hops, 0.99), "max_ms": hops.last() },
-        "state_on_kafka": { "blocks": on_kafka.len(), "p50_ms": pct(&on_kafka, 0.5), "p99_ms": pct(&on_kafka, 0.99), "max_ms": on_kafka.last() },
-        "applied_at_webhook": { "blocks": applied.len(), "p50_ms": pct(&applied, 0.5), "p99_ms": pct(&applied, 0.99), "max_ms": applied.last() },
+        "attempt_on_kafka": counted("attempts", hops),
+        "state_on_kafka": counted("blocks", on_kafka),
+        "applied_at_webhook": counted("blocks", applied),
     }))
 }
 
