@@ -17,12 +17,13 @@
 //! # Files
 //! The files are the attempt archive's ([`ParquetArchive`], one discipline for every table): rows
 //! are appended to one open file per UTC date of their `ts`, under a hidden temporary name, and
-//! [`AuditLog::flush`] closes them: fsync, rename to the final name, folder fsync, so a
+//! [`AuditLog::flush`] (or [`AuditLog::detach`], then [`AuditClosing::finish`]) closes them: fsync, rename to the final name, folder fsync, so a
 //! `part-*.parquet` file is always complete. While a file is open its rows are shown to a live
 //! reader if one is set ([`AuditLog::set_live`]: the SQL surface of `meshguard run`), and taken
-//! back as the rename publishes them. The service flushes before every offset commit (and at
-//! shutdown, and whenever `max_rows_per_file` rows are open): the rows of every record a commit
-//! covers are in closed files before the commit is sent. Names are
+//! back as the rename publishes them. Before every offset commit (and at shutdown, and whenever
+//! `max_rows_per_file` rows are open) the service detaches the open files ([`AuditLog::detach`])
+//! and closes them off its task, sending the commit only once they are closed: the rows of every
+//! record a commit covers are in closed files before the commit is sent. Names are
 //! `part-<writer>-<run>-<sequence>.parquet`: `writer` is the `kafka.instance_id` with `-enforcer`
 //! (`enforcer` when unset), `run` the start time and a random suffix. At start the log deletes
 //! temporary files its own `writer` left (a crash).
@@ -36,7 +37,7 @@
 //!
 //! # Retention
 //! `date=` folders more than `retention_days` before today (UTC) are deleted at start and then at
-//! most once an hour, at a flush.
+//! most once an hour, at a flush or detach.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -403,15 +404,23 @@ impl AuditLog {
     /// this returns `Ok`, every row pushed so far is in a complete, fsynced `part-*.parquet` file.
     /// Fails if a push failed since the last flush (that row is not written).
     pub fn flush(&mut self, now_ms: i64) -> Result<Vec<ClosedFile>> {
+        self.detach(now_ms)?.finish()
+    }
+
+    /// Takes the open files off the log, to be closed by [`AuditClosing::finish`], on another
+    /// thread if the caller likes: every row pushed so far is durable once that returns `Ok`.
+    /// Later pushes go to new files. Applies retention when due (at most once an hour), so call it
+    /// only once the files of the previous detach are closed. Fails, detaching nothing, if a push
+    /// failed since the last flush or detach (that row is not written).
+    pub fn detach(&mut self, now_ms: i64) -> Result<AuditClosing> {
         if let Some(error) = self.failed.take() {
             return Err(error);
         }
-        let closed = self.archive.close_all().map_err(archive_error("closing files in", self.archive.root()))?;
-        self.buffered = 0;
         if now_ms.saturating_sub(self.last_retention_ms) >= RETENTION_EVERY_MS {
             self.apply_retention(now_ms)?;
         }
-        Ok(closed)
+        self.buffered = 0;
+        Ok(AuditClosing { closing: self.archive.detach_all(), dir: self.archive.root().to_owned() })
     }
 
     /// Deletes the `date=` folders more than `retention_days` before the UTC date of `now_ms`.
@@ -422,6 +431,21 @@ impl AuditLog {
             info!(message = "Deleted audit folders past retention.", folders = deleted.len());
         }
         Ok(deleted)
+    }
+}
+
+/// Audit files detached by [`AuditLog::detach`], to be closed.
+#[derive(Debug)]
+pub struct AuditClosing {
+    closing: meshguard_ingest::archive::Closing,
+    dir: PathBuf,
+}
+
+impl AuditClosing {
+    /// Closes the files (footer, fsync, rename, folder fsync): when this returns `Ok`, their rows
+    /// are in complete `part-*.parquet` files.
+    pub fn finish(self) -> Result<Vec<ClosedFile>> {
+        self.closing.finish().map_err(archive_error("closing files in", &self.dir))
     }
 }
 

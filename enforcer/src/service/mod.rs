@@ -24,7 +24,9 @@
 //! **Audit.** Each enforcement record gives one `state_change` row and one `target_call` row per
 //! try of each target ([`crate::audit`]). Rows are buffered and written to closed Parquet files
 //! before every commit, so a commit never covers a record whose rows are not on disk; a failure to
-//! write them stops the service (nothing more is committed).
+//! write them stops the service (nothing more is committed). The commit (the notices'
+//! acknowledgements, closing the audit files, sending the offsets) runs on a task of its own,
+//! one at a time, while the service goes on applying actions.
 //!
 //! **Restarts and rebalances.** At each assignment of the group (the first included, before the
 //! first finding after it) the notification limiter is seeded from the tail of the notifications
@@ -251,7 +253,8 @@ pub struct EnforcerService {
     topics: Topics,
     targets: Vec<Box<dyn EnforcementTarget>>,
     dead_letters: Arc<dyn DeadLetterSink>,
-    consumer: StreamConsumer<EnforcerContext>,
+    /// Shared with the commit task ([`EnforcerService::commit`]).
+    consumer: Arc<StreamConsumer<EnforcerContext>>,
     /// Assignments the consumer has received (from its context), and how many the notification
     /// limiter has been built for: when a new assignment arrives, the limiter is rebuilt from the
     /// notifications topic before the next finding, since a partition taken over from another
@@ -272,7 +275,12 @@ pub struct EnforcerService {
     progress: BTreeMap<(String, i32), Progress>,
     /// Notices sent since the last commit: (partition of their finding, its offset, delivery).
     deliveries: Vec<(i32, i64, DeliveryFuture)>,
+    /// The commit on its way, if any: it returns the findings whose notices were not delivered.
+    committing: Option<tokio::task::JoinHandle<Result<Undelivered>>>,
 }
+
+/// Findings whose notices were not delivered: (partition, offset) in the findings topic.
+type Undelivered = Vec<(i32, i64)>;
 
 impl std::fmt::Debug for EnforcerService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -355,7 +363,7 @@ impl EnforcerService {
             topics,
             targets,
             dead_letters,
-            consumer,
+            consumer: Arc::new(consumer),
             producer,
             registry: registry_reader,
             owners,
@@ -363,6 +371,7 @@ impl EnforcerService {
             audit,
             progress: BTreeMap::new(),
             deliveries: Vec::new(),
+            committing: None,
         })
     }
 
@@ -396,12 +405,11 @@ impl EnforcerService {
                 self.handle(std::mem::take(&mut batch)).await;
             }
             let audit_full = self.audit.as_mut().is_some_and(|a| audit_log(a).is_full());
-            if audit_full || last_commit.elapsed() >= interval {
-                self.commit(CommitMode::Async).await?;
+            if (audit_full || last_commit.elapsed() >= interval) && self.commit(CommitMode::Async, audit_full).await? {
                 last_commit = Instant::now();
             }
         }
-        self.commit(CommitMode::Sync).await?;
+        self.commit(CommitMode::Sync, true).await?;
         info!(message = "Enforcer stopped after a final commit.");
         Ok(())
     }
@@ -617,35 +625,103 @@ impl EnforcerService {
         Done::Complete
     }
 
-    /// Waits for the notices' acknowledgements, writes the buffered audit rows to closed files,
-    /// then commits per partition the offset after the last complete record. Returns an error
-    /// only when the audit trail cannot be written (nothing is committed then).
-    async fn commit(&mut self, mode: CommitMode) -> Result<()> {
-        for (partition, offset, delivery) in std::mem::take(&mut self.deliveries) {
-            let failed = match delivery.await {
-                Ok(Ok(_)) => None,
-                Ok(Err((error, _))) => Some(error.to_string()),
-                Err(_) => Some(String::from("the producer dropped the delivery")),
+    /// Commits, per partition, the offset after the last complete record, once the notices sent
+    /// so far are acknowledged and the audit rows buffered so far are in closed files. `Async`
+    /// does that on a task of its own, so that the service goes on applying actions meanwhile
+    /// (waiting for acknowledgements and fsyncs here used to hold the next action back by up to
+    /// a hundred milliseconds); `Sync` (at shutdown) waits for all of it. One commit at a time:
+    /// while one is on its way, an `Async` commit waits for it only if `wait` is set (the audit
+    /// files are full), and otherwise returns `false`, to be retried on a later turn. Returns an
+    /// error when the audit trail cannot be written (nothing is committed then).
+    async fn commit(&mut self, mode: CommitMode, wait: bool) -> Result<bool> {
+        if matches!(mode, CommitMode::Async) && !wait && self.committing.as_ref().is_some_and(|task| !task.is_finished()) {
+            return Ok(false);
+        }
+        // The previous commit's undelivered notices hold their findings back in this one.
+        self.settle().await?;
+        let deliveries = std::mem::take(&mut self.deliveries);
+        let closing = match self.audit.as_mut().map(audit_log) {
+            Some(audit) if audit.has_pending() => Some(audit.detach(now_ms()).inspect_err(|error| {
+                error!(message = "Cannot write the audit trail; stopping without committing past it.", %error);
+            })?),
+            _ => None,
+        };
+        let offsets = self.complete_offsets();
+        let (consumer, findings) = (self.consumer.clone(), self.topics.findings.clone());
+        let job = async move {
+            let mut undelivered = Vec::new();
+            for (partition, offset, delivery) in deliveries {
+                let failed = match delivery.await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err((error, _))) => Some(error.to_string()),
+                    Err(_) => Some(String::from("the producer dropped the delivery")),
+                };
+                if let Some(error) = failed {
+                    error!(message = "A notification was not delivered; its finding will be read again after a restart.", partition, offset, %error);
+                    undelivered.push((partition, offset));
+                }
+            }
+            // Every audit row of the records this commit covers is on disk before it is sent.
+            if let Some(closing) = closing {
+                let closed = tokio::task::spawn_blocking(move || closing.finish()).await.unwrap_or_else(|_| {
+                    Err(Error::Kafka { context: "closing the audit files".into(), reason: "the task panicked".into() })
+                });
+                closed
+                    .inspect_err(|error| error!(message = "Cannot write the audit trail; stopping without committing past it.", %error))?;
+            }
+            let Some(mut offsets) = offsets else { return Ok(undelivered) };
+            for &(partition, offset) in &undelivered {
+                let before = offsets.find_partition(&findings, partition).and_then(|e| e.offset().to_raw());
+                if before.is_some_and(|b| offset < b) && offsets.set_partition_offset(&findings, partition, Offset::Offset(offset)).is_err()
+                {
+                    warn!(message = "Cannot build the commit.", topic = findings, partition);
+                }
+            }
+            let committed = match mode {
+                CommitMode::Sync => blocking(|| consumer.commit(&offsets, CommitMode::Sync)),
+                CommitMode::Async => consumer.commit(&offsets, CommitMode::Async),
             };
-            if let Some(error) = failed {
-                error!(message = "A notification was not delivered; its finding will be read again after a restart.", partition, offset, %error);
-                self.progress.entry((self.topics.findings.clone(), partition)).or_default().hold_at(offset);
+            if let Err(error) = committed {
+                // A later commit covers it; a lost commit only lengthens the replay after a crash.
+                warn!(message = "Committing the enforcer's offsets failed.", %error);
+            }
+            Ok(undelivered)
+        };
+        match mode {
+            CommitMode::Async => self.committing = Some(tokio::spawn(job)),
+            CommitMode::Sync => {
+                let undelivered = job.await?;
+                self.hold(&undelivered);
             }
         }
-        // Every audit row of the records this commit covers is on disk before the commit is sent.
-        if let Some(audit) = &mut self.audit
-            && audit_log(audit).has_pending()
-        {
-            let audit = audit_log(audit);
-            blocking(|| audit.flush(now_ms())).inspect_err(|error| {
-                error!(message = "Cannot write the audit trail; stopping without committing past it.", %error);
-            })?;
+        Ok(true)
+    }
+
+    /// Waits for the commit on its way, if any, and holds back the findings whose notices it
+    /// found undelivered.
+    async fn settle(&mut self) -> Result<()> {
+        let Some(task) = self.committing.take() else { return Ok(()) };
+        let undelivered = task.await.unwrap_or_else(|_| {
+            Err(Error::Kafka { context: "committing the enforcer's offsets".into(), reason: "the task panicked".into() })
+        })?;
+        self.hold(&undelivered);
+        Ok(())
+    }
+
+    fn hold(&mut self, undelivered: &[(i32, i64)]) {
+        for &(partition, offset) in undelivered {
+            self.progress.entry((self.topics.findings.clone(), partition)).or_default().hold_at(offset);
         }
+    }
+
+    /// Per assigned partition, the offset after the last record up to which everything is
+    /// complete; `None` when there is nothing to commit.
+    fn complete_offsets(&self) -> Option<TopicPartitionList> {
         let assignment = match self.consumer.assignment() {
             Ok(assignment) => assignment,
             Err(error) => {
                 warn!(message = "Cannot read the enforcer's assignment; not committing now.", %error);
-                return Ok(());
+                return None;
             }
         };
         let mut offsets = TopicPartitionList::new();
@@ -657,19 +733,7 @@ impl EnforcerService {
                 warn!(message = "Cannot build the commit.", topic, partition);
             }
         }
-        if offsets.count() == 0 {
-            return Ok(());
-        }
-        let consumer = &self.consumer;
-        let committed = match mode {
-            CommitMode::Sync => blocking(|| consumer.commit(&offsets, CommitMode::Sync)),
-            CommitMode::Async => consumer.commit(&offsets, CommitMode::Async),
-        };
-        if let Err(error) = committed {
-            // A later commit covers it; a lost commit only lengthens the replay after a crash.
-            warn!(message = "Committing the enforcer's offsets failed.", %error);
-        }
-        Ok(())
+        (offsets.count() > 0).then_some(offsets)
     }
 
     /// The dead-letter sink the targets use (for tests and diagnostics).
