@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use meshguard_analytics::jobs::{Job, JobContext, MessagesView, PolicyCheck};
-use meshguard_analytics::policy::{CompiledRecord, GroupInterner, Location};
+use meshguard_analytics::policy::{CompiledRecord, GroupInterner, Location, Registry};
 use meshguard_analytics::tables::VersionedTable;
 use meshguard_schemas::registry::{
     AccessList, Area, Country, EnvelopeRestriction, LocationRestriction, LocationSubject, Permissions, Principal, Profile, RegistryRecord,
@@ -113,7 +113,7 @@ fn record(rng: &mut SmallRng, i: u32, size: u32) -> RegistryRecord {
 /// The directory, and for each UUID the home group whose members its group-only `send` list
 /// admits (`None`: open lists).
 struct Directory {
-    table: VersionedTable<Uuid, Option<Arc<CompiledRecord>>>,
+    table: Registry,
     restricted_to: Vec<Option<u32>>,
     home_members: Vec<Vec<u32>>,
 }
@@ -121,7 +121,7 @@ struct Directory {
 fn directory(size: u32) -> Directory {
     let mut rng = SmallRng::seed_from_u64(3);
     let mut interner = GroupInterner::default();
-    let mut table = VersionedTable::default();
+    let mut table = Registry::default();
     let mut restricted_to = Vec::with_capacity(size as usize);
     let mut home_members = vec![Vec::new(); 1_000];
     for i in 0..size {

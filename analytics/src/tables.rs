@@ -70,6 +70,11 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         v.older.iter().rev().find(|(t, _)| *t <= at_ms).map(|(_, v)| v)
     }
 
+    /// The newest version of `key` and the time it holds from.
+    pub fn newest(&self, key: &K) -> Option<(i64, &V)> {
+        self.map.get(key).map(|v| (v.newest.0, &v.newest.1))
+    }
+
     /// The newest value of `key`, whatever its time.
     pub fn latest(&self, key: &K) -> Option<&V> {
         self.map.get(key).map(|v| &v.newest.1)

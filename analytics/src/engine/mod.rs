@@ -38,7 +38,7 @@ use uuid::Uuid;
 use crate::crosscheck::{CrossCheckConfig, InteractionStore};
 use crate::enforcement::{EnforcementConfig, Offender, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
-use crate::policy::{CompiledRecord, GroupInterner, Location};
+use crate::policy::{CompiledRecord, GroupInterner, Location, Registry};
 use crate::tables::{FastMap, VersionedTable};
 use crate::throttle::{ThrottleConfig, ThrottleState};
 use crate::timing::{Schedule, TimingConfig};
@@ -182,7 +182,7 @@ impl PartitionState {
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
-    registry: VersionedTable<Uuid, Option<Arc<CompiledRecord>>>,
+    registry: Registry,
     groups: GroupInterner,
     presence: VersionedTable<Uuid, bool>,
     locations: VersionedTable<Uuid, Location>,
@@ -223,7 +223,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         Self {
             cfg,
-            registry: VersionedTable::default(),
+            registry: Registry::default(),
             groups: GroupInterner::default(),
             presence: VersionedTable::default(),
             locations: VersionedTable::default(),

@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use meshguard_schemas::output::Finding;
 use uuid::Uuid;
 
-use crate::policy::{CompiledRecord, Location, Lookups, Route};
+use crate::policy::{CompiledRecord, Location, Lookups, Registry, Route};
 use crate::tables::VersionedTable;
 
 pub use policy::PolicyCheck;
@@ -28,7 +28,7 @@ pub fn all() -> Vec<Box<dyn Job>> {
 #[derive(Debug)]
 pub struct JobContext<'a> {
     /// The device directory, as of any event time.
-    pub registry: &'a VersionedTable<Uuid, Option<std::sync::Arc<CompiledRecord>>>,
+    pub registry: &'a Registry,
     /// Presence, as of any event time.
     pub presence: &'a VersionedTable<Uuid, bool>,
     /// Each UUID's latest known location, from its own attempts, as of any event time.

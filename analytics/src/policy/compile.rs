@@ -194,6 +194,12 @@ impl Matcher {
         !self.any && self.uuids.as_slice().is_empty() && self.groups.as_slice().is_empty()
     }
 
+    /// `"*"`, the UUIDs and the group ids it names, each set sorted.
+    #[inline]
+    pub fn parts(&self) -> (bool, &[Uuid], &[GroupId]) {
+        (self.any, self.uuids.as_slice(), self.groups.as_slice())
+    }
+
     /// Whether the list admits `who`, a member of `who_groups` (interned ids).
     #[inline]
     pub fn admits(&self, who: &Uuid, who_groups: &[GroupId]) -> bool {

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  registry change ──► CompiledRecord::compile (once per change: groups interned, lists sorted,
-//!                      open levels flagged)  ──► VersionedTable<Uuid, CompiledRecord> (event time)
+//!                      open levels flagged)  ──► Registry: VersionedTable<Uuid, CompiledRecord>
+//!                      (event time) + Directory (the newest version as a slot and a block)
 //!
 //!  attempt row ──► requester registered? auth valid? (the job)  ──► target registered? (the job)
 //!              ──► evaluate(): self/owner pass ─► fast path (nothing to check on either side)
@@ -25,10 +26,15 @@
 //! every list and restriction.
 //!
 //! **Speed.** Group membership is resolved when a record is compiled (interned ids, sorted), never
-//! per attempt; lists are sorted id sets; a record with no profile and open lists is flagged so the
-//! common attempt costs two table lookups and a bit test.
+//! per attempt; lists are sorted id sets. The newest version of every record is also flattened
+//! into [`Directory`]: one 64-byte slot per UUID in an open-addressing table (registration time,
+//! owner, groups, which levels admit everyone) and, for records with lists or restrictions to
+//! judge, a block of a few lines in one arena. The policy job judges most attempts from the two
+//! slots and at most one block line per party, without following a pointer, and hands the rest
+//! (findings, older versions, rare shapes) to [`evaluate`], the reference.
 
 pub mod compile;
+pub mod directory;
 pub mod eval;
 pub mod geo;
 pub mod restrictions;
@@ -38,5 +44,6 @@ mod testing;
 mod tests;
 
 pub use compile::{CompiledRecord, GroupInterner, Level};
+pub use directory::{Directory, Registry};
 pub use eval::{Attempt, Lookups, Route, Violation, evaluate, passes_at_once};
 pub use geo::Location;
