@@ -139,6 +139,55 @@ fn checkpoint_restore_resumes_state_and_offsets() {
     assert_eq!(kinds(&found), vec![(FindingKind::BadCredentials, A.to_owned())]);
 }
 
+/// The policy directory is rebuilt from the checkpoint's registry versions: a listed target with
+/// a profile, its older open version and a tombstone judge the same attempts the same way after a
+/// restore.
+#[test]
+fn a_restored_registry_judges_like_the_checkpointed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    let listed = RegistryRecord::from_json(
+        0,
+        format!(
+            r#"{{"uuid":"{B}","kind":"device","permissions":{{"send":{{"allow":["{A}"]}}}},
+                "profiles":[{{"name":"cmd","applies_to":["*"],"restrictions":{{"envelope":{{"payload_types":["command"]}}}}}}]}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let changes = vec![
+        registered(A, T0 - 10_000),
+        registered(B, T0 - 10_000),
+        RegistryChange { uuid: Uuid::parse_str(B).unwrap(), record: Some(Arc::new(listed)), effective_ms: T0 },
+        registered(STRANGER, T0 - 10_000),
+        tombstone(STRANGER, T0 + 5_000),
+    ];
+    let mut e = Engine::new(EngineConfig::default());
+    e.process(&batch(changes, &[]), T0);
+    store.save(&e.checkpoint()).unwrap();
+    let mut restored = Engine::new(EngineConfig::default());
+    restored.restore(store.load().unwrap().unwrap()).unwrap();
+    assert_eq!(restored.registry.hot().len(), e.registry.hot().len());
+
+    let send = |n: u32, ts: i64, from: &str, payload_type: &str| {
+        format!(
+            r#"{{"id":"00000000-0000-4000-8000-{n:012}","ts":{ts},"action":"send","from":"{from}","to":"{B}","auth":"valid","payload_type":"{payload_type}"}}"#
+        )
+    };
+    let records = [
+        send(1, T0 - 1, STRANGER, "telemetry"),
+        send(2, T0, A, "command"),
+        send(3, T0, A, "telemetry"),
+        send(4, T0, STRANGER, "command"),
+        send(5, T0 + 5_000, STRANGER, "command"),
+    ];
+    let rules = |found: Vec<Finding>| found.into_iter().map(|f| (f.event_id.unwrap().as_u128() & 0xff, f.rule)).collect::<Vec<_>>();
+    let expected =
+        vec![(3, "profile:cmd/envelope".to_owned()), (4, "permissions:send/allow".to_owned()), (5, "registry:unregistered".to_owned())];
+    assert_eq!(rules(e.process(&batch(vec![], &records), T0)), expected);
+    assert_eq!(rules(restored.process(&batch(vec![], &records), T0)), expected);
+}
+
 #[test]
 fn findings_read_back_from_the_output_are_not_repeated() {
     let mut e = Engine::new(EngineConfig::default());

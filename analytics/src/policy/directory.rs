@@ -13,8 +13,8 @@
 //! ```
 //!
 //! A lookup is one hash and, nearly always, one cache line; a check that needs lists or restrictions
-//! reads one more block, whose lines the caller can touch for a whole batch before it judges any
-//! row. Both maps are anonymous memory advised for transparent huge pages: a directory of a million
+//! reads one more block (usually its first line: the `send`, `receive` and `discover` rules are
+//! written first). Both maps are anonymous memory advised for transparent huge pages: a directory of a million
 //! UUIDs is random access over a few hundred megabytes, and with 4 KiB pages nearly every lookup
 //! would also miss the TLB.
 //!
@@ -43,10 +43,6 @@ use super::compile::{CompiledRecord, Level, Matcher};
 use super::geo::{self, Location};
 use super::restrictions;
 use crate::tables::{FastMap, VersionedTable};
-
-pub static TOUCH_MODE: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| std::env::var("MG_TOUCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2));
-
-pub static CHUNKLEN: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| std::env::var("MG_CHUNK").ok().and_then(|v| v.parse().ok()).unwrap_or(256));
 
 /// One cache line.
 pub type Line = [u64; 8];
@@ -478,7 +474,9 @@ impl Directory {
                     kinds |= ENVELOPE;
                     let types = env.payload_types.as_deref();
                     w.words.push(
-                        u32::from(types.is_some()) | u32::from(env.max_bytes.is_some()) << 1 | (types.map_or(0, <[String]>::len) as u32) << 16,
+                        u32::from(types.is_some())
+                            | u32::from(env.max_bytes.is_some()) << 1
+                            | (types.map_or(0, <[String]>::len) as u32) << 16,
                     );
                     if let Some(max) = env.max_bytes {
                         w.i64(max as i64);
@@ -600,9 +598,10 @@ struct Compiled {
 
 /// A block being written.
 ///
-/// Layout (`u32` words): `[0]` size class (bits 0-7), restriction entries (8-15); `[1..4]` the word
-/// offset of each level's rules as `u16` halves, level `l` at word `1 + l / 2`, half `l % 2`, and
-/// the entries' offset in the second half of word 3. Level rules: `denies | allows << 16`, then
+/// Layout (`u32` words): a header of eight bytes in words 0 and 1, read by [`header`]: byte 0 the
+/// size class (the arena's, set when stored), byte 1 the number of restriction entries, byte 2 the
+/// word where they start, byte `3 + l` the word where the rules of level `l` start (for levels
+/// neither open nor closed; every offset is below 256, see [`MAX_BLOCK_WORDS`]). Level rules: `denies | allows << 16`, then
 /// each rule as two matchers (the audience it governs, `"*"` for the base record, and its list).
 /// A matcher: `any | uuids << 8 | groups << 16`, four words per UUID key, one per group id. A
 /// restriction entry: `kinds | length << 16`, its audience, then per kind: timing (`n`, windows:
@@ -657,35 +656,17 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    /// Where the search for `key` starts.
-    #[inline]
-    pub fn home(&self, key: u128) -> usize {
-        self.hasher.hash_one(key) as usize & self.mask
-    }
-
-    /// Reads the first word of slot `i` (brings its line in).
-    #[inline]
-    pub fn touch_slot(&self, i: usize) -> u64 {
-        self.slots[i & self.mask][0]
-    }
-
     /// The slot of `key`, if the directory holds it (registered or tombstoned).
     #[inline]
     pub fn find(&self, key: u128) -> Option<Slot<'a>> {
-        self.find_from(self.home(key), key)
-    }
-
-    /// [`View::find`] from `key`'s [`View::home`].
-    #[inline]
-    pub fn find_from(&self, home: usize, key: u128) -> Option<Slot<'a>> {
-        let mut i = home & self.mask;
+        let mut i = self.hasher.hash_one(key) as usize & self.mask;
         loop {
             let s = Slot(&self.slots[i]);
-            if s.is(key) && s.flags() & OCCUPIED != 0 {
-                return Some(s);
-            }
             if s.flags() & OCCUPIED == 0 {
                 return None;
+            }
+            if s.is(key) {
+                return Some(s);
             }
             i = (i + 1) & self.mask;
         }
@@ -722,33 +703,6 @@ impl<'a> View<'a> {
                 s.then_some(BlockNeed { block: req.block() as u32, rules: sender, entries: sender_paths }),
             ),
         }
-    }
-
-    /// Reads every line of a block (so that a batch can bring its blocks in before judging).
-    #[inline]
-    pub fn touch(&self, need: BlockNeed) -> u32 {
-        let b = self.block_words(need.block);
-        let mode = *TOUCH_MODE;
-        if mode == 0 { return 0; }
-        if mode == 1 {
-            let mut x = 0;
-            for l in 0..(b.len() / LINE_WORDS).min(4) { x ^= b[l * LINE_WORDS]; }
-            return x;
-        }
-        if mode == 3 { return b[0]; }
-        let last = b.len() - 1;
-        // The header (first line), then the first and last lines of a section no longer than a
-        // line (longer ones are rare: the rest is read when judged).
-        let mut x = b[0] ^ b[1];
-        if let Some(level) = need.rules {
-            let at = level_offset(b, level);
-            x ^= b[at] ^ b[(at + LINE_WORDS - 1).min(last)];
-        }
-        if need.entries {
-            let at = header(b, 2);
-            x ^= b[at] ^ b[(at + LINE_WORDS - 1).min(last)];
-        }
-        x
     }
 
     /// Whether the attempt passes every check, given what [`View::needs`] asked for: `true` only
@@ -1052,3 +1006,6 @@ impl Registry {
         &self.hot
     }
 }
+
+#[cfg(test)]
+mod tests;

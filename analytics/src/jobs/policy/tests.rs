@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use meshguard_schemas::output::Finding;
 use meshguard_schemas::registry::RegistryRecord;
 use meshguard_schemas::{BatchDecoder, InputTopic};
 use proptest::prelude::*;
@@ -71,7 +72,11 @@ fn restrictions() -> impl Strategy<Value = Value> {
     let timing = proptest::option::weighted(0.3, prop::collection::vec(window(), 0..3));
     let location = proptest::option::weighted(
         0.3,
-        (prop::sample::select(vec!["requester", "requester", "target", "both"]), prop::collection::vec(area(), 0..3), prop::collection::vec(area(), 0..2))
+        (
+            prop::sample::select(vec!["requester", "requester", "target", "both"]),
+            prop::collection::vec(area(), 0..3),
+            prop::collection::vec(area(), 0..2),
+        )
             .prop_map(|(subject, allow, deny)| json!({"subject": subject, "allow": allow, "deny": deny})),
     );
     let envelope = proptest::option::weighted(
@@ -88,7 +93,12 @@ fn restrictions() -> impl Strategy<Value = Value> {
     );
     let path = proptest::option::weighted(
         0.25,
-        (prop::collection::vec(1..=N + 1, 0..2), prop::collection::vec(1..=N + 1, 0..2), proptest::option::of(0..3u32), proptest::bool::ANY)
+        (
+            prop::collection::vec(1..=N + 1, 0..2),
+            prop::collection::vec(1..=N + 1, 0..2),
+            proptest::option::of(0..3u32),
+            proptest::bool::ANY,
+        )
             .prop_map(|(deny, require, max_hops, countries)| {
                 let countries: Vec<&str> = if countries { vec!["FR"] } else { vec![] };
                 json!({"deny": deny.into_iter().map(u).collect::<Vec<_>>(), "require": require.into_iter().map(u).collect::<Vec<_>>(),
@@ -160,7 +170,12 @@ fn attempt() -> impl Strategy<Value = Value> {
         ),
         (
             prop::collection::vec(1..=N + 1, 0..3),
-            prop::sample::select(vec![json!(null), json!({"country": "DE"}), json!({"lat": 52.52, "lon": 13.4, "country": "DE"}), json!({"lat": 48.85, "lon": 2.35})]),
+            prop::sample::select(vec![
+                json!(null),
+                json!({"country": "DE"}),
+                json!({"lat": 52.52, "lon": 13.4, "country": "DE"}),
+                json!({"lat": 48.85, "lon": 2.35}),
+            ]),
             proptest::option::of(prop::sample::select(vec!["command", "telemetry", "other"])),
             proptest::option::of(prop::sample::select(vec![json!({"command": "on"}), json!({"command": "off"})])),
             proptest::option::of(prop::sample::select(vec![5i64, 5_000])),
@@ -190,37 +205,60 @@ fn attempt() -> impl Strategy<Value = Value> {
         })
 }
 
-/// Runs both ways and compares; the number of rows passed by their blocks and of findings.
-fn run(versions: &[(Uuid, i64, Option<Value>)], attempts: &[Value], online: &[u128]) -> (usize, usize) {
+fn compile(interner: &mut GroupInterner, rec: &Option<Value>) -> Option<Arc<CompiledRecord>> {
+    rec.as_ref().map(|r| {
+        let rec = RegistryRecord::from_json(0, r.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}: {r}"));
+        Arc::new(CompiledRecord::compile(Arc::new(rec), interner))
+    })
+}
+
+/// A registry built from scratch from `versions`, inserted in order.
+fn build(versions: &[(Uuid, i64, Option<Value>)]) -> Registry {
     let mut interner = GroupInterner::default();
     let mut registry = Registry::default();
     for (uuid, at, rec) in versions {
-        let rec = rec.as_ref().map(|r| {
-            let rec = RegistryRecord::from_json(0, r.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}: {r}"));
-            Arc::new(CompiledRecord::compile(Arc::new(rec), &mut interner))
-        });
-        registry.insert(*uuid, *at, rec);
+        registry.insert(*uuid, *at, compile(&mut interner, rec));
     }
+    registry
+}
+
+fn decode(attempts: &[Value]) -> arrow::record_batch::RecordBatch {
+    let texts: Vec<String> = attempts.iter().map(Value::to_string).collect();
+    let slices: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+    let out = BatchDecoder::new(InputTopic::Messages).decode(&slices);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    out.batch
+}
+
+/// The findings of the job and of the reference path over `registry`, and the rows the job passed
+/// by their blocks.
+type Findings = Vec<(u32, Finding)>;
+fn judge(registry: &Registry, batch: &arrow::record_batch::RecordBatch, online: &[u128]) -> (Findings, Findings, usize) {
     let mut presence = VersionedTable::<Uuid, bool>::default();
     for &i in online {
         presence.insert(u(i), T - 5_000, true);
     }
     let mut locations = VersionedTable::<Uuid, Location>::default();
     locations.insert(u(2), T - 5_000, Location { lat: Some(52.52), lon: Some(13.4), country: None });
-    let ctx = JobContext { registry: &registry, presence: &presence, locations: &locations, now_ms: T + 5_000 };
-
-    let texts: Vec<String> = attempts.iter().map(Value::to_string).collect();
-    let slices: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
-    let out = BatchDecoder::new(InputTopic::Messages).decode(&slices);
-    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
-    let view = MessagesView::new(&out.batch).unwrap();
-
+    let ctx = JobContext { registry, presence: &presence, locations: &locations, now_ms: T + 5_000 };
+    let view = MessagesView::new(batch).unwrap();
     let (mut fast, mut reference) = (Vec::new(), Vec::new());
     let mut job = PolicyCheck::default();
     job.on_messages(&view, &ctx, &mut fast);
     PolicyCheck::default().on_messages_reference(&view, &ctx, &mut reference);
+    (fast, reference, job.passed_in_blocks)
+}
+
+/// Runs both ways and compares; the number of rows passed by their blocks and of findings.
+fn run(versions: &[(Uuid, i64, Option<Value>)], attempts: &[Value], online: &[u128]) -> (usize, usize) {
+    let (fast, reference, passed_in_blocks) = judge(&build(versions), &decode(attempts), online);
     assert_eq!(fast, reference);
-    (job.passed_in_blocks, reference.len())
+    (passed_in_blocks, reference.len())
+}
+
+/// Proptest's configuration for a runner of this file (its regressions are replayed).
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, source_file: Some(file!()), ..ProptestConfig::default() }
 }
 
 /// Generating these nested strategies takes more stack than a test thread has in a debug build.
@@ -231,7 +269,7 @@ fn with_stack(f: impl FnOnce() + Send + 'static) {
 #[test]
 fn the_fast_path_gives_exactly_the_reference_findings() {
     with_stack(|| {
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 600, ..ProptestConfig::default() });
+        let mut runner = proptest::test_runner::TestRunner::new(config(600));
         let cases = (registry(), prop::collection::vec(attempt(), 1..60), prop::collection::vec(1..=N + 1, 0..3));
         let (passed_in_blocks, findings) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
         runner
@@ -244,7 +282,7 @@ fn the_fast_path_gives_exactly_the_reference_findings() {
             .unwrap();
         let (passed_in_blocks, findings) = (passed_in_blocks.get(), findings.get());
         // The cases exercise both outcomes of the block checks.
-        assert!(passed_in_blocks > 1_000 && findings > 1_000, "{passed_in_blocks} passed by their blocks, {findings} findings");
+        assert!(passed_in_blocks > 250 && findings > 1_000, "{passed_in_blocks} passed by their blocks, {findings} findings");
     });
 }
 
@@ -258,4 +296,94 @@ fn chunks_keep_row_order() {
         let attempts: Vec<Value> = (0..1_000).map(|_| attempt().new_tree(&mut runner).unwrap().current()).collect();
         run(&versions, &attempts, &[2]);
     });
+}
+
+/// Registry changes arriving while attempts stream in (new records, changed lists, new profiles,
+/// tombstones, in any order of event time): after each step, the incrementally updated registry
+/// must judge the next batch exactly as a registry rebuilt from every version so far, and the
+/// job's fast path exactly as the reference path.
+#[test]
+fn incremental_changes_judge_like_a_rebuilt_registry() {
+    with_stack(|| {
+        let mut runner = proptest::test_runner::TestRunner::new(config(150));
+        let steps = prop::collection::vec((registry(), prop::collection::vec(attempt(), 1..30)), 1..5);
+        runner
+            .run(&(steps, prop::collection::vec(1..=N + 1, 0..3)), |(steps, online)| {
+                let mut interner = GroupInterner::default();
+                let (mut incremental, mut so_far) = (Registry::default(), Vec::new());
+                for (versions, attempts) in &steps {
+                    for (uuid, at, rec) in versions {
+                        incremental.insert(*uuid, *at, compile(&mut interner, rec));
+                    }
+                    so_far.extend(versions.iter().cloned());
+                    let batch = decode(attempts);
+                    let (fast, reference, _) = judge(&incremental, &batch, &online);
+                    assert_eq!(fast, reference);
+                    let (rebuilt, _, _) = judge(&build(&so_far), &batch, &online);
+                    assert_eq!(fast, rebuilt);
+                }
+                Ok(())
+            })
+            .unwrap();
+    });
+}
+
+/// The contract's run-time changes, one after the other on one registry: each applies to the
+/// attempts at or after its time and not to earlier ones, with nothing rebuilt.
+#[test]
+fn a_new_profile_a_changed_list_and_a_tombstone_apply_from_their_time() {
+    let (from, to) = (u(1), u(2));
+    let rec = |extra: Value| {
+        let mut r = json!({"uuid": to, "kind": "device", "groups": ["g1"]});
+        r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        Some(r)
+    };
+    let send = |id: u128, ts: i64| {
+        json!({"id": Uuid::from_u128(id), "ts": ts, "action": "send", "from": from, "to": to, "auth": "valid",
+               "payload_type": "command", "location": {"country": "DE"}})
+    };
+    let mut interner = GroupInterner::default();
+    let mut registry = Registry::default();
+    let requester = Some(json!({"uuid": from, "kind": "device", "groups": ["g0"]}));
+    registry.insert(from, T - 10_000, compile(&mut interner, &requester));
+    registry.insert(to, T - 10_000, compile(&mut interner, &rec(json!({}))));
+    let kinds = |registry: &Registry, attempts: &[Value]| -> Vec<(u32, String)> {
+        let (fast, reference, _) = judge(registry, &decode(attempts), &[]);
+        assert_eq!(fast, reference);
+        fast.into_iter().map(|(row, f)| (row, f.rule)).collect()
+    };
+    let probe = [send(1, T - 5_000), send(2, T), send(3, T + 5_000), send(4, T + 10_000), send(5, T + 20_000)];
+    assert_eq!(kinds(&registry, &probe), vec![], "open lists, no profile");
+
+    // A profile for everyone: only `telemetry` payloads, from T on.
+    let profile =
+        json!({"profiles": [{"name": "tele", "applies_to": ["*"], "restrictions": {"envelope": {"payload_types": ["telemetry"]}}}]});
+    registry.insert(to, T, compile(&mut interner, &rec(profile.clone())));
+    let envelope = "profile:tele/envelope".to_string();
+    assert_eq!(kinds(&registry, &probe), vec![(1, envelope.clone()), (2, envelope.clone()), (3, envelope.clone()), (4, envelope.clone())]);
+
+    // The `send` list changed at T + 5 s: the requester's group is denied.
+    let mut denied = profile;
+    denied["permissions"] = json!({"send": {"allow": ["*"], "deny": ["group:g0"]}});
+    registry.insert(to, T + 5_000, compile(&mut interner, &rec(denied)));
+    let deny = "permissions:send/deny".to_string();
+    assert_eq!(
+        kinds(&registry, &probe),
+        vec![
+            (1, envelope.clone()),
+            (2, deny.clone()),
+            (2, envelope.clone()),
+            (3, deny.clone()),
+            (3, envelope.clone()),
+            (4, deny),
+            (4, envelope)
+        ]
+    );
+
+    // Tombstoned at T + 10 s; registered again, open, at T + 20 s.
+    registry.insert(to, T + 10_000, None);
+    registry.insert(to, T + 20_000, compile(&mut interner, &rec(json!({}))));
+    let found = kinds(&registry, &probe);
+    assert_eq!(found.iter().filter(|(row, _)| *row == 3).map(|(_, r)| r.as_str()).collect::<Vec<_>>(), ["target:unregistered"]);
+    assert!(found.iter().all(|(row, _)| *row != 4), "registered again: {found:?}");
 }
