@@ -8,7 +8,8 @@
 //! office hours, country allow list) and `everyone` (`"*"`: payload types). Attempts are 65,536
 //! sends, discovers and receives, judged in one batch (see [`attempts`] for the mix); `uniform`
 //! draws targets from the whole directory (every lookup a cache miss), `hot_10k` from 10,000
-//! active UUIDs.
+//! active UUIDs. Before each criterion run, the bench prints the rate per CPU-second of its thread
+//! (immune to waiting for a core on a shared machine, not to other work's use of the caches).
 //!
 //! `cargo bench -p meshguard-analytics --bench policy`
 
@@ -186,6 +187,14 @@ fn bench(c: &mut Criterion) {
         let mut out = Vec::with_capacity(ATTEMPTS);
         job.on_messages(&view, &ctx, &mut out);
         eprintln!("{name}: {} findings per {ATTEMPTS} attempts", out.len());
+        if size == DIRECTORY
+            && let Some(rate) = per_cpu_second(|| {
+                out.clear();
+                job.on_messages(black_box(&view), &ctx, &mut out);
+            })
+        {
+            eprintln!("{name}: {:.2} M attempts per CPU-second of this thread", rate / 1e6);
+        }
         g.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
@@ -195,6 +204,20 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Attempts judged per second of this thread's CPU time over 200 batches: on a machine shared with
+/// other work, wall-clock figures also count the time the thread waited for a core. `None` where
+/// the kernel does not report a thread's CPU time (`/proc/thread-self/schedstat`, Linux).
+fn per_cpu_second(mut batch: impl FnMut()) -> Option<f64> {
+    let cpu_ns = || -> Option<u64> { std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok() };
+    const BATCHES: usize = 200;
+    let start = cpu_ns()?;
+    for _ in 0..BATCHES {
+        batch();
+    }
+    let spent = cpu_ns()?.checked_sub(start)?;
+    Some((BATCHES * ATTEMPTS) as f64 / (spent as f64 / 1e9))
 }
 
 criterion_group!(benches, bench);
