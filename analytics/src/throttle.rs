@@ -25,10 +25,16 @@
 
 use std::collections::BTreeMap;
 
+use bytemuck::{Pod, Zeroable};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::tables::FastMap;
+
+mod huge;
+mod table;
+use table::PackedKey;
+pub use table::Windows;
 
 /// A limit: at most `max` attempts per `per_s` seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -144,17 +150,288 @@ pub enum Rule {
 /// arriving somewhat out of order still find the ones their own window holds.
 const OUT_OF_ORDER_SLACK: usize = 4;
 
+/// Attempts a window holds inline (in its table entry, no buffer of its own): `max + 5` for limits
+/// up to 11 attempts, the contract's among them. A window of a larger limit moves its attempts to a
+/// buffer of its own ([`Spills`]) when it needs more.
+const INLINE: usize = 16;
+
 /// One sliding window of one requester (and target, for pair limits).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Window {
-    /// Event time the offsets in `seen` count from.
+///
+/// The attempts it keeps, oldest first, are `[ms after base, id fingerprint]`, 8 bytes each:
+/// inline, or in a buffer of [`Spills`] once they are more than [`INLINE`]. Plain integers only
+/// (`Pod`), so that the table can keep windows in memory it maps itself (see `huge`), and no enum:
+/// where the inline attempts are must be known without reading the window (see
+/// [`prefetch_entry`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub(crate) struct Window {
+    /// Event time the offsets count from.
     base: i64,
-    /// The attempts kept, oldest first: `(ms after base, id fingerprint)`, 8 bytes each.
-    seen: Vec<(u32, u32)>,
+    /// The attempts, when they fit: the first `len`.
+    buf: [[u32; 2]; INLINE],
     /// The window's length, ms (for pruning).
     per_ms: u32,
-    /// Whether the count is past the limit since the last finding (an episode is open).
+    /// `0`, or `1 +` the index in [`Spills`] of the buffer holding the attempts.
+    spill: u32,
+    /// How many of `buf` are kept (when not spilled).
+    len: u8,
+    /// `1` when the count is past the limit since the last finding (an episode is open).
+    in_episode: u8,
+    _pad: [u8; 6],
+}
+
+/// The attempts of windows that did not fit inline, by `Window::spill - 1`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Spills {
+    bufs: Vec<Vec<[u32; 2]>>,
+    free: Vec<u32>,
+}
+
+impl Spills {
+    fn add(&mut self, v: Vec<[u32; 2]>) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.bufs[i as usize] = v;
+                i + 1
+            }
+            None => {
+                self.bufs.push(v);
+                u32::try_from(self.bufs.len()).expect("fewer than 2^32 spilled throttle windows")
+            }
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if id != 0 {
+            self.bufs[id as usize - 1] = Vec::new();
+            self.free.push(id - 1);
+        }
+    }
+
+    /// Bytes held (allocator overhead aside).
+    fn bytes(&self) -> usize {
+        self.bufs.capacity() * size_of::<Vec<[u32; 2]>>()
+            + self.free.capacity() * 4
+            + self.bufs.iter().map(|v| v.capacity() * 8).sum::<usize>()
+    }
+}
+
+impl Window {
+    /// The attempts kept, oldest first.
+    #[inline]
+    fn seen<'a>(&'a self, spills: &'a Spills) -> &'a [[u32; 2]] {
+        match self.spill {
+            0 => &self.buf[..usize::from(self.len)],
+            id => &spills.bufs[id as usize - 1],
+        }
+    }
+
+    #[inline]
+    fn seen_mut<'a>(&'a mut self, spills: &'a mut Spills) -> &'a mut [[u32; 2]] {
+        match self.spill {
+            0 => &mut self.buf[..usize::from(self.len)],
+            id => &mut spills.bufs[id as usize - 1],
+        }
+    }
+
+    /// Forgets the `n` oldest attempts (and gives back a spilled window's buffer once the rest fit
+    /// inline).
+    #[inline]
+    fn forget_oldest(&mut self, spills: &mut Spills, n: usize) {
+        if n == 0 {
+            return;
+        }
+        match self.spill {
+            0 => {
+                let l = usize::from(self.len);
+                self.buf.copy_within(n..l, 0);
+                self.len = (l - n) as u8;
+            }
+            id => {
+                let v = &mut spills.bufs[id as usize - 1];
+                v.drain(..n);
+                if v.len() <= INLINE {
+                    self.buf[..v.len()].copy_from_slice(v);
+                    self.len = v.len() as u8;
+                    spills.release(id);
+                    self.spill = 0;
+                }
+            }
+        }
+    }
+
+    /// Inserts `x` at `at`, then forgets the oldest beyond `cap` (as inserting and then forgetting
+    /// would, without ever holding more than `max(len, cap)`).
+    #[inline]
+    fn insert_capped(&mut self, spills: &mut Spills, at: usize, x: [u32; 2], cap: usize) {
+        let over = (self.seen(spills).len() + 1).saturating_sub(cap);
+        if over > 0 {
+            if at < over {
+                // `x` is among the forgotten.
+                self.forget_oldest(spills, over - 1);
+                return;
+            }
+            self.forget_oldest(spills, over);
+            self.insert(spills, at - over, x);
+            return;
+        }
+        self.insert(spills, at, x);
+    }
+
+    #[inline]
+    fn insert(&mut self, spills: &mut Spills, at: usize, x: [u32; 2]) {
+        match self.spill {
+            0 if usize::from(self.len) < INLINE => {
+                let l = usize::from(self.len);
+                self.buf.copy_within(at..l, at + 1);
+                self.buf[at] = x;
+                self.len += 1;
+            }
+            0 => {
+                let mut v = Vec::with_capacity(INLINE * 2);
+                v.extend_from_slice(&self.buf[..at]);
+                v.push(x);
+                v.extend_from_slice(&self.buf[at..]);
+                self.spill = spills.add(v);
+                self.len = 0;
+            }
+            id => spills.bufs[id as usize - 1].insert(at, x),
+        }
+    }
+
+    /// Counts the attempt `(ts, fingerprint)` against at most `max` per `per_ms`; attempts up to
+    /// `lateness_ms` behind the newest may still arrive and must find their window's attempts.
+    fn count(&mut self, spills: &mut Spills, ts: i64, fingerprint: u32, max: u32, per_ms: i64, lateness_ms: i64) -> Counted {
+        self.per_ms = u32::try_from(per_ms).unwrap_or(u32::MAX);
+        // Keep what a window ending at any time still to come can hold: attempts within a window
+        // and the allowed lateness of the newest, at most `max + 1 + OUT_OF_ORDER_SLACK` of them
+        // (past `max + 1` in a window the requester floods, in an episode only a quiet window
+        // ends).
+        let newest = self.newest(spills).map_or(ts, |n| n.max(ts));
+        let horizon = newest - per_ms - lateness_ms;
+        let base = self.base;
+        let expired = self.seen(spills).partition_point(|&[o, _]| base + i64::from(o) <= horizon);
+        self.forget_oldest(spills, expired);
+        if self.seen(spills).is_empty() || ts < self.base || ts - self.base > i64::from(u32::MAX) {
+            self.rebase(spills, ts);
+        }
+        let Ok(off) = u32::try_from(ts - self.base) else {
+            return Counted::Within;
+        };
+        let seen = self.seen(spills);
+        let at = seen.partition_point(|&[o, _]| o <= off);
+        if seen[..at].iter().rev().take_while(|[o, _]| *o == off).any(|&[_, f]| f == fingerprint) {
+            return Counted::Repeat;
+        }
+        self.insert_capped(spills, at, [off, fingerprint], max as usize + 1 + OUT_OF_ORDER_SLACK);
+        // Attempts in (ts − per_ms, ts] among those kept.
+        let base = self.base;
+        let seen = self.seen(spills);
+        let upto = seen.partition_point(|&[o, _]| o <= off);
+        let from = seen[..upto].partition_point(|&[o, _]| base + i64::from(o) <= ts - per_ms);
+        let count = (upto - from) as u32;
+        if count > max {
+            if self.in_episode != 0 {
+                return Counted::Within;
+            }
+            self.in_episode = 1;
+            Counted::Exceeded(count)
+        } else {
+            self.in_episode = 0;
+            Counted::Within
+        }
+    }
+
+    /// Moves `base` to `ts` when `ts` is before every kept attempt, or when none is kept. (An
+    /// attempt more than 49 days after every kept one finds them all expired first.)
+    fn rebase(&mut self, spills: &mut Spills, ts: i64) {
+        let Some(&[first, _]) = self.seen(spills).first() else {
+            self.base = ts;
+            return;
+        };
+        let new_base = ts.min(self.base + i64::from(first));
+        let shift = self.base - new_base;
+        for [o, _] in self.seen_mut(spills) {
+            *o = u32::try_from(i64::from(*o) + shift).unwrap_or(u32::MAX);
+        }
+        self.base = new_base;
+    }
+
+    /// The newest attempt time, if any.
+    fn newest(&self, spills: &Spills) -> Option<i64> {
+        self.seen(spills).last().map(|[o, _]| self.base + i64::from(*o))
+    }
+}
+
+/// A window, as the table shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRef<'a> {
+    window: &'a Window,
+    spills: &'a Spills,
+}
+
+impl WindowRef<'_> {
+    /// The newest attempt time, if any.
+    pub fn newest(&self) -> Option<i64> {
+        self.window.newest(self.spills)
+    }
+
+    /// Attempts kept.
+    pub fn kept(&self) -> usize {
+        self.window.seen(self.spills).len()
+    }
+}
+
+/// A window as checkpoints hold it (the same fields, and bytes, as when a window was a plain
+/// struct with a `Vec` of attempts).
+#[derive(Serialize)]
+struct WindowOut<'a> {
+    base: i64,
+    seen: AsTuples<'a>,
+    per_ms: u32,
     in_episode: bool,
+}
+
+/// Attempts as the sequence of `(offset, fingerprint)` pairs checkpoints hold.
+struct AsTuples<'a>(&'a [[u32; 2]]);
+
+impl Serialize for AsTuples<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|&[o, f]| (o, f)))
+    }
+}
+
+impl Serialize for WindowRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let w = self.window;
+        WindowOut { base: w.base, seen: AsTuples(w.seen(self.spills)), per_ms: w.per_ms, in_episode: w.in_episode != 0 }.serialize(s)
+    }
+}
+
+#[derive(Deserialize)]
+struct WindowIn {
+    base: i64,
+    seen: Vec<(u32, u32)>,
+    per_ms: u32,
+    in_episode: bool,
+}
+
+impl WindowIn {
+    fn into_window(self, spills: &mut Spills) -> Result<Window, &'static str> {
+        if !self.seen.is_sorted_by_key(|(o, _)| *o) {
+            return Err("a throttle window's attempts are out of order");
+        }
+        let mut w = Window { base: self.base, per_ms: self.per_ms, in_episode: u8::from(self.in_episode), ..Window::default() };
+        if self.seen.len() <= INLINE {
+            for (slot, &(o, f)) in w.buf.iter_mut().zip(&self.seen) {
+                *slot = [o, f];
+            }
+            w.len = self.seen.len() as u8;
+        } else {
+            w.spill = spills.add(self.seen.iter().map(|&(o, f)| [o, f]).collect());
+        }
+        Ok(w)
+    }
 }
 
 /// What counting one attempt found.
@@ -168,100 +445,194 @@ pub enum Counted {
     Exceeded(u32),
 }
 
-impl Window {
-    /// Counts the attempt `(ts, fingerprint)` against at most `max` per `per_ms`; attempts up to
-    /// `lateness_ms` behind the newest may still arrive and must find their window's attempts.
-    pub fn count(&mut self, ts: i64, fingerprint: u32, max: u32, per_ms: i64, lateness_ms: i64) -> Counted {
-        self.per_ms = u32::try_from(per_ms).unwrap_or(u32::MAX);
-        // Keep what a window ending at any time still to come can hold: attempts within a window
-        // and the allowed lateness of the newest, at most `max + 1 + OUT_OF_ORDER_SLACK` of them
-        // (past `max + 1` in a window the requester floods, in an episode only a quiet window
-        // ends).
-        let newest = self.newest().map_or(ts, |n| n.max(ts));
-        let horizon = newest - per_ms - lateness_ms;
-        let base = self.base;
-        let expired = self.seen.partition_point(|&(o, _)| base + i64::from(o) <= horizon);
-        self.seen.drain(..expired);
-        if self.seen.is_empty() || ts < self.base || ts - self.base > i64::from(u32::MAX) {
-            self.rebase(ts);
-        }
-        let Ok(off) = u32::try_from(ts - self.base) else {
-            return Counted::Within;
-        };
-        let at = self.seen.partition_point(|&(o, _)| o <= off);
-        if self.seen[..at].iter().rev().take_while(|(o, _)| *o == off).any(|&(_, f)| f == fingerprint) {
-            return Counted::Repeat;
-        }
-        self.seen.insert(at, (off, fingerprint));
-        let over = self.seen.len().saturating_sub(max as usize + 1 + OUT_OF_ORDER_SLACK);
-        self.seen.drain(..over);
-        // Attempts in (ts − per_ms, ts] among those kept.
-        let base = self.base;
-        let upto = self.seen.partition_point(|&(o, _)| o <= off);
-        let from = self.seen[..upto].partition_point(|&(o, _)| base + i64::from(o) <= ts - per_ms);
-        let count = (upto - from) as u32;
-        if count > max {
-            if self.in_episode {
-                return Counted::Within;
-            }
-            self.in_episode = true;
-            Counted::Exceeded(count)
-        } else {
-            self.in_episode = false;
-            Counted::Within
-        }
-    }
+/// A window's key: requester, target (nil when the limit is not per pair) and rule.
+pub type WindowKey = (Uuid, Uuid, Rule);
 
-    /// Moves `base` to `ts` when `ts` is before every kept attempt, or when none is kept. (An
-    /// attempt more than 49 days after every kept one finds them all expired first.)
-    fn rebase(&mut self, ts: i64) {
-        let Some(&(first, _)) = self.seen.first() else {
-            self.base = ts;
-            return;
-        };
-        let new_base = ts.min(self.base + i64::from(first));
-        let shift = self.base - new_base;
-        for (o, _) in &mut self.seen {
-            *o = u32::try_from(i64::from(*o) + shift).unwrap_or(u32::MAX);
-        }
-        self.base = new_base;
-    }
-
-    /// The newest attempt time, if any.
-    pub fn newest(&self) -> Option<i64> {
-        self.seen.last().map(|(o, _)| self.base + i64::from(*o))
-    }
+/// One attempt to count against one limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// The window: requester, target (nil unless the limit is per pair), rule.
+    pub key: WindowKey,
+    /// Event time, ms.
+    pub ts: i64,
+    /// A 32-bit fingerprint of the attempt's id (a re-delivery has the same).
+    pub fingerprint: u32,
+    /// The limit's `max` before any tightening.
+    pub max: u32,
+    /// The limit's window, ms.
+    pub per_ms: i64,
+    /// Whether this is the first limit counted for its attempt (whose requester's tightening is
+    /// looked up here, before any of the attempt's own limits can tighten it).
+    pub first_of_attempt: bool,
 }
+
+/// What counting an [`Attempt`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// The count's result.
+    pub counted: Counted,
+    /// The `max` applied (tightened or not).
+    pub max: u32,
+    /// Until when the requester's limits were tightened, when this limit was tightened.
+    pub tightened_until: Option<i64>,
+}
+
+/// How many attempts ahead a batch prefetches the slots, and half that the entries, of the
+/// attempts it is about to count.
+const LOOKAHEAD: usize = 16;
 
 /// The throttle state of one partition.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ThrottleState {
     /// Windows by requester, target (nil when the limit is not per pair) and rule.
-    pub windows: FastMap<(Uuid, Uuid, Rule), Window>,
+    #[serde(with = "windows_as_map")]
+    pub windows: Windows,
     /// Requesters whose limits are tightened, until when (event time).
     pub tightened: FastMap<Uuid, i64>,
 }
 
 impl ThrottleState {
-    /// Bytes of memory the state holds: the hash table's buckets and control bytes, and every
-    /// window's buffer (allocator overhead aside).
+    /// Bytes of memory the state holds: the windows' slots and entries (every allocated one), the
+    /// buffers of windows too large to be held inline, and the tightenings' hash table (allocator
+    /// overhead aside).
     pub fn approximate_bytes(&self) -> usize {
-        let bucket = std::mem::size_of::<((Uuid, Uuid, Rule), Window)>() + 1;
-        let buffers: usize = self.windows.values().map(|w| w.seen.capacity() * std::mem::size_of::<(u32, u32)>()).sum();
-        self.windows.capacity() * bucket + buffers + self.tightened.capacity() * (std::mem::size_of::<(Uuid, i64)>() + 1)
+        self.windows.approximate_bytes() + self.tightened.capacity() * (size_of::<(Uuid, i64)>() + 1)
     }
 
     /// Forgets windows no attempt at or after `horizon_ms` can still count in (their newest
     /// attempt is a whole window older), and expired tightenings.
     pub fn prune(&mut self, horizon_ms: i64) {
-        self.windows.retain(|_, w| w.newest().is_some_and(|t| t > horizon_ms - i64::from(w.per_ms)));
+        self.windows.retain(|_, w| w.newest().is_some_and(|t| t > horizon_ms - i64::from(w.window.per_ms)));
         self.tightened.retain(|_, until| *until > horizon_ms);
+    }
+
+    /// Counts `attempts` in order, as counting them one by one would, with the limits of
+    /// requesters tightened after a breach (`tightening`); appends one [`Outcome`] per attempt to
+    /// `out`.
+    ///
+    /// The attempts' windows are looked up a few attempts ahead of the one being counted, in two
+    /// steps (the slot, then the entry it points to), so that the cache misses of several attempts
+    /// overlap.
+    pub fn count_batch(&mut self, attempts: &[Attempt], lateness_ms: i64, tightening: &Tightening, out: &mut Vec<Outcome>) {
+        out.reserve(attempts.len());
+        let mut hashes = vec![0u64; attempts.len()];
+        let mut candidates = vec![u32::MAX; attempts.len()];
+        let mut tightened_until = None;
+        let cooldown_ms = (tightening.cooldown_s * 1000.0) as i64;
+        let n = attempts.len();
+        for i in 0..n + 2 * LOOKAHEAD {
+            // Step 1: hash, prefetch the home slot.
+            if let Some(a) = attempts.get(i) {
+                let h = self.windows.hash(&a.key);
+                hashes[i] = h;
+                if let Some(s) = self.windows.home_slot(h) {
+                    prefetch(bytemuck::bytes_of(s));
+                }
+            }
+            // Step 2: the entry the slot points at, prefetched whole.
+            if let Some(j) = i.checked_sub(LOOKAHEAD).filter(|j| *j < n)
+                && let Some(c) = self.windows.candidate(hashes[j])
+            {
+                candidates[j] = c;
+                prefetch_entry(self.windows.entry_at(c));
+            }
+            // Step 3: count.
+            let Some(k) = i.checked_sub(2 * LOOKAHEAD).filter(|k| *k < n) else {
+                continue;
+            };
+            let a = &attempts[k];
+            let at = match candidates[k] {
+                c if c != u32::MAX && self.windows.entry_at(c).key == PackedKey::pack(&a.key) => c,
+                _ => self.windows.find_or_insert(&a.key, hashes[k]),
+            };
+            if a.first_of_attempt {
+                tightened_until = match tightening.enabled {
+                    true if !self.tightened.is_empty() => self.tightened.get(&a.key.0).copied().filter(|until| a.ts < *until),
+                    _ => None,
+                };
+            }
+            let tightenable = matches!(a.key.2, Rule::Requester | Rule::Connect);
+            let tightened = tightened_until.filter(|_| tightenable);
+            let max = match tightened {
+                Some(_) => ((f64::from(a.max) * tightening.factor).floor() as u32).max(1),
+                None => a.max,
+            };
+            let (window, spills) = self.windows.window_mut(at);
+            let counted = window.count(spills, a.ts, a.fingerprint, max, a.per_ms, lateness_ms);
+            if matches!(counted, Counted::Exceeded(_)) && tightening.enabled && tightenable {
+                self.tightened.insert(a.key.0, a.ts + cooldown_ms);
+            }
+            out.push(Outcome { counted, max, tightened_until: tightened });
+        }
+    }
+}
+
+/// Asks for the cache line of `bytes` (into L2), without waiting for it.
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    polars_utils::mem::prefetch::prefetch_l2(bytes);
+}
+
+/// Prefetches the three cache lines of an entry, at places whose address needs no read of the
+/// entry: the inline attempts' first and last bytes (which `prefetch` covers in one call), whose
+/// lines also hold the key and the window's other fields, and the middle attempt.
+#[inline(always)]
+fn prefetch_entry(e: &table::Entry) {
+    let buf = &e.window.buf;
+    prefetch(bytemuck::bytes_of(buf));
+    prefetch(bytemuck::bytes_of(&buf[INLINE / 2]));
+}
+
+/// Checkpoints hold the windows as a map of key to window, as when they were a hash map.
+mod windows_as_map {
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::{WindowIn, WindowKey, Windows};
+
+    pub(super) fn serialize<S: Serializer>(w: &Windows, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(w.iter())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Windows, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Windows;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of throttle windows")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Windows, A::Error> {
+                let mut w = Windows::default();
+                while let Some((k, v)) = m.next_entry::<WindowKey, WindowIn>()? {
+                    w.restore(&k, v).map_err(serde::de::Error::custom)?;
+                }
+                Ok(w)
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A window with buffers of its own to spill to.
+    #[derive(Default)]
+    struct Window {
+        w: super::Window,
+        spills: Spills,
+    }
+
+    impl Window {
+        fn count(&mut self, ts: i64, fingerprint: u32, max: u32, per_ms: i64, lateness_ms: i64) -> Counted {
+            self.w.count(&mut self.spills, ts, fingerprint, max, per_ms, lateness_ms)
+        }
+
+        fn seen(&self) -> &[[u32; 2]] {
+            self.w.seen(&self.spills)
+        }
+    }
 
     fn run(w: &mut Window, events: &[(i64, u32)], max: u32, per_ms: i64) -> Vec<Counted> {
         events.iter().map(|&(t, f)| w.count(t, f, max, per_ms, 0)).collect()
@@ -301,17 +672,231 @@ mod tests {
         for i in 0..1000 {
             w.count(10_000 + i, i as u32, 5, 1000, 30_000);
         }
-        assert_eq!(w.seen.len(), 5 + 1 + OUT_OF_ORDER_SLACK, "bounded however many arrive");
+        assert_eq!(w.seen().len(), 5 + 1 + OUT_OF_ORDER_SLACK, "bounded however many arrive");
         let mut w = Window::default();
         for i in 0..100 {
             w.count(i * 10_000, i as u32, 5, 1000, 2_000);
         }
-        assert_eq!(w.seen.len(), 1, "a quiet requester keeps what a window and the lateness hold");
+        assert_eq!(w.seen().len(), 1, "a quiet requester keeps what a window and the lateness hold");
         let mut w = Window::default();
         w.count(5_000, 1, 2, 1000, 1000);
         w.count(5_100, 2, 2, 1000, 1000);
         assert_eq!(w.count(4_950, 3, 2, 1000, 1000), Counted::Within, "late: (3950, 4950] holds only itself");
         assert_eq!(w.count(5_150, 4, 2, 1000, 1000), Counted::Exceeded(4), "(4150, 5150] holds all four");
+    }
+
+    /// The window as it was before windows were held inline (a `Vec` of attempts per window in a
+    /// hash map), to check that the table counts exactly as it did.
+    mod reference {
+        use super::super::{Counted, OUT_OF_ORDER_SLACK};
+
+        #[derive(Debug, Clone, Default)]
+        pub(super) struct Window {
+            pub(super) base: i64,
+            pub(super) seen: Vec<(u32, u32)>,
+            in_episode: bool,
+        }
+
+        impl Window {
+            pub(super) fn count(&mut self, ts: i64, fingerprint: u32, max: u32, per_ms: i64, lateness_ms: i64) -> Counted {
+                let newest = self.seen.last().map(|(o, _)| self.base + i64::from(*o)).map_or(ts, |n| n.max(ts));
+                let horizon = newest - per_ms - lateness_ms;
+                let base = self.base;
+                let expired = self.seen.partition_point(|&(o, _)| base + i64::from(o) <= horizon);
+                self.seen.drain(..expired);
+                if self.seen.is_empty() || ts < self.base || ts - self.base > i64::from(u32::MAX) {
+                    match self.seen.first() {
+                        None => self.base = ts,
+                        Some(&(first, _)) => {
+                            let new_base = ts.min(self.base + i64::from(first));
+                            let shift = self.base - new_base;
+                            for (o, _) in &mut self.seen {
+                                *o = u32::try_from(i64::from(*o) + shift).unwrap_or(u32::MAX);
+                            }
+                            self.base = new_base;
+                        }
+                    }
+                }
+                let Ok(off) = u32::try_from(ts - self.base) else {
+                    return Counted::Within;
+                };
+                let at = self.seen.partition_point(|&(o, _)| o <= off);
+                if self.seen[..at].iter().rev().take_while(|(o, _)| *o == off).any(|&(_, f)| f == fingerprint) {
+                    return Counted::Repeat;
+                }
+                self.seen.insert(at, (off, fingerprint));
+                let over = self.seen.len().saturating_sub(max as usize + 1 + OUT_OF_ORDER_SLACK);
+                self.seen.drain(..over);
+                let base = self.base;
+                let upto = self.seen.partition_point(|&(o, _)| o <= off);
+                let from = self.seen[..upto].partition_point(|&(o, _)| base + i64::from(o) <= ts - per_ms);
+                let count = (upto - from) as u32;
+                if count > max {
+                    if self.in_episode {
+                        return Counted::Within;
+                    }
+                    self.in_episode = true;
+                    Counted::Exceeded(count)
+                } else {
+                    self.in_episode = false;
+                    Counted::Within
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn windows_count_as_the_reference_in_order_late_repeated_and_spilled() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(4);
+        for case in 0..3_000 {
+            let max = *[1u32, 2, 5, 10, 11, 12, 20, 60].get(rng.random_range(0..8)).unwrap_or(&10);
+            let per_ms = *[1i64, 100, 1000, 40_000].get(rng.random_range(0..4)).unwrap_or(&1000);
+            let lateness = *[0i64, 500, 30_000].get(rng.random_range(0..3)).unwrap_or(&0);
+            let (mut w, mut r) = (Window::default(), reference::Window::default());
+            let mut t = 1_795_539_600_000i64;
+            for step in 0..400 {
+                // Mostly forward, sometimes late, sometimes a re-delivery, now and then a long pause.
+                let ts = match rng.random_range(0..20) {
+                    0 => t - rng.random_range(0..=lateness.max(1)),
+                    1 => t + rng.random_range(0..10_000_000_000i64),
+                    _ => t + rng.random_range(0..per_ms.max(2) / 2 + 1),
+                };
+                t = t.max(ts);
+                let fp = if rng.random_range(0..10) == 0 { rng.random_range(0..4) } else { rng.random() };
+                // Tightening varies `max` between counts of one window.
+                let m = if rng.random_range(0..8) == 0 { (max / 2).max(1) } else { max };
+                let (got, want) = (w.count(ts, fp, m, per_ms, lateness), r.count(ts, fp, m, per_ms, lateness));
+                assert_eq!(got, want, "case {case} step {step}");
+                let kept: Vec<(u32, u32)> = w.seen().iter().map(|&[o, f]| (o, f)).collect();
+                assert_eq!(kept.len(), r.seen.len(), "case {case} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_count_as_attempts_one_by_one_with_tightening() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(5);
+        let tightening = Tightening { enabled: true, factor: 0.5, cooldown_s: 2.0 };
+        let lateness = 1_000;
+        let mut state = ThrottleState::default();
+        let mut windows: std::collections::HashMap<WindowKey, reference::Window> = Default::default();
+        let mut tightened: std::collections::HashMap<Uuid, i64> = Default::default();
+        let mut t = 1_795_539_600_000i64;
+        let mut seen = [0u32; 4];
+        for batch in 0..300 {
+            // Batches of every size around the lookahead, few requesters (so that one key comes
+            // back within the lookahead), each attempt counted against one to three limits.
+            let mut attempts = Vec::new();
+            for _ in 0..rng.random_range(0..80) {
+                t += rng.random_range(0..40);
+                let ts = if rng.random_range(0..10) == 0 { t - rng.random_range(0..lateness) } else { t };
+                if !attempts.is_empty() && rng.random_range(0..12) == 0 {
+                    // A re-delivery.
+                    let again: Attempt = attempts[rng.random_range(0..attempts.len())];
+                    if again.first_of_attempt {
+                        attempts.push(again);
+                        continue;
+                    }
+                }
+                let from = Uuid::from_u128(rng.random_range(0..12));
+                let fingerprint = rng.random_range(0..1_000);
+                let first = if rng.random_range(0..4) == 0 { (Rule::Connect, 2) } else { (Rule::Requester, 10) };
+                attempts.push(Attempt { key: (from, Uuid::nil(), first.0), ts, fingerprint, max: first.1, per_ms: 1000, first_of_attempt: true });
+                if first.0 == Rule::Requester && rng.random_range(0..2) == 0 {
+                    attempts.push(Attempt { key: (from, Uuid::nil(), Rule::Type), ts, fingerprint, max: 30, per_ms: 5000, first_of_attempt: false });
+                }
+                if first.0 == Rule::Requester && rng.random_range(0..3) == 0 {
+                    let to = Uuid::from_u128(1_000 + rng.random_range(0..3));
+                    attempts.push(Attempt { key: (from, to, Rule::Profile(1)), ts, fingerprint, max: 3, per_ms: 1000, first_of_attempt: false });
+                }
+            }
+            let mut got = Vec::new();
+            state.count_batch(&attempts, lateness, &tightening, &mut got);
+            // One by one, as the engine's stage did.
+            let mut until = None;
+            for (i, a) in attempts.iter().enumerate() {
+                if a.first_of_attempt {
+                    until = tightened.get(&a.key.0).copied().filter(|u| a.ts < *u);
+                }
+                let tightenable = matches!(a.key.2, Rule::Requester | Rule::Connect);
+                let max = match until {
+                    Some(_) if tightenable => ((f64::from(a.max) * tightening.factor).floor() as u32).max(1),
+                    _ => a.max,
+                };
+                let counted = windows.entry(a.key).or_default().count(a.ts, a.fingerprint, max, a.per_ms, lateness);
+                if matches!(counted, Counted::Exceeded(_)) && tightenable {
+                    tightened.insert(a.key.0, a.ts + 2_000);
+                }
+                let want = Outcome { counted, max, tightened_until: until.filter(|_| tightenable) };
+                assert_eq!(got[i], want, "batch {batch} attempt {i}");
+                seen[match (counted, want.tightened_until) {
+                    (Counted::Repeat, _) => 0,
+                    (Counted::Exceeded(_), None) => 1,
+                    (Counted::Exceeded(_), Some(_)) => 2,
+                    (Counted::Within, _) => 3,
+                }] += 1;
+            }
+            assert_eq!(state.windows.len(), windows.len());
+            if batch % 50 == 49 {
+                // Pruning, and a checkpoint's round trip, keep counting as before.
+                let horizon = t - lateness;
+                state.prune(horizon);
+                windows.retain(|k, w| {
+                    let per_ms = if k.2 == Rule::Type { 5000 } else { 1000 };
+                    w.seen.last().is_some_and(|(o, _)| w.base + i64::from(*o) > horizon - per_ms)
+                });
+                tightened.retain(|_, until| *until > horizon);
+                let bytes = postcard::to_stdvec(&state).expect("serializes");
+                state = postcard::from_bytes(&bytes).expect("deserializes");
+                for (k, w) in state.windows.iter() {
+                    assert_eq!(w.kept(), windows[&k].seen.len());
+                }
+            }
+        }
+        assert!(seen.iter().all(|n| *n > 20), "repeats, episodes, tightened episodes, within: {seen:?}");
+    }
+
+    #[test]
+    fn checkpoints_keep_the_format_of_a_map_of_windows() {
+        // The state as it was serialized when windows were a hash map of structs with a `Vec`.
+        #[derive(Serialize)]
+        struct OldWindow {
+            base: i64,
+            seen: Vec<(u32, u32)>,
+            per_ms: u32,
+            in_episode: bool,
+        }
+        #[derive(Serialize)]
+        struct OldState {
+            windows: FastMap<WindowKey, OldWindow>,
+            tightened: FastMap<Uuid, i64>,
+        }
+        let k = |i: u128, rule| (Uuid::from_u128(i), Uuid::nil(), rule);
+        let mut old = OldState { windows: FastMap::default(), tightened: FastMap::default() };
+        old.windows.insert(k(1, Rule::Requester), OldWindow { base: 5_000, seen: vec![(0, 7), (10, 8)], per_ms: 1000, in_episode: true });
+        let many: Vec<(u32, u32)> = (0..40).map(|i| (i * 5, i)).collect();
+        old.windows.insert(k(2, Rule::Profile(3)), OldWindow { base: 9_000, seen: many.clone(), per_ms: 60_000, in_episode: false });
+        old.tightened.insert(Uuid::from_u128(1), 99_000);
+        let bytes = postcard::to_stdvec(&old).expect("serializes");
+        let state: ThrottleState = postcard::from_bytes(&bytes).expect("the new state reads the old bytes");
+        assert_eq!(state.windows.len(), 2);
+        assert_eq!(state.windows.get(&k(1, Rule::Requester)).and_then(|w| w.newest()), Some(5_010));
+        assert_eq!(state.windows.get(&k(2, Rule::Profile(3))).map(|w| w.kept()), Some(40));
+        assert_eq!(state.tightened.get(&Uuid::from_u128(1)), Some(&99_000));
+        // And writes them back the same (a map's order aside: one window per map here).
+        for (key, w) in [(k(1, Rule::Requester), &old.windows[&k(1, Rule::Requester)]), (k(2, Rule::Profile(3)), &old.windows[&k(2, Rule::Profile(3))])] {
+            let mut one = ThrottleState::default();
+            one.windows = postcard::from_bytes(&postcard::to_stdvec(&state).expect("serializes")).map(|s: ThrottleState| s.windows).expect("reads");
+            one.windows.retain(|k, _| *k == key);
+            let mut single = FastMap::default();
+            single.insert(key, w);
+            let old_one = postcard::to_stdvec(&(&single, &FastMap::<Uuid, i64>::default())).expect("serializes");
+            assert_eq!(postcard::to_stdvec(&one).expect("serializes"), old_one);
+        }
     }
 
     #[test]

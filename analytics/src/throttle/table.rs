@@ -1,0 +1,452 @@
+//! The table of a partition's throttle windows: an index of 8-byte slots (open addressing, linear
+//! probing) over a slab of fixed-size entries, each holding its key and its window inline.
+//!
+//! Why not a `HashMap<Key, Window>`: with a million active keys an attempt's lookup is a cache
+//! miss per pointer it follows, and a map of windows holding a heap buffer follows three (control
+//! bytes, bucket, buffer), one after the other. Here the slot holds 32 bits of the key's hash and
+//! the entry's index, so the entry's address is known from the slot alone, before the key is
+//! compared: a batch hashes its keys and prefetches their slots a few attempts ahead, then their
+//! entries, then counts, and the misses of several attempts overlap instead of adding up. Slots and
+//! entries are plain integers in memory advised for huge pages (see `huge`), so that a lookup's
+//! address translation does not cost a page walk of its own. Keys are always compared in full
+//! before a window is used: two keys whose hashes collide are two entries, never one count.
+//!
+//! The hash is the process-seeded one of hashbrown's maps (foldhash), so requesters cannot choose
+//! UUIDs that pile up on one probe sequence.
+
+use std::hash::BuildHasher;
+
+use bytemuck::{Pod, Zeroable};
+use hashbrown::DefaultHashBuilder;
+use uuid::Uuid;
+
+use super::huge::HugeArray;
+use super::{Rule, Spills, Window, WindowIn, WindowKey, WindowRef};
+
+/// Entries per slab chunk: 6 MiB, three huge pages. A chunk is allocated whole (but the first,
+/// which grows as a `Vec` would, so that a small table stays small), so the slab never moves
+/// entries as it grows.
+const CHUNK_BITS: u32 = 15;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// A window's key as an entry holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub(super) struct PackedKey {
+    requester: [u8; 16],
+    target: [u8; 16],
+    /// The rule's variant and its profile number.
+    rule: [u16; 2],
+}
+
+impl PackedKey {
+    #[inline]
+    pub(super) fn pack(k: &WindowKey) -> Self {
+        let rule = match k.2 {
+            Rule::Requester => [0, 0],
+            Rule::Connect => [1, 0],
+            Rule::Type => [2, 0],
+            Rule::Manufacturer => [3, 0],
+            Rule::Profile(n) => [4, n],
+        };
+        Self { requester: *k.0.as_bytes(), target: *k.1.as_bytes(), rule }
+    }
+
+    pub(super) fn unpack(&self) -> WindowKey {
+        let rule = match self.rule {
+            [0, _] => Rule::Requester,
+            [1, _] => Rule::Connect,
+            [2, _] => Rule::Type,
+            [3, _] => Rule::Manufacturer,
+            [_, n] => Rule::Profile(n),
+        };
+        (Uuid::from_bytes(self.requester), Uuid::from_bytes(self.target), rule)
+    }
+}
+
+/// One key and its window: three cache lines, aligned to them.
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+#[repr(C, align(64))]
+pub(super) struct Entry {
+    pub(super) key: PackedKey,
+    _pad: u32,
+    pub(super) window: Window,
+}
+
+/// The windows of one partition by key.
+#[derive(Clone, Default)]
+pub struct Windows {
+    hasher: DefaultHashBuilder,
+    /// `0` when empty, else `(high 32 bits of the key's hash) << 32 | (entry index + 1)`. Empty, or
+    /// a power of two at most three quarters full.
+    slots: HugeArray<u64>,
+    /// The entries, `CHUNK` per chunk (the first may be smaller while it is the only one), the
+    /// first `len` in use.
+    chunks: Vec<HugeArray<Entry>>,
+    len: usize,
+    /// The attempts of windows too large to be held inline.
+    spills: Spills,
+}
+
+impl std::fmt::Debug for Windows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// The part of a hash a slot keeps (and the home slot is taken from).
+#[inline]
+fn tag(hash: u64) -> u64 {
+    hash >> 32
+}
+
+impl Windows {
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes the table holds: the slots, every chunk of entries (allocated whole) and the buffers of
+    /// windows too large to be held inline.
+    pub fn approximate_bytes(&self) -> usize {
+        let chunks: usize = self.chunks.iter().map(HugeArray::bytes).sum();
+        self.slots.bytes() + self.chunks.capacity() * size_of::<HugeArray<Entry>>() + chunks + self.spills.bytes()
+    }
+
+    /// Every key and its window.
+    pub fn iter(&self) -> impl Iterator<Item = (WindowKey, WindowRef<'_>)> {
+        let spills = &self.spills;
+        (0..self.len as u32).map(move |i| {
+            let e = self.entry_at(i);
+            (e.key.unpack(), WindowRef { window: &e.window, spills })
+        })
+    }
+
+    /// The window of `key`, if any.
+    pub fn get(&self, key: &WindowKey) -> Option<WindowRef<'_>> {
+        let i = self.find(key, self.hash(key))?;
+        Some(WindowRef { window: &self.entry_at(i).window, spills: &self.spills })
+    }
+
+    #[inline]
+    pub(super) fn hash(&self, key: &WindowKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    #[inline]
+    pub(super) fn entry_at(&self, i: u32) -> &Entry {
+        &self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
+    }
+
+    #[inline]
+    fn entry_mut(&mut self, i: u32) -> &mut Entry {
+        &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
+    }
+
+    /// Entry `i`'s window, with the buffers it may have spilled to.
+    #[inline]
+    pub(super) fn window_mut(&mut self, i: u32) -> (&mut Window, &mut Spills) {
+        let e = &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)];
+        (&mut e.window, &mut self.spills)
+    }
+
+    /// The slot a probe for `hash` starts at (to prefetch before probing).
+    #[inline]
+    pub(super) fn home_slot(&self, hash: u64) -> Option<&u64> {
+        self.slots.get(tag(hash) as usize & self.mask())
+    }
+
+    /// The index of the first entry whose slot carries `hash`'s tag, without comparing keys: the
+    /// entry of the key almost always, to be checked with [`Windows::entry_at`] before use.
+    #[inline]
+    pub(super) fn candidate(&self, hash: u64) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let t = tag(hash);
+        let mut i = t as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            if s >> 32 == t {
+                return Some((s as u32).wrapping_sub(1));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The index of `key`'s entry (`hash` is its hash).
+    pub(super) fn find(&self, key: &WindowKey, hash: u64) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let packed = PackedKey::pack(key);
+        let mask = self.mask();
+        let t = tag(hash);
+        let mut i = t as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            let e = (s as u32).wrapping_sub(1);
+            if s >> 32 == t && self.entry_at(e).key == packed {
+                return Some(e);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The index of `key`'s entry, a new one (with an empty window) if none.
+    pub(super) fn find_or_insert(&mut self, key: &WindowKey, hash: u64) -> u32 {
+        if let Some(i) = self.find(key, hash) {
+            return i;
+        }
+        // At most three quarters full, so probes stay short.
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.resize((self.slots.len() * 2).max(16));
+        }
+        let i = u32::try_from(self.len).ok().filter(|i| *i < u32::MAX).expect("fewer than 2^32 - 1 throttle windows in one partition");
+        let chunk = (i >> CHUNK_BITS) as usize;
+        if chunk == self.chunks.len() {
+            self.chunks.push(HugeArray::zeroed(if chunk == 0 { 16 } else { CHUNK }));
+        } else if self.chunks[chunk].len() <= i as usize & (CHUNK - 1) {
+            // The first chunk, full below `CHUNK`: grows as a `Vec` would.
+            let grown = (self.chunks[chunk].len() * 2).min(CHUNK);
+            let mut bigger = HugeArray::zeroed(grown);
+            bigger[..self.chunks[chunk].len()].copy_from_slice(&self.chunks[chunk]);
+            self.chunks[chunk] = bigger;
+        }
+        *self.entry_mut(i) = Entry { key: PackedKey::pack(key), _pad: 0, window: Window::default() };
+        self.len += 1;
+        self.place(tag(hash) << 32 | u64::from(i + 1));
+        i
+    }
+
+    /// Adds a window read from a checkpoint.
+    pub(super) fn restore(&mut self, key: &WindowKey, w: WindowIn) -> Result<(), &'static str> {
+        let i = self.find_or_insert(key, self.hash(key));
+        let window = w.into_window(&mut self.spills)?;
+        let (old, spills) = self.window_mut(i);
+        spills.release(old.spill);
+        *old = window;
+        Ok(())
+    }
+
+    /// Puts a slot value in the first empty slot of its probe sequence.
+    fn place(&mut self, slot: u64) {
+        let mask = self.mask();
+        let mut i = (slot >> 32) as usize & mask;
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
+    }
+
+    /// Re-lays the slots in a table of `n` (a power of two); the slots keep their hash bits, so no
+    /// key is hashed again.
+    fn resize(&mut self, n: usize) {
+        let old = std::mem::replace(&mut self.slots, HugeArray::zeroed(n));
+        for &s in old.iter().filter(|s| **s != 0) {
+            self.place(s);
+        }
+    }
+
+    /// The slot that points at entry `i` (of hash `hash`).
+    fn slot_of(&self, hash: u64, i: u32) -> usize {
+        let mask = self.mask();
+        let mut at = tag(hash) as usize & mask;
+        while self.slots[at] as u32 != i + 1 {
+            at = (at + 1) & mask;
+        }
+        at
+    }
+
+    /// Empties slot `at`, moving back the slots after it that its emptiness would cut off from
+    /// their home (backward-shift deletion: no tombstones).
+    fn clear_slot(&mut self, at: usize) {
+        let mask = self.mask();
+        self.slots[at] = 0;
+        let mut hole = at;
+        let mut j = (at + 1) & mask;
+        loop {
+            let s = self.slots[j];
+            if s == 0 {
+                return;
+            }
+            let home = (s >> 32) as usize & mask;
+            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
+                self.slots[hole] = s;
+                self.slots[j] = 0;
+                hole = j;
+            }
+            j = (j + 1) & mask;
+        }
+    }
+
+    /// Removes entry `i`; the last entry takes its index.
+    fn remove(&mut self, i: u32) {
+        let e = *self.entry_at(i);
+        self.spills.release(e.window.spill);
+        let at = self.slot_of(self.hash(&e.key.unpack()), i);
+        self.clear_slot(at);
+        let last = (self.len - 1) as u32;
+        if i != last {
+            let moved = *self.entry_at(last);
+            let at = self.slot_of(self.hash(&moved.key.unpack()), last);
+            self.slots[at] = (self.slots[at] & !0xffff_ffff) | u64::from(i + 1);
+            *self.entry_mut(i) = moved;
+        }
+        *self.entry_mut(last) = Entry::zeroed();
+        self.len -= 1;
+        // A chunk emptied is given back (the first stays).
+        if self.len.div_ceil(CHUNK).max(1) < self.chunks.len() {
+            self.chunks.pop();
+        }
+    }
+
+    /// Keeps the windows for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&WindowKey, WindowRef<'_>) -> bool) {
+        let mut i = 0u32;
+        while (i as usize) < self.len {
+            let e = self.entry_at(i);
+            if keep(&e.key.unpack(), WindowRef { window: &e.window, spills: &self.spills }) {
+                i += 1;
+            } else {
+                self.remove(i);
+            }
+        }
+        if self.len == 0 {
+            *self = Windows { hasher: self.hasher.clone(), ..Windows::default() };
+            return;
+        }
+        // Shrink the slots once they are mostly empty.
+        let want = (self.len * 2).next_power_of_two().max(16);
+        if want * 4 <= self.slots.len() {
+            self.resize(want);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::Rule;
+
+    const SPREAD: u128 = 0x9e37_79b9;
+
+    fn key(i: u32) -> WindowKey {
+        (Uuid::from_u128(u128::from(i) * SPREAD), Uuid::nil(), Rule::Requester)
+    }
+
+    fn index(k: &WindowKey) -> u32 {
+        (k.0.as_u128() / SPREAD) as u32
+    }
+
+    fn count(t: &mut Windows, k: &WindowKey, ts: i64) {
+        let i = t.find_or_insert(k, t.hash(k));
+        let (w, spills) = t.window_mut(i);
+        w.count(spills, ts, ts as u32, 5, 1000, 0);
+    }
+
+    #[test]
+    fn an_entry_is_three_cache_lines() {
+        assert_eq!(size_of::<Entry>(), 192);
+        // The key's line is the first inline attempt's, so prefetching the attempts brings it.
+        let e = Entry { key: PackedKey::pack(&key(1)), _pad: 0, window: Window::default() };
+        let at = |p: *const u8| p as usize - (&raw const e) as usize;
+        assert_eq!(at(e.key.requester.as_ptr()) / 64, at(e.window.buf.as_ptr().cast()) / 64);
+    }
+
+    #[test]
+    fn keys_pack_both_ways() {
+        for rule in [Rule::Requester, Rule::Connect, Rule::Type, Rule::Manufacturer, Rule::Profile(0), Rule::Profile(u16::MAX)] {
+            let k = (Uuid::from_u128(7), Uuid::from_u128(u128::MAX), rule);
+            assert_eq!(PackedKey::pack(&k).unpack(), k);
+        }
+    }
+
+    #[test]
+    fn inserts_lookups_and_removals_agree_with_a_map() {
+        let mut t = Windows::default();
+        let mut model = std::collections::HashMap::new();
+        // Past one chunk, so that chunks are added and given back.
+        let n = CHUNK as u32 + 5_000;
+        for i in 0..n {
+            count(&mut t, &key(i), i64::from(i));
+            model.insert(key(i), i64::from(i));
+        }
+        t.retain(|k, _| index(k) % 3 != 0);
+        model.retain(|k, _| index(k) % 3 != 0);
+        assert_eq!(t.len(), 25_178);
+        assert_eq!(t.len(), model.len());
+        for i in 0..n {
+            assert_eq!(t.get(&key(i)).and_then(|w| w.newest()), model.get(&key(i)).copied(), "key {i}");
+        }
+        for (k, w) in t.iter() {
+            assert_eq!(w.newest(), model.get(&k).copied());
+        }
+        t.retain(|k, _| index(k) % 2 == 0);
+        model.retain(|k, _| index(k) % 2 == 0);
+        assert_eq!(t.len(), model.len());
+        assert_eq!(t.chunks.len(), 1, "the second chunk, emptied, is given back");
+        for (k, w) in t.iter() {
+            assert_eq!(w.newest(), model.get(&k).copied());
+        }
+        t.retain(|_, _| false);
+        assert!(t.is_empty() && t.get(&key(1)).is_none());
+        count(&mut t, &key(1), 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn keys_with_one_hash_tag_stay_apart() {
+        // Force every key onto one tag: the probe must compare keys, not tags.
+        let mut t = Windows::default();
+        for i in 0..100u32 {
+            let at = t.find_or_insert(&key(i), 7 << 32);
+            let (w, spills) = t.window_mut(at);
+            w.count(spills, 0, i, 5, 1000, 0);
+        }
+        assert_eq!(t.len(), 100);
+        for i in 0..100u32 {
+            let at = t.find(&key(i), 7 << 32).expect("present");
+            assert_eq!(t.entry_at(at).key.unpack(), key(i));
+        }
+    }
+
+    #[test]
+    fn spilled_windows_give_their_buffers_back() {
+        let mut t = Windows::default();
+        for k in 0..10 {
+            let at = t.find_or_insert(&key(k), t.hash(&key(k)));
+            let (w, spills) = t.window_mut(at);
+            for i in 0..100 {
+                w.count(spills, i, i as u32, 50, 1000, 0);
+            }
+        }
+        assert_eq!(t.get(&key(3)).map(|w| w.kept()), Some(55));
+        assert_eq!(t.spills.bufs.len(), 10);
+        t.retain(|k, _| k.0 == key(3).0);
+        assert_eq!(t.spills.free.len(), 9);
+        let at = t.find(&key(3), t.hash(&key(3))).expect("kept");
+        let (w, spills) = t.window_mut(at);
+        // Quiet for a while: back under `INLINE` attempts, back inline.
+        w.count(spills, 10_000, 1, 50, 1000, 0);
+        assert_eq!((w.spill, w.len), (0, 1));
+        assert_eq!(t.spills.free.len(), 10);
+    }
+}
