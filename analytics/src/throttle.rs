@@ -235,7 +235,8 @@ impl Window {
     }
 
     /// Forgets the `n` oldest attempts (and gives back a spilled window's buffer once the rest fit
-    /// inline).
+    /// inline in half the space: a window that hovers around [`INLINE`] attempts would otherwise
+    /// allocate a buffer and free it again at every other attempt).
     #[inline]
     fn forget_oldest(&mut self, spills: &mut Spills, n: usize) {
         if n == 0 {
@@ -250,7 +251,7 @@ impl Window {
             id => {
                 let v = &mut spills.bufs[id as usize - 1];
                 v.drain(..n);
-                if v.len() <= INLINE {
+                if v.len() <= INLINE / 2 {
                     self.buf[..v.len()].copy_from_slice(v);
                     self.len = v.len() as u8;
                     spills.release(id);
@@ -805,13 +806,34 @@ mod tests {
                 let from = Uuid::from_u128(rng.random_range(0..12));
                 let fingerprint = rng.random_range(0..1_000);
                 let first = if rng.random_range(0..4) == 0 { (Rule::Connect, 2) } else { (Rule::Requester, 10) };
-                attempts.push(Attempt { key: (from, Uuid::nil(), first.0), ts, fingerprint, max: first.1, per_ms: 1000, first_of_attempt: true });
+                attempts.push(Attempt {
+                    key: (from, Uuid::nil(), first.0),
+                    ts,
+                    fingerprint,
+                    max: first.1,
+                    per_ms: 1000,
+                    first_of_attempt: true,
+                });
                 if first.0 == Rule::Requester && rng.random_range(0..2) == 0 {
-                    attempts.push(Attempt { key: (from, Uuid::nil(), Rule::Type), ts, fingerprint, max: 30, per_ms: 5000, first_of_attempt: false });
+                    attempts.push(Attempt {
+                        key: (from, Uuid::nil(), Rule::Type),
+                        ts,
+                        fingerprint,
+                        max: 30,
+                        per_ms: 5000,
+                        first_of_attempt: false,
+                    });
                 }
                 if first.0 == Rule::Requester && rng.random_range(0..3) == 0 {
                     let to = Uuid::from_u128(1_000 + rng.random_range(0..3));
-                    attempts.push(Attempt { key: (from, to, Rule::Profile(1)), ts, fingerprint, max: 3, per_ms: 1000, first_of_attempt: false });
+                    attempts.push(Attempt {
+                        key: (from, to, Rule::Profile(1)),
+                        ts,
+                        fingerprint,
+                        max: 3,
+                        per_ms: 1000,
+                        first_of_attempt: false,
+                    });
                 }
             }
             let mut got = Vec::new();
@@ -888,9 +910,12 @@ mod tests {
         assert_eq!(state.windows.get(&k(2, Rule::Profile(3))).map(|w| w.kept()), Some(40));
         assert_eq!(state.tightened.get(&Uuid::from_u128(1)), Some(&99_000));
         // And writes them back the same (a map's order aside: one window per map here).
-        for (key, w) in [(k(1, Rule::Requester), &old.windows[&k(1, Rule::Requester)]), (k(2, Rule::Profile(3)), &old.windows[&k(2, Rule::Profile(3))])] {
-            let mut one = ThrottleState::default();
-            one.windows = postcard::from_bytes(&postcard::to_stdvec(&state).expect("serializes")).map(|s: ThrottleState| s.windows).expect("reads");
+        for (key, w) in
+            [(k(1, Rule::Requester), &old.windows[&k(1, Rule::Requester)]), (k(2, Rule::Profile(3)), &old.windows[&k(2, Rule::Profile(3))])]
+        {
+            let windows =
+                postcard::from_bytes(&postcard::to_stdvec(&state).expect("serializes")).map(|s: ThrottleState| s.windows).expect("reads");
+            let mut one = ThrottleState { windows, ..ThrottleState::default() };
             one.windows.retain(|k, _| *k == key);
             let mut single = FastMap::default();
             single.insert(key, w);

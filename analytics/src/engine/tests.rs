@@ -310,6 +310,60 @@ fn exempt_requesters_are_never_throttled_and_pairs_follow_the_targets_profile() 
     assert_eq!(pair[0].detail["per_s"], 300.0);
 }
 
+#[test]
+fn tightening_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    let mut e = throttled(4, true);
+    let found = e.process(&batch(vec![], &sends(1, &[T0, T0 + 10, T0 + 20, T0 + 30, T0 + 40])), T0);
+    assert_eq!(throttle_findings(&found), vec![(5, "throttle:requester".to_owned(), 4)]);
+    store.save(&e.checkpoint()).unwrap();
+    let mut restored = Engine::new(e.cfg.clone());
+    restored.restore(store.load().unwrap().unwrap()).unwrap();
+    // Still halved after the restart, until T0 + 40 + 60 s.
+    let found = restored.process(&batch(vec![], &sends(10, &[T0 + 2_000, T0 + 2_010, T0 + 2_020])), T0);
+    assert_eq!(throttle_findings(&found), vec![(12, "throttle:requester".to_owned(), 2)]);
+    assert_eq!(found[0].detail["tightened"]["until"], "2026-11-24T17:01:00.040Z");
+}
+
+#[test]
+fn rows_of_many_partitions_in_one_batch_count_as_row_by_row() {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    // Requesters on partitions 0 to 2 (each partition keeps windows of its own), interleaved in
+    // one micro-batch, with re-deliveries: the same findings, in the same order, as one row per
+    // batch.
+    let mut rng = SmallRng::seed_from_u64(3);
+    let (mut t, mut rows) = (T0, Vec::new());
+    for n in 1..400u32 {
+        // Bursts, and pauses that end episodes.
+        t += if rng.random_range(0..12) == 0 { 1_500 } else { rng.random_range(0..40) };
+        let from = if rng.random_range(0..2) == 0 { A } else { B };
+        let n = if n > 1 && rng.random_range(0..10) == 0 { n - 1 } else { n };
+        rows.push((attempt(n, t, from, "valid"), rng.random_range(0..3)));
+    }
+    let rows_batch = |rows: &[(String, i32)]| {
+        let records: Vec<String> = rows.iter().map(|(r, _)| r.clone()).collect();
+        let mut b = messages(&records, 0);
+        b.partition = rows.iter().map(|(_, p)| *p).collect();
+        MicroBatch { messages: Some(b), ..Default::default() }
+    };
+    let summary = |found: &[Finding]| -> Vec<(Uuid, String, String)> {
+        found
+            .iter()
+            .filter(|f| f.kind == FindingKind::ThrottleExceeded)
+            .map(|f| (f.event_id.unwrap(), f.offender.to_string(), f.detail.to_string()))
+            .collect()
+    };
+    let mut whole = throttled(3, true);
+    let at_once = summary(&whole.process(&rows_batch(&rows), T0));
+    let mut single = throttled(3, true);
+    let one_by_one: Vec<_> = rows.chunks(1).flat_map(|r| summary(&single.process(&rows_batch(r), T0))).collect();
+    assert!(at_once.len() > 10, "{} findings", at_once.len());
+    assert_eq!(at_once, one_by_one);
+    assert_eq!(whole.stats().tightenings, single.stats().tightenings);
+}
+
 // ---- enforcement --------------------------------------------------------------------------------
 
 #[test]

@@ -34,6 +34,12 @@ impl<T: Pod> HugeArray<T> {
         Self { inner: Inner::Mapped { map, len } }
     }
 
+    /// Whether the array lives in a mapping of its own.
+    #[cfg(test)]
+    pub(super) fn is_mapped(&self) -> bool {
+        matches!(self.inner, Inner::Mapped { .. })
+    }
+
     /// Bytes of memory held (a mapping counts whole).
     pub(super) fn bytes(&self) -> usize {
         match &self.inner {

@@ -344,7 +344,7 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::throttle::Rule;
+    use crate::throttle::{INLINE, Rule};
 
     const SPREAD: u128 = 0x9e37_79b9;
 
@@ -360,6 +360,150 @@ mod tests {
         let i = t.find_or_insert(k, t.hash(k));
         let (w, spills) = t.window_mut(i);
         w.count(spills, ts, ts as u32, 5, 1000, 0);
+    }
+
+    /// Checks every invariant of the layout: the slots (a power of two, at most three quarters
+    /// full, one per entry, each reachable from its home without crossing an empty slot, tagged
+    /// with its key's hash), the chunks (as many as the entries need, zeroed past the last entry)
+    /// and the spilled buffers (each owned by one window, or free and empty).
+    fn check(t: &Windows) {
+        assert!(t.slots.is_empty() || t.slots.len().is_power_of_two(), "{} slots", t.slots.len());
+        assert!(t.len * 4 <= t.slots.len() * 3, "{} keys in {} slots", t.len, t.slots.len());
+        let mask = t.mask();
+        let mut pointed = vec![false; t.len];
+        for (at, &s) in t.slots.iter().enumerate().filter(|(_, s)| **s != 0) {
+            let i = (s as u32).wrapping_sub(1) as usize;
+            assert!(i < t.len, "slot {at} points past the entries");
+            assert!(!std::mem::replace(&mut pointed[i], true), "two slots point at entry {i}");
+            assert_eq!(s >> 32, tag(t.hash(&t.entry_at(i as u32).key.unpack())), "slot {at}'s tag");
+            let mut j = (s >> 32) as usize & mask;
+            while j != at {
+                assert_ne!(t.slots[j], 0, "slot {at} cut off from its home");
+                j = (j + 1) & mask;
+            }
+        }
+        assert!(pointed.iter().all(|p| *p), "an entry without a slot");
+        match t.len {
+            0 => assert!(t.chunks.len() <= 1),
+            n => assert_eq!(t.chunks.len(), n.div_ceil(CHUNK), "chunks for {n} entries"),
+        }
+        for (c, chunk) in t.chunks.iter().enumerate() {
+            assert!(c == 0 || chunk.len() == CHUNK, "chunk {c} partly allocated");
+            for (k, e) in chunk.iter().enumerate().filter(|(k, _)| c * CHUNK + k >= t.len) {
+                assert!(bytemuck::bytes_of(e).iter().all(|b| *b == 0), "entry {} past the last is not zeroed", c * CHUNK + k);
+            }
+        }
+        let mut owned = vec![false; t.spills.bufs.len()];
+        for (_, w) in t.iter() {
+            let w = w.window;
+            let seen = w.seen(&t.spills);
+            assert!(seen.is_sorted_by_key(|[o, _]| *o), "attempts out of order");
+            match w.spill {
+                0 => assert!(usize::from(w.len) <= INLINE),
+                id => {
+                    assert_eq!(w.len, 0);
+                    assert!(!std::mem::replace(&mut owned[id as usize - 1], true), "buffer {id} shared");
+                    assert!(seen.len() > INLINE / 2, "{} attempts spilled", seen.len());
+                }
+            }
+        }
+        for &f in &t.spills.free {
+            assert!(!owned[f as usize] && t.spills.bufs[f as usize].capacity() == 0, "free buffer {f} in use");
+        }
+        assert_eq!(owned.iter().filter(|o| **o).count() + t.spills.free.len(), t.spills.bufs.len(), "a buffer neither owned nor free");
+    }
+
+    /// A table against windows held one by one in a map, through counts that spill and return
+    /// inline, removals (backward shifts across the slots' end among them), growth and shrinking,
+    /// clones (as checkpoints take them) and checkpoint round trips.
+    #[test]
+    fn the_layout_holds_its_invariants_through_growth_removal_clones_and_checkpoints() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        use crate::throttle::ThrottleState;
+
+        struct Alone {
+            w: Window,
+            spills: Spills,
+        }
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut state = ThrottleState::default();
+        let mut model: std::collections::HashMap<WindowKey, Alone> = Default::default();
+        let mut ts = 1_795_539_600_000i64;
+        let mut most_spilled = 0;
+        for round in 0..60 {
+            // Pools of every size, so that the table grows and shrinks through many slot counts.
+            let pool = [8u32, 100, 700, 3_000][round % 4];
+            for _ in 0..rng.random_range(0..4_000) {
+                let i = rng.random_range(0..pool);
+                let rule = if i % 7 == 0 { Rule::Profile((i % 3) as u16) } else { Rule::Requester };
+                let k = (Uuid::from_u128(u128::from(i) * SPREAD), Uuid::from_u128(u128::from(i % 2)), rule);
+                // Large limits spill; bursts and pauses move windows out of line and back.
+                let max = if i % 5 == 0 { 40 } else { 5 };
+                ts += if rng.random_range(0..50) == 0 { 2_000 } else { rng.random_range(0..3) };
+                let at = ts - rng.random_range(0..300);
+                let fp = rng.random_range(0..1_000);
+                let got = {
+                    let e = state.windows.find_or_insert(&k, state.windows.hash(&k));
+                    let (w, spills) = state.windows.window_mut(e);
+                    w.count(spills, at, fp, max, 1_000, 500)
+                };
+                let m = model.entry(k).or_insert_with(|| Alone { w: Window::default(), spills: Spills::default() });
+                assert_eq!(got, m.w.count(&mut m.spills, at, fp, max, 1_000, 500), "round {round}");
+            }
+            check(&state.windows);
+            most_spilled = most_spilled.max(state.windows.iter().filter(|(_, w)| w.window.spill != 0).count());
+            match round % 5 {
+                0 => {
+                    let horizon = ts - 500;
+                    state.prune(horizon);
+                    model.retain(|_, m| m.w.newest(&m.spills).is_some_and(|t| t > horizon - i64::from(m.w.per_ms)));
+                }
+                1 => {
+                    let cut = rng.random_range(0..4u128);
+                    state.windows.retain(|k, _| (k.0.as_u128() / SPREAD) % 4 != cut);
+                    model.retain(|k, _| (k.0.as_u128() / SPREAD) % 4 != cut);
+                }
+                2 => {
+                    // A checkpoint's clone keeps counting alone; the original is dropped.
+                    let copy = state.clone();
+                    state.windows.retain(|_, _| false);
+                    state = copy;
+                }
+                3 => {
+                    let bytes = postcard::to_stdvec(&state).expect("serializes");
+                    state = postcard::from_bytes(&bytes).expect("deserializes");
+                }
+                _ => {}
+            }
+            check(&state.windows);
+            assert_eq!(state.windows.len(), model.len(), "round {round}");
+            for (k, m) in &model {
+                let w = state.windows.get(k).expect("held");
+                assert_eq!(w.window.seen(&state.windows.spills), m.w.seen(&m.spills), "round {round}");
+                assert_eq!((w.window.base, w.window.in_episode, w.window.per_ms), (m.w.base, m.w.in_episode, m.w.per_ms));
+            }
+        }
+        assert!(most_spilled >= 2, "windows spilled: at most {most_spilled} at once");
+    }
+
+    #[test]
+    fn large_arrays_are_mapped_whole_zeroed_and_cloned_apart() {
+        let n = (2 << 20) / size_of::<Entry>() + 1;
+        let mut a = HugeArray::<Entry>::zeroed(n);
+        assert!(a.is_mapped(), "mapped from 2 MiB");
+        assert_eq!(a.len(), n);
+        assert_eq!(a.bytes(), 4 << 20, "rounded up to whole huge pages");
+        assert!(a.iter().all(|e| bytemuck::bytes_of(e).iter().all(|b| *b == 0)));
+        assert_eq!(a.as_ptr() as usize % align_of::<Entry>(), 0);
+        a[n - 1].key = PackedKey::pack(&key(9));
+        let mut b = a.clone();
+        b[n - 1].key = PackedKey::pack(&key(10));
+        assert_eq!(a[n - 1].key.unpack(), key(9));
+        assert_eq!(b[n - 1].key.unpack(), key(10));
+        let small = HugeArray::<u64>::zeroed(16);
+        assert!(!small.is_mapped() && small.bytes() == 128, "small arrays stay on the heap");
     }
 
     #[test]
@@ -389,8 +533,8 @@ mod tests {
             count(&mut t, &key(i), i64::from(i));
             model.insert(key(i), i64::from(i));
         }
-        t.retain(|k, _| index(k) % 3 != 0);
-        model.retain(|k, _| index(k) % 3 != 0);
+        t.retain(|k, _| !index(k).is_multiple_of(3));
+        model.retain(|k, _| !index(k).is_multiple_of(3));
         assert_eq!(t.len(), 25_178);
         assert_eq!(t.len(), model.len());
         for i in 0..n {
@@ -399,8 +543,8 @@ mod tests {
         for (k, w) in t.iter() {
             assert_eq!(w.newest(), model.get(&k).copied());
         }
-        t.retain(|k, _| index(k) % 2 == 0);
-        model.retain(|k, _| index(k) % 2 == 0);
+        t.retain(|k, _| index(k).is_multiple_of(2));
+        model.retain(|k, _| index(k).is_multiple_of(2));
         assert_eq!(t.len(), model.len());
         assert_eq!(t.chunks.len(), 1, "the second chunk, emptied, is given back");
         for (k, w) in t.iter() {
