@@ -478,8 +478,8 @@ pub struct Outcome {
     pub tightened_until: Option<i64>,
 }
 
-/// How many attempts ahead a batch prefetches the slots, and half that the entries, of the
-/// attempts it is about to count.
+/// How far apart a batch's three steps are: while it counts attempt `i`, it prefetches the entry
+/// of attempt `i + LOOKAHEAD` and the home slot of attempt `i + 2 × LOOKAHEAD`.
 const LOOKAHEAD: usize = 16;
 
 /// The throttle state of one partition.
