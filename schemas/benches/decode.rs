@@ -1,6 +1,8 @@
 //! Decoding throughput: message attempts per second per core, JSON payloads → canonical batch.
 //!
 //! Run: `cargo bench -p meshguard-schemas --bench decode`. One thread, so events/s is per core.
+//! Before each criterion run the bench prints the rate per CPU-second of its thread, which does
+//! not count time spent waiting for a core (as the policy bench does).
 
 use std::hint::black_box;
 
@@ -37,13 +39,37 @@ fn bench(c: &mut Criterion) {
         let records = attempts(batch);
         let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
         group.throughput(Throughput::Elements(batch as u64));
+        if let Some(rate) = per_cpu_second(batch, || {
+            black_box(decoder.decode(black_box(&slices)));
+        }) {
+            eprintln!("decode/messages/{batch}: {:.2} M records per CPU-second of this thread", rate / 1e6);
+        }
         group.bench_function(format!("messages/{batch}"), |b| b.iter(|| black_box(decoder.decode(black_box(&slices)))));
         // One malformed record per batch forces the slow path: the cost of a poisoned batch.
         let mut poisoned = slices.clone();
         poisoned[batch / 2] = b"{\"id\":";
+        if let Some(rate) = per_cpu_second(batch, || {
+            black_box(decoder.decode(black_box(&poisoned)));
+        }) {
+            eprintln!("decode/messages_one_bad/{batch}: {:.2} M records per CPU-second of this thread", rate / 1e6);
+        }
         group.bench_function(format!("messages_one_bad/{batch}"), |b| b.iter(|| black_box(decoder.decode(black_box(&poisoned)))));
     }
     group.finish();
+}
+
+/// Records decoded per second of this thread's CPU time over 2 M records: on a machine shared
+/// with other work, wall-clock figures also count the time the thread waited for a core. `None`
+/// where the kernel does not report a thread's CPU time (`/proc/thread-self/schedstat`, Linux).
+fn per_cpu_second(batch: usize, mut decode: impl FnMut()) -> Option<f64> {
+    let cpu_ns = || -> Option<u64> { std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok() };
+    let batches = 2_000_000 / batch;
+    let start = cpu_ns()?;
+    for _ in 0..batches {
+        decode();
+    }
+    let spent = cpu_ns()?.checked_sub(start)?;
+    Some((batches * batch) as f64 / (spent as f64 / 1e9))
 }
 
 criterion_group!(benches, bench);

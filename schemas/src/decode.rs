@@ -10,11 +10,13 @@
 //! concatenated. Each payload is fed separately so that a payload holding two objects, or half of
 //! one, is caught instead of silently merging with its neighbour.
 //!
-//! arrow-json fails a whole chunk on the first syntax or type error and does not say which record
-//! broke it. Only then does the slow path run, for that chunk alone: each of its payloads is
-//! checked on its own against the same [`FieldSpec`]s with serde_json, the bad ones are rejected
-//! with a precise reason, and the rest go through the fast path again. A bad record therefore
-//! costs one extra parse of the [`CHUNK_ROWS`] records around it, never a lost good record.
+//! A chunk that is not all ordinary takes the slow path, that chunk alone: each of its payloads is
+//! checked on its own against the same [`FieldSpec`]s with serde_json (strict JSON, which
+//! arrow-json is not: it takes `01`, `1.` or a missing comma inside an unknown field, and `"2"`
+//! for a number), the bad ones are rejected with a precise reason, and the rest are decoded, by
+//! serde_json if they are ordinary now, by arrow-json otherwise. A record's verdict therefore
+//! never depends on its neighbours, and a bad record costs one extra parse of the [`CHUNK_ROWS`]
+//! records around it, never a lost good record.
 
 mod direct;
 mod json_field;
@@ -147,11 +149,14 @@ impl BatchDecoder {
         let mut fields = Vec::new();
         let mut direct = Direct::new(self.topic.fields());
         for chunk in candidates.chunks(CHUNK_ROWS) {
-            if self.fast_chunk(payloads, chunk, decoded.len(), &mut out, &mut direct) {
+            if out.append_direct(payloads, chunk, decoded.len(), &mut direct.staging, &mut direct.raw) {
                 decoded.extend_from_slice(chunk);
                 continue;
             }
-            // Slow path, for this chunk only: find its bad records one by one, then decode the rest.
+            // Not all ordinary: each record of this chunk is checked on its own first, and the bad
+            // ones rejected with a precise reason; then the rest are decoded. arrow-json alone would
+            // let some invalid JSON through (`01`, a missing comma in an unknown field, `"2"` for a
+            // number), and a record's verdict must not depend on its neighbours.
             let mut good = Vec::with_capacity(chunk.len());
             for &i in chunk {
                 match self.check_record(i as usize, payloads[i as usize], &mut fields) {

@@ -266,5 +266,31 @@ fn only_unusual_chunks_go_through_arrow_json() {
     records[CHUNK_ROWS + 1] = escaped;
     records[CHUNK_ROWS * 2 + 2] = quoted_number;
     assert_same(topic, &records, &mut decoder, &mut oracle);
-    assert_eq!(decoder.arrow_chunks, 2, "the second and third chunks");
+    // The quoted number is rejected by the check, and the rest of its chunk is ordinary again.
+    assert_eq!(decoder.arrow_chunks, 1, "the second chunk");
+}
+
+/// A record's verdict does not depend on its neighbours: alone, or in a chunk that a broken record
+/// sends down the slow path, it is accepted or rejected the same way (and for the same reason).
+#[test]
+fn a_record_is_judged_the_same_whatever_its_neighbours() {
+    let broken = String::from(r#"{"id":"#);
+    for topic in TOPICS {
+        let mut decoder = BatchDecoder::new(topic);
+        let mut odd: Vec<String> = (220..=236).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
+        for (k, spec) in topic.fields().iter().enumerate() {
+            for v in 0..variants(spec.ty).1.len() {
+                let mut choices = [1u8; 15];
+                choices[k] = (1 + 3 * v) as u8;
+                odd.push(record(topic, &choices, 160 + k as u8, 0, 0, false));
+            }
+        }
+        for text in &odd {
+            let alone = decoder.decode(&[text.as_bytes()]);
+            let poisoned = decoder.decode(&[text.as_bytes(), broken.as_bytes()]);
+            let verdict = |d: &DecodedBatch| d.rejected.iter().find(|e| e.index == 0).cloned();
+            assert_eq!(verdict(&alone), verdict(&poisoned), "{topic:?} {text}");
+            assert_eq!(alone.batch.num_rows(), poisoned.batch.num_rows(), "{topic:?} {text}");
+        }
+    }
 }
