@@ -14,7 +14,7 @@ pub struct RecordError {
     pub field: Option<String>,
     /// What the contract expects.
     pub expected: String,
-    /// What was found, shortened to at most [`FOUND_MAX_CHARS`] characters.
+    /// What was found, shortened to at most 80 characters.
     pub found: String,
 }
 
