@@ -143,6 +143,8 @@ fn default_commit_interval_ms() -> u64 {
     1_000
 }
 
+/// How soon a due commit is tried again while the previous one is still on its way.
+const COMMIT_RETRY: Duration = Duration::from_millis(10);
 /// The longest backoff between two retries of one action.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// How long Kafka metadata, acknowledgements and reading the registry may take.
@@ -405,8 +407,14 @@ impl EnforcerService {
                 self.handle(std::mem::take(&mut batch)).await;
             }
             let audit_full = self.audit.as_mut().is_some_and(|a| audit_log(a).is_full());
-            if (audit_full || last_commit.elapsed() >= interval) && self.commit(CommitMode::Async, audit_full).await? {
-                last_commit = Instant::now();
+            if audit_full || last_commit.elapsed() >= interval {
+                last_commit = if self.commit(CommitMode::Async, audit_full).await? {
+                    Instant::now()
+                } else {
+                    // The previous commit is still on its way: look again shortly (the wait above
+                    // would otherwise be zero, and the loop spin until it lands).
+                    Instant::now().checked_sub(interval.saturating_sub(COMMIT_RETRY)).unwrap_or_else(Instant::now)
+                };
             }
         }
         self.commit(CommitMode::Sync, true).await?;
