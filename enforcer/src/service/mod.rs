@@ -677,14 +677,29 @@ impl EnforcerService {
                 closed
                     .inspect_err(|error| error!(message = "Cannot write the audit trail; stopping without committing past it.", %error))?;
             }
-            let Some(mut offsets) = offsets else { return Ok(undelivered) };
-            for &(partition, offset) in &undelivered {
-                let before = offsets.find_partition(&findings, partition).and_then(|e| e.offset().to_raw());
-                if before.is_some_and(|b| offset < b) && offsets.set_partition_offset(&findings, partition, Offset::Offset(offset)).is_err()
-                {
-                    warn!(message = "Cannot build the commit.", topic = findings, partition);
+            let Some(offsets) = offsets else { return Ok(undelivered) };
+            // Only the partitions still assigned now (a rebalance may have come meanwhile: another
+            // enforcer's newer commit must not be overwritten), each held back by its undelivered
+            // notices.
+            let assignment = consumer.assignment().unwrap_or_default();
+            let mut still = TopicPartitionList::new();
+            for e in offsets.elements() {
+                let (topic, partition) = (e.topic(), e.partition());
+                let Some(mut next) = e.offset().to_raw() else { continue };
+                if assignment.find_partition(topic, partition).is_none() {
+                    continue;
+                }
+                if topic == findings {
+                    next = undelivered.iter().filter(|(p, _)| *p == partition).map(|(_, o)| *o).fold(next, i64::min);
+                }
+                if still.add_partition_offset(topic, partition, Offset::Offset(next)).is_err() {
+                    warn!(message = "Cannot build the commit.", topic, partition);
                 }
             }
+            if still.count() == 0 {
+                return Ok(undelivered);
+            }
+            let offsets = still;
             let committed = match mode {
                 CommitMode::Sync => blocking(|| consumer.commit(&offsets, CommitMode::Sync)),
                 CommitMode::Async => consumer.commit(&offsets, CommitMode::Async),
