@@ -229,22 +229,28 @@ fn same_output_as_before_across_chunks() {
     }
 }
 
+/// Every record-level twist of `topic`'s records, and every variant of every field (one field at a
+/// time, the others good).
+fn odd_records(topic: InputTopic) -> Vec<String> {
+    let mut odd: Vec<String> = (220..=236).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
+    for (k, spec) in topic.fields().iter().enumerate() {
+        for v in 0..variants(spec.ty).1.len() {
+            let mut choices = [1u8; 15];
+            // `mode` 160 + k lets exactly field k take any variant; 1 + 3v is never "absent".
+            choices[k] = (1 + 3 * v) as u8;
+            odd.push(record(topic, &choices, 160 + k as u8, 0, 0, false));
+        }
+    }
+    odd
+}
+
 /// Every record-level twist and every variant of every field, each next to good records.
 #[test]
 fn same_output_as_before_on_every_variant_and_twist() {
     for topic in TOPICS {
         let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
         let good = record(topic, &[1; 15], 0, 0, 0, false);
-        let mut odd: Vec<String> = (220..=236).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
-        for (k, spec) in topic.fields().iter().enumerate() {
-            for v in 0..variants(spec.ty).1.len() {
-                let mut choices = [1u8; 15];
-                // `mode` 160 + k lets exactly field k take any variant; 1 + 3v is never "absent".
-                choices[k] = (1 + 3 * v) as u8;
-                odd.push(record(topic, &choices, 160 + k as u8, 0, 0, false));
-            }
-        }
-        for bad in &odd {
+        for bad in &odd_records(topic) {
             assert_same(topic, &[good.clone(), bad.clone(), good.clone()], &mut decoder, &mut oracle);
             assert_same(topic, std::slice::from_ref(bad), &mut decoder, &mut oracle);
         }
@@ -277,15 +283,7 @@ fn a_record_is_judged_the_same_whatever_its_neighbours() {
     let broken = String::from(r#"{"id":"#);
     for topic in TOPICS {
         let mut decoder = BatchDecoder::new(topic);
-        let mut odd: Vec<String> = (220..=236).map(|twist| record(topic, &[1; 15], 0, twist, 0, false)).collect();
-        for (k, spec) in topic.fields().iter().enumerate() {
-            for v in 0..variants(spec.ty).1.len() {
-                let mut choices = [1u8; 15];
-                choices[k] = (1 + 3 * v) as u8;
-                odd.push(record(topic, &choices, 160 + k as u8, 0, 0, false));
-            }
-        }
-        for text in &odd {
+        for text in &odd_records(topic) {
             let alone = decoder.decode(&[text.as_bytes()]);
             let poisoned = decoder.decode(&[text.as_bytes(), broken.as_bytes()]);
             let verdict = |d: &DecodedBatch| d.rejected.iter().find(|e| e.index == 0).cloned();
