@@ -498,9 +498,15 @@ impl Pipeline {
             if self.cfg.pipeline.align_global_tables
                 && (held || !(raw.topic(InputTopic::Messages).is_empty() && raw.topic(InputTopic::IdentityRequests).is_empty()))
             {
-                // Registry and presence records already on the broker apply to these attempts.
+                // Registry and presence records already on the broker apply to these attempts, and
+                // the interactions to identity requests (only those need them).
+                let needed: &[InputTopic] = if held || !raw.topic(InputTopic::IdentityRequests).is_empty() {
+                    &InputTopic::GLOBAL
+                } else {
+                    &[InputTopic::Registry, InputTopic::Presence]
+                };
                 let started = Instant::now();
-                match self.source.catch_up_globals(&mut raw, GLOBAL_ALIGN_TIMEOUT) {
+                match self.source.catch_up(needed, &mut raw, GLOBAL_ALIGN_TIMEOUT) {
                     Ok(read) => tracing::debug!(message = "Global tables aligned.", read, ms = started.elapsed().as_millis() as u64),
                     Err(e) => warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e),
                 }

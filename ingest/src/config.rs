@@ -150,3 +150,22 @@ impl Topics {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::KafkaConfig;
+
+    /// meshguard's tuning defaults (`fetch.wait.max.ms` and the like) give way to the operator's
+    /// `[kafka.client]`; the bootstrap servers come from `brokers`.
+    #[test]
+    fn the_operators_client_properties_override_meshguards_defaults() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9092");
+        kafka.client.insert("fetch.wait.max.ms".into(), "5".into());
+        let config = kafka.client_config_with(&[("fetch.wait.max.ms", "20"), ("session.timeout.ms", "10000")]);
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(config.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
+}

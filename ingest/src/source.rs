@@ -188,6 +188,12 @@ struct GroupContext {
 /// How often librdkafka reports the group consumer's statistics (the lag gauge's refresh).
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
+/// The default `fetch.wait.max.ms` of meshguard's consumers (librdkafka's is 500): how long the
+/// broker may hold a fetch that finds nothing new. A Kafka broker answers as soon as data arrives,
+/// so this bounds only the idle loop; a broker that holds every fetch for the whole wait (tansu
+/// 0.6 does) adds up to twice this to every hop. `[kafka.client]` overrides it.
+pub const FETCH_WAIT_MAX_MS: &str = "20";
+
 /// The part of librdkafka's statistics the lag needs (the rest of the document is skipped).
 #[derive(serde::Deserialize)]
 struct LagStatistics {
@@ -310,12 +316,28 @@ pub struct KafkaSource {
 /// position reaches its end. The start of a partition nothing was consumed from yet (the assigned
 /// offset, or for `Beginning` the log start, which compaction and retention move past 0) is looked
 /// up only then, and at most once per call: `fetch_watermarks` costs two requests.
-pub fn read_to_end(consumer: &BaseConsumer, what: &str, timeout: Duration, mut visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
+pub fn read_to_end(consumer: &BaseConsumer, what: &str, timeout: Duration, visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
+    read_topics_to_end(consumer, what, |_| true, timeout, visit)
+}
+
+/// [`read_to_end`] for the assigned partitions of the topics `wanted` accepts only. Records of the
+/// other topics fetched meanwhile are handed to `visit` too (nothing is skipped), but nothing
+/// waits for them.
+fn read_topics_to_end(
+    consumer: &BaseConsumer,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+    timeout: Duration,
+    mut visit: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<usize> {
     let deadline = Instant::now() + timeout;
     let assignment = consumer.assignment().map_err(Error::kafka(format!("reading the assignment of {what}")))?;
     let mut query = TopicPartitionList::new();
-    for e in assignment.elements() {
+    for e in assignment.elements().iter().filter(|e| wanted(e.topic())) {
         query.add_partition_offset(e.topic(), e.partition(), Offset::End).map_err(Error::kafka("building the end-offset query"))?;
+    }
+    if query.count() == 0 {
+        return Ok(0);
     }
     let ends = consumer.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {what}")))?;
     let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
@@ -376,11 +398,10 @@ impl std::fmt::Debug for TopicReader {
 /// `client` names it (`group.id`; nothing is committed), reads start from the earliest offset.
 pub fn reader_consumer(kafka: &KafkaConfig, client: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
     kafka
-        .client_config()
+        .client_config_with(&[("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)])
         .set("group.id", client)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "20")
         .create()
 }
 
@@ -450,7 +471,12 @@ impl KafkaSource {
         let events = Arc::new(Mutex::new(Vec::new()));
         let lag = Arc::new(AtomicI64::new(-1));
         let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone(), lag: lag.clone() };
-        let mut config = kafka.client_config();
+        let mut config = kafka.client_config_with(&[
+            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+            // A crashed worker's partitions move to the others after 10 s (Kafka's default is 45 s).
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+        ]);
         if let Some(id) = &kafka.instance_id {
             config.set("group.instance.id", id);
         }
@@ -459,21 +485,16 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            // Low broker-side wait keeps event→finding latency low at modest rates.
-            .set("fetch.wait.max.ms", "20")
-            // A crashed worker's partitions move to the others after 10 s (Kafka's default is 45 s).
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "2000")
+            // The lag gauge reads librdkafka's statistics.
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             .create_with_context(context)
             .map_err(Error::kafka("creating the group consumer"))?;
         group.subscribe(&[&topics.messages, &topics.identity_requests]).map_err(Error::kafka("subscribing to the input topics"))?;
         let global: BaseConsumer = kafka
-            .client_config()
+            .client_config_with(&[("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)])
             .set("group.id", format!("{}-global", kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
             .create()
             .map_err(Error::kafka("creating the global-table consumer"))?;
         let control = TopicReader::new(kafka, &topics.control, &format!("{}-control", kafka.group_id))?;
@@ -533,7 +554,17 @@ impl KafkaSource {
     /// independently (Kafka Streams' timestamp synchronisation solves the same problem by waiting;
     /// here one `ListOffsets` request for all global partitions tells how far to read).
     pub fn catch_up_globals(&self, out: &mut RawBatch, timeout: Duration) -> Result<usize> {
-        read_to_end(&self.global, "the registry, presence and interactions topics", timeout, |m| self.push(out, m))
+        self.catch_up(&InputTopic::GLOBAL, out, timeout)
+    }
+
+    /// [`KafkaSource::catch_up_globals`] for some of the global topics only: attempts need the
+    /// registry and presence, not the interactions, and a broker that answers `ListOffsets` one
+    /// partition at a time (tansu) then has fewer to answer. Records of the other global topics
+    /// fetched meanwhile are read into `out` too.
+    pub fn catch_up(&self, topics: &[InputTopic], out: &mut RawBatch, timeout: Duration) -> Result<usize> {
+        let names: Vec<&str> = topics.iter().filter(|t| t.is_global()).map(|&t| self.topics.input(t)).collect();
+        let what = names.join(", ");
+        read_topics_to_end(&self.global, &what, |topic| names.contains(&topic), timeout, |m| self.push(out, m))
     }
 
     fn push(&self, out: &mut RawBatch, m: &BorrowedMessage<'_>) {

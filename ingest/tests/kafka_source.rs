@@ -44,6 +44,19 @@ async fn catching_up_reads_the_global_topics_to_where_they_end_now() {
     let mut raw = RawBatch::default();
     assert_eq!(source.catch_up_globals(&mut raw, Duration::from_secs(30)).unwrap(), 0);
     assert!(raw.is_empty());
+
+    // Catching up one topic reads that one to its end; what the other has fetched meanwhile comes
+    // along, and its next catch-up reads the rest, so nothing is lost or read twice.
+    produce(&broker.bootstrap(), &registry, &[record("d")]).await.unwrap();
+    produce(&broker.bootstrap(), &presence, &[record("v"), record("u")]).await.unwrap();
+    let mut raw = RawBatch::default();
+    source.catch_up(&[InputTopic::Registry], &mut raw, Duration::from_secs(30)).unwrap();
+    assert_eq!(raw.topic(InputTopic::Registry).len(), 1);
+    let presence_along = raw.topic(InputTopic::Presence).len();
+    assert!(presence_along <= 2);
+    let mut raw = RawBatch::default();
+    source.catch_up(&[InputTopic::Presence], &mut raw, Duration::from_secs(30)).unwrap();
+    assert_eq!((raw.topic(InputTopic::Registry).len(), presence_along + raw.topic(InputTopic::Presence).len()), (0, 2));
 }
 
 /// A micro-batch is handed over as soon as what has been fetched runs out (`linger` 0), however

@@ -307,7 +307,11 @@ impl EnforcerService {
         let targets = config.targets.iter().map(|t| targets::build(t, &context)).collect::<Result<Vec<_>>>()?;
         let metrics = EnforcerMetrics::new(registry).map_err(|e| Error::Metrics(e.to_string()))?;
 
-        let mut client = kafka.client_config();
+        let mut client = kafka.client_config_with(&[
+            ("fetch.wait.max.ms", meshguard_ingest::source::FETCH_WAIT_MAX_MS),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+        ]);
         if let Some(id) = &kafka.instance_id {
             // Static membership in the enforcers' own group, apart from the detection worker's id.
             client.set("group.instance.id", format!("{id}-enforcer"));
@@ -320,9 +324,6 @@ impl EnforcerService {
             // A new group applies the whole compacted enforcement topic: the current state of
             // every UUID (harmless where already applied).
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "20")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "2000")
             .create_with_context(EnforcerContext {
                 assignments: assignments.clone(),
                 enforcement_topic: topics.enforcement.clone(),
