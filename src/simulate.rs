@@ -45,15 +45,24 @@ pub fn send_all(sink: &KafkaSink, topics: &Topics, records: &[SimRecord]) -> any
 /// set. `sent` counts published records as they go. Returns the simulator for its statistics.
 pub fn drive(kafka: &KafkaConfig, topics: &Topics, plan: &Plan, stop: &AtomicBool, sent: &AtomicU64) -> anyhow::Result<Simulator> {
     let sink = KafkaSink::new(kafka)?;
+    let building = Instant::now();
     let mut sim = Simulator::new(sim_config(plan, chrono::Utc::now().timestamp_millis()));
     let bootstrap = sim.bootstrap();
+    let build = building.elapsed();
     send_all(&sink, topics, &bootstrap)?;
     sink.flush(Duration::from_secs(30))?;
     sent.fetch_add(bootstrap.len() as u64, Ordering::Relaxed);
-    // The same seed gives the same directory: start the traffic clock now, after the directory is
-    // published, so every attempt's event time is the moment it is published.
-    let mut sim = Simulator::new(sim_config(plan, chrono::Utc::now().timestamp_millis()));
+    // The same seed gives the same directory: the traffic clock starts after the directory is
+    // published, so every attempt's event time is the moment it is published. Building the
+    // simulator again takes about as long as the first time (a large directory: 100 ms and
+    // more), so its clock starts that much (and a margin) ahead, and the traffic waits for it.
+    let start_ms = chrono::Utc::now().timestamp_millis() + i64::try_from((build * 5 / 4).as_millis()).unwrap_or(0) + 5;
+    let mut sim = Simulator::new(sim_config(plan, start_ms));
     let _ = sim.bootstrap();
+    let ahead = start_ms - chrono::Utc::now().timestamp_millis();
+    if ahead > 0 {
+        std::thread::sleep(Duration::from_millis(ahead.unsigned_abs()));
+    }
 
     let started = Instant::now();
     let mut produced: u64 = 0;
