@@ -7,14 +7,16 @@
 //! `permission_denied` with rule `target:unregistered`. Then [`crate::policy::evaluate`]: the
 //! permission lists and every restriction of every applicable profile, one finding per broken kind.
 //!
-//! **Two paths.** The batch is judged in chunks of rows: first every directory lookup of the chunk
-//! (one slot of [`crate::policy::Directory`] per party, independent loads whose cache misses
-//! overlap), then each row's verdict from the two slots and, when the lists or restrictions of a
-//! party must be read, from its block. A row the directory passes gives no finding and costs
-//! nothing more; every other row (a finding, an older registry version, something the directory
-//! does not judge) goes to the reference path above, over the versioned compiled records, which
-//! writes the findings. The fast path only ever skips rows the reference would pass
-//! (property-tested against it in `policy/tests.rs`, registry changes included).
+//! **Two paths.** The batch is judged in a pipeline of three steps per row, a few rows apart: a
+//! prefetch of the slots of both parties in [`crate::policy::Directory`] (a prefetch waits for
+//! nothing, so the misses of many rows are in flight together), then the lookups, in cache by then,
+//! and a prefetch of the blocks the row's verdict will read, then the verdict from the two slots
+//! and, when the lists or restrictions of a party must be read, from its block. A row the
+//! directory passes gives no finding and costs nothing more; every other row (a finding, an older
+//! registry version, something the directory does not judge) goes to the reference path above,
+//! over the versioned compiled records, which writes the findings. The fast path only ever skips
+//! rows the reference would pass (property-tested against it in `policy/tests.rs`, registry
+//! changes included).
 
 use arrow::array::Array;
 use meshguard_schemas::output::Finding;
@@ -26,11 +28,11 @@ use super::{Job, JobContext, MessagesView};
 use crate::policy::directory::{AttemptFields, Needs, Slot, View};
 use crate::policy::{self, Attempt, Level, Location, Violation};
 
-/// Rows judged together: the lookups of a chunk are made before any of its rows is judged, so the
-/// processor has many cache misses in flight, and the slots they bring in are still in cache when
-/// the rows are judged (256 rows read about 512 slot lines, 32 KiB). 64 was slower on 1 M UUIDs
-/// (fewer misses in flight), 1,024 no faster.
-const CHUNK: usize = 256;
+/// How far apart a row's three steps are: while the job judges row `i`, it looks up the slots of
+/// row `i + AHEAD` (prefetched by then) and prefetches those of row `i + 2 × AHEAD`.
+const AHEAD: usize = 16;
+/// Rows in flight, held by row modulo `RING` (a power of two above `2 × AHEAD`).
+const RING: usize = 64;
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -56,40 +58,56 @@ impl Job for PolicyCheck {
             return;
         };
         let dir = ctx.registry.hot().view();
-        let mut keys = [(0u128, 0u128); CHUNK];
-        let mut slots: [(Option<Slot<'_>>, Option<Slot<'_>>); CHUNK] = [(None, None); CHUNK];
-        let mut start = 0;
-        while start < n {
-            let end = (start + CHUNK).min(n);
-            // Every lookup of the chunk first: independent of each other, so their misses overlap.
-            for row in start..end {
+        // Per row in flight, by row modulo RING.
+        let mut keys = [(None, None); RING];
+        let mut homes = [(0usize, 0usize); RING];
+        let mut slots: [(Option<Slot<'_>>, Option<Slot<'_>>); RING] = [(None, None); RING];
+        let mut needs = [Needs::Reference; RING];
+        for step in 0..n + 2 * AHEAD {
+            // Step 1: ask for the slots of both parties.
+            if step < n {
+                let row = step;
                 let (from, to) = (cols.requester_key(row), cols.target_key(row));
-                keys[row - start] = (from.unwrap_or(0), to.unwrap_or(0));
-                slots[row - start] = (from.and_then(|k| dir.find(k)), to.and_then(|k| dir.find(k)));
+                let home = |k: Option<u128>| k.map_or(0, |k| dir.home(k));
+                let (h0, h1) = (home(from), home(to));
+                dir.prefetch_slot(h0);
+                dir.prefetch_slot(h1);
+                keys[row % RING] = (from, to);
+                homes[row % RING] = (h0, h1);
             }
-            // Then the verdicts: the rows the directory cannot pass go to the reference path,
+            // Step 2: the lookups, and what the row needs; the blocks its verdict will read are
+            // asked for likewise.
+            if let Some(row) = step.checked_sub(AHEAD).filter(|row| *row < n) {
+                let i = row % RING;
+                let ((from, to), (h0, h1)) = (keys[i], homes[i]);
+                slots[i] = (from.and_then(|k| dir.find_from(k, h0)), to.and_then(|k| dir.find_from(k, h1)));
+                needs[i] = cols.needs(&dir, row, (from.unwrap_or(0), to.unwrap_or(0)), slots[i]);
+                dir.prefetch_blocks(needs[i]);
+            }
+            // Step 3: the verdict; the rows the directory cannot pass go to the reference path,
             // which writes the findings.
-            for row in start..end {
-                let i = row - start;
-                let passes = match (cols.needs(&dir, row, keys[i], slots[i]), slots[i]) {
-                    (Needs::Nothing, _) => true,
-                    (needs @ Needs::Blocks(..), (Some(req), Some(tgt))) => {
-                        let fields = Fields { v, row, ts: cols.ts[row] };
-                        let passes = dir.passes(keys[i].0, keys[i].1, req, tgt, needs, &fields);
-                        #[cfg(test)]
-                        {
-                            self.passed_in_blocks += usize::from(passes);
-                        }
-                        passes
+            let Some(row) = step.checked_sub(2 * AHEAD).filter(|row| *row < n) else {
+                continue;
+            };
+            let i = row % RING;
+            let passes = match (needs[i], slots[i]) {
+                (Needs::Nothing, _) => true,
+                (need @ Needs::Blocks(..), (Some(req), Some(tgt))) => {
+                    let fields = Fields { v, row, ts: cols.ts[row] };
+                    let (from, to) = (keys[i].0.unwrap_or(0), keys[i].1.unwrap_or(0));
+                    let passes = dir.passes(from, to, req, tgt, need, &fields);
+                    #[cfg(test)]
+                    {
+                        self.passed_in_blocks += usize::from(passes);
                     }
-                    // Blocks are asked for only with both slots found.
-                    _ => false,
-                };
-                if !passes {
-                    self.reference(v, ctx, row, out);
+                    passes
                 }
+                // Blocks are asked for only with both slots found.
+                _ => false,
+            };
+            if !passes {
+                self.reference(v, ctx, row, out);
             }
-            start = end;
         }
     }
 }

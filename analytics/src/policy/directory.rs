@@ -659,7 +659,28 @@ impl<'a> View<'a> {
     /// The slot of `key`, if the directory holds it (registered or tombstoned).
     #[inline]
     pub fn find(&self, key: u128) -> Option<Slot<'a>> {
-        let mut i = self.hasher.hash_one(key) as usize & self.mask;
+        self.find_from(key, self.home(key))
+    }
+
+    /// The slot a probe for `key` starts at: [`View::prefetch_slot`] it, then [`View::find_from`]
+    /// it once the line has had time to arrive.
+    #[inline]
+    pub fn home(&self, key: u128) -> usize {
+        self.hasher.hash_one(key) as usize & self.mask
+    }
+
+    /// Asks for slot `i`'s line, without waiting for it.
+    #[inline]
+    pub fn prefetch_slot(&self, i: usize) {
+        if let Some(line) = self.slots.get(i) {
+            prefetch(bytemuck::bytes_of(line));
+        }
+    }
+
+    /// [`View::find`] from `key`'s home slot `i` (from [`View::home`]).
+    #[inline]
+    pub fn find_from(&self, key: u128, mut i: usize) -> Option<Slot<'a>> {
+        i &= self.mask;
         loop {
             let s = Slot(&self.slots[i]);
             if s.flags() & OCCUPIED == 0 {
@@ -732,6 +753,19 @@ impl<'a> View<'a> {
             }
         }
         true
+    }
+
+    /// Asks for the first line of each block `needs` reads, without waiting for it (most checks
+    /// read nothing else).
+    #[inline]
+    pub fn prefetch_blocks(&self, needs: Needs) {
+        if let Needs::Blocks(target, sender) = needs {
+            for need in [target, sender].into_iter().flatten() {
+                if let Some(word) = self.arena.get(need.block as usize * LINE_WORDS) {
+                    prefetch(bytemuck::bytes_of(word));
+                }
+            }
+        }
     }
 
     #[inline]
@@ -942,6 +976,12 @@ fn admits(b: &[u32], p: &mut usize, who: u128, groups: &Groups) -> Option<bool> 
         return Some(true);
     }
     if groups.many { None } else { Some(false) }
+}
+
+/// Asks for the cache line of `bytes` (into L2), without waiting for it.
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    polars_utils::mem::prefetch::prefetch_l2(bytes);
 }
 
 /// A registry version: the time it holds from and the record (`None`: unregistered).

@@ -286,10 +286,11 @@ fn the_fast_path_gives_exactly_the_reference_findings() {
     });
 }
 
-/// Many rows (more than one chunk) on a directory where most attempts pass at once, some need a
-/// block and a few are findings: the chunking must keep rows and findings in order.
+/// Many rows (many times the rows the pipeline holds in flight) on a directory where most attempts
+/// pass at once, some need a block and a few are findings: the pipeline must keep rows and findings
+/// in order.
 #[test]
-fn chunks_keep_row_order() {
+fn the_pipeline_keeps_row_order() {
     with_stack(|| {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
         let versions = registry().new_tree(&mut runner).unwrap().current();
