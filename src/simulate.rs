@@ -54,8 +54,8 @@ pub fn drive(kafka: &KafkaConfig, topics: &Topics, plan: &Plan, stop: &AtomicBoo
     sent.fetch_add(bootstrap.len() as u64, Ordering::Relaxed);
     // The same seed gives the same directory: the traffic clock starts after the directory is
     // published, so every attempt's event time is the moment it is published. Building the
-    // simulator again takes about as long as the first time (a large directory: 100 ms and
-    // more), so its clock starts that much (and a margin) ahead, and the traffic waits for it.
+    // simulator again takes about as long as the first time (longer with more devices), so its
+    // clock starts that much (and a margin) ahead, and the traffic waits for it.
     let start_ms = chrono::Utc::now().timestamp_millis() + i64::try_from((build * 5 / 4).as_millis()).unwrap_or(0) + 5;
     let mut sim = Simulator::new(sim_config(plan, start_ms));
     let _ = sim.bootstrap();
