@@ -188,12 +188,18 @@ struct GroupContext {
 /// How often librdkafka reports the group consumer's statistics (the lag gauge's refresh).
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
-/// The default `fetch.wait.max.ms` of meshguard's consumers (librdkafka's is 500): how long the
+/// The default `fetch.wait.max.ms` of meshguard's group consumers (librdkafka's is 500): how long the
 /// broker may hold a fetch that finds nothing new. A Kafka broker answers as soon as data arrives,
 /// so this bounds only the idle loop (a fetch request per wait and consumer); a broker that holds
 /// every fetch for the whole wait (tansu 0.6 does) adds up to twice this to every hop, and smaller
 /// micro-batches. `[kafka.client]` overrides it for every consumer.
-pub const FETCH_WAIT_MAX_MS: &str = "10";
+const FETCH_WAIT_MAX_MS: &str = "10";
+
+/// meshguard's defaults for a consumer in a group (the detection workers', the enforcers'), which
+/// `[kafka.client]` overrides: a crashed member's partitions move to the others after 10 s
+/// (Kafka's default is 45 s).
+pub const GROUP_CONSUMER_DEFAULTS: [(&str, &str); 3] =
+    [("fetch.wait.max.ms", FETCH_WAIT_MAX_MS), ("session.timeout.ms", "10000"), ("heartbeat.interval.ms", "2000")];
 
 /// The global-table consumer's default `fetch.wait.max.ms`: the alignment before a micro-batch
 /// waits for its fetches whenever the registry or presence changed (see
@@ -482,12 +488,7 @@ impl KafkaSource {
         let events = Arc::new(Mutex::new(Vec::new()));
         let lag = Arc::new(AtomicI64::new(-1));
         let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone(), lag: lag.clone() };
-        let mut config = kafka.client_config_with(&[
-            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
-            // A crashed worker's partitions move to the others after 10 s (Kafka's default is 45 s).
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "2000"),
-        ]);
+        let mut config = kafka.client_config_with(&GROUP_CONSUMER_DEFAULTS);
         if let Some(id) = &kafka.instance_id {
             config.set("group.instance.id", id);
         }

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use chrono::Weekday;
 use memmap2::{MmapMut, MmapOptions};
 use meshguard_schemas::registry::{Area, Country, LocationSubject, TimeZone, TimingWindow};
+use polars_utils::mem::prefetch::prefetch_l2;
 use uuid::Uuid;
 
 use super::compile::{CompiledRecord, Level, Matcher};
@@ -673,7 +674,7 @@ impl<'a> View<'a> {
     #[inline]
     pub fn prefetch_slot(&self, i: usize) {
         if let Some(line) = self.slots.get(i) {
-            prefetch(bytemuck::bytes_of(line));
+            prefetch_l2(bytemuck::bytes_of(line));
         }
     }
 
@@ -762,7 +763,7 @@ impl<'a> View<'a> {
         if let Needs::Blocks(target, sender) = needs {
             for need in [target, sender].into_iter().flatten() {
                 if let Some(word) = self.arena.get(need.block as usize * LINE_WORDS) {
-                    prefetch(bytemuck::bytes_of(word));
+                    prefetch_l2(bytemuck::bytes_of(word));
                 }
             }
         }
@@ -976,12 +977,6 @@ fn admits(b: &[u32], p: &mut usize, who: u128, groups: &Groups) -> Option<bool> 
         return Some(true);
     }
     if groups.many { None } else { Some(false) }
-}
-
-/// Asks for the cache line of `bytes` (into L2), without waiting for it.
-#[inline(always)]
-fn prefetch(bytes: &[u8]) {
-    polars_utils::mem::prefetch::prefetch_l2(bytes);
 }
 
 /// A registry version: the time it holds from and the record (`None`: unregistered).
