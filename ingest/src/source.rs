@@ -368,13 +368,26 @@ fn read_topics_to_end(
             targets.push((e.topic().to_owned(), e.partition(), start, end));
         }
     }
+    // Where the consumer is in each target partition: read once here, then advanced by the records
+    // handed out (a record at offset `o` puts the position at `o + 1`), and read again only when a
+    // poll comes back empty. `position()` asks librdkafka's main thread for the assignment, a
+    // round trip between threads; once per record, it cost more than the records did.
+    let mut at: Vec<Option<i64>> = vec![None; targets.len()];
+    let mut refresh = true;
     let mut read = 0;
     loop {
-        let positions = consumer.position().map_err(Error::kafka(format!("reading the positions in {what}")))?;
+        if refresh {
+            let positions = consumer.position().map_err(Error::kafka(format!("reading the positions in {what}")))?;
+            for ((topic, partition, _, _), at) in targets.iter().zip(&mut at) {
+                let now = positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0);
+                *at = now.max(*at);
+            }
+            refresh = false;
+        }
         let mut behind = false;
-        for (topic, partition, start, end) in &mut targets {
-            let at = match positions.find_partition(topic, *partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0) {
-                Some(at) => at,
+        for ((topic, partition, start, end), at) in targets.iter_mut().zip(&at) {
+            let at = match at {
+                Some(at) => *at,
                 None => {
                     *start.get_or_insert_with(|| consumer.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0))
                 }
@@ -387,16 +400,25 @@ fn read_topics_to_end(
         if Instant::now() >= deadline {
             return Err(Error::Timeout { what: format!("reading {what} to their end"), after_ms: timeout.as_millis() as u64 });
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        match consumer.poll(REFRESH_AFTER) {
             Some(Ok(m)) => {
+                if let Some(i) = targets.iter().position(|(topic, partition, _, _)| *partition == m.partition() && topic == m.topic()) {
+                    at[i] = at[i].max(Some(m.offset() + 1));
+                }
                 visit(&m);
                 read += 1;
             }
             Some(Err(e)) => warn!(message = "Consumer error.", what, error = %e),
-            None => {}
+            // Nothing fetched for a while: the position may have moved past records that are not
+            // handed out (transaction markers, offsets compacted away at a partition's end).
+            None => refresh = true,
         }
     }
 }
+
+/// How long [`read_topics_to_end`] waits for a record before it reads the consumer's positions
+/// again.
+const REFRESH_AFTER: Duration = Duration::from_millis(10);
 
 /// Reads every partition of one topic from its beginning, outside any group (meshguard's own
 /// control and enforcement topics; the enforcer's registry table).
