@@ -10,13 +10,14 @@
 //! concatenated. Each payload is fed separately so that a payload holding two objects, or half of
 //! one, is caught instead of silently merging with its neighbour.
 //!
-//! A chunk that is not all ordinary takes the slow path, that chunk alone: each of its payloads is
-//! checked on its own against the same [`FieldSpec`]s with serde_json (strict JSON, which
-//! arrow-json is not: it takes `01`, `1.` or a missing comma inside an unknown field, and `"2"`
-//! for a number), the bad ones are rejected with a precise reason, and the rest are decoded, by
-//! serde_json if they are ordinary now, by arrow-json otherwise. A record's verdict therefore
-//! never depends on its neighbours, and a bad record costs one extra parse of the [`CHUNK_ROWS`]
-//! records around it, never a lost good record.
+//! A record the fast path does not read is checked on its own against the same [`FieldSpec`]s
+//! with serde_json (strict JSON, which arrow-json is not: it takes `01`, `1.` or a missing comma
+//! inside an unknown field, and `"2"` for a number). A bad one is rejected with a precise reason
+//! and the fast path goes on after it, keeping the records before it: a malformed record costs
+//! one more parse, of itself. A good one that is not ordinary sends the rest of its chunk down the
+//! slow path: each payload checked on its own, the bad ones rejected, the rest decoded by
+//! serde_json if they are ordinary, by arrow-json otherwise. A record's verdict therefore never
+//! depends on its neighbours, and no good record is lost.
 
 mod direct;
 mod json_field;
@@ -77,6 +78,9 @@ pub struct BatchDecoder {
     /// Chunks that went through arrow-json (the others went through [`direct`]).
     #[cfg(test)]
     arrow_chunks: usize,
+    /// Records checked on their own (the slow path's first step).
+    #[cfg(test)]
+    checked_records: usize,
 }
 
 /// The serde_json path's buffers, kept across the chunks of one batch.
@@ -117,6 +121,8 @@ impl BatchDecoder {
             json_key: memchr::memmem::FinderBuilder::new().build_forward_with_ranker(JsonRank, JSON_KEY).into_owned(),
             #[cfg(test)]
             arrow_chunks: 0,
+            #[cfg(test)]
+            checked_records: 0,
         }
     }
 
@@ -149,31 +155,60 @@ impl BatchDecoder {
         let mut fields = Vec::new();
         let mut direct = Direct::new(self.topic.fields());
         for chunk in candidates.chunks(CHUNK_ROWS) {
-            if out.append_direct(payloads, chunk, decoded.len(), &mut direct.staging, &mut direct.raw) {
-                decoded.extend_from_slice(chunk);
-                continue;
-            }
-            // Not all ordinary: each record of this chunk is checked on its own first, and the bad
-            // ones rejected with a precise reason; then the rest are decoded. arrow-json alone would
-            // let some invalid JSON through (`01`, a missing comma in an unknown field, `"2"` for a
-            // number), and a record's verdict must not depend on its neighbours.
-            let mut good = Vec::with_capacity(chunk.len());
-            for &i in chunk {
+            let mut rest = chunk;
+            loop {
+                // The ordinary records up to the first that is not, kept.
+                let n = out.append_direct_prefix(payloads, rest, decoded.len(), &mut direct.staging, &mut direct.raw);
+                decoded.extend_from_slice(&rest[..n]);
+                let Some(&i) = rest.get(n) else { break };
+                // A record the fast path does not read. Usually a malformed one: it is rejected, and
+                // the fast path goes on after it. A well-formed one that is not ordinary sends the
+                // rest of the chunk down the checked path.
                 match self.check_record(i as usize, payloads[i as usize], &mut fields) {
-                    Ok(()) => good.push(i),
-                    Err(e) => rejected.push(e),
+                    Err(e) => {
+                        rejected.push(e);
+                        rest = &rest[n + 1..];
+                    }
+                    Ok(()) => {
+                        self.checked_chunk(payloads, &rest[n..], &mut rejected, &mut out, &mut decoded, &mut fields, &mut direct);
+                        break;
+                    }
                 }
-            }
-            if self.fast_chunk(payloads, &good, decoded.len(), &mut out, &mut direct) {
-                decoded.extend_from_slice(&good);
-            } else {
-                self.decode_one_by_one(payloads, &good, &mut rejected, &mut out, &mut decoded);
             }
         }
 
         let (batch, source) = self.finish(out, decoded, &mut rejected);
         rejected.sort_by_key(|e| e.index);
         DecodedBatch { batch, source, rejected }
+    }
+
+    /// Records of a chunk that are not all ordinary: each is checked on its own first, and the bad
+    /// ones rejected with a precise reason; then the rest are decoded. arrow-json alone would let
+    /// some invalid JSON through (`01`, a missing comma in an unknown field, `"2"` for a number),
+    /// and a record's verdict must not depend on its neighbours.
+    #[allow(clippy::too_many_arguments, reason = "the decode loop's state, lent for one chunk")]
+    fn checked_chunk<'p>(
+        &mut self,
+        payloads: &[&'p [u8]],
+        chunk: &[u32],
+        rejected: &mut Vec<RecordError>,
+        out: &mut Canonical,
+        decoded: &mut Vec<u32>,
+        fields: &mut Vec<(Cow<'p, str>, &'p RawValue)>,
+        direct: &mut Direct<'p>,
+    ) {
+        let mut good = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            match self.check_record(i as usize, payloads[i as usize], fields) {
+                Ok(()) => good.push(i),
+                Err(e) => rejected.push(e),
+            }
+        }
+        if self.fast_chunk(payloads, &good, decoded.len(), out, direct) {
+            decoded.extend_from_slice(&good);
+        } else {
+            self.decode_one_by_one(payloads, &good, rejected, out, decoded);
+        }
     }
 
     /// One chunk of records, rows `row0..` of the batch, into `out`: through serde_json when all
@@ -253,9 +288,18 @@ impl BatchDecoder {
     }
 
     /// Per-record check of syntax and types, mirroring what arrow-json refuses, with precise errors.
-    fn check_record<'p>(&self, index: usize, payload: &'p [u8], fields: &mut Vec<(Cow<'p, str>, &'p RawValue)>) -> Result<(), RecordError> {
+    fn check_record<'p>(
+        &mut self,
+        index: usize,
+        payload: &'p [u8],
+        fields: &mut Vec<(Cow<'p, str>, &'p RawValue)>,
+    ) -> Result<(), RecordError> {
         // Borrowed scan of the top-level fields: no value is built or copied, so checking a whole
         // poisoned batch costs about one more parse, not a tree of allocations per record.
+        #[cfg(test)]
+        {
+            self.checked_records += 1;
+        }
         fields.clear();
         let mut de = serde_json::Deserializer::from_slice(payload);
         let scanned = serde::de::DeserializeSeed::deserialize(TopLevel(&mut *fields), &mut de).and_then(|()| de.end());
@@ -532,6 +576,36 @@ impl Canonical {
             }
         }
         true
+    }
+
+    /// Reads the records of `source` (rows `row0..` of the batch) with serde_json and converts each
+    /// at once, up to the first record that is not ordinary (see [`direct`]); returns how many it
+    /// read and kept. The record it stopped at left nothing behind: a record is staged whole
+    /// before anything of it is converted.
+    fn append_direct_prefix<'p>(
+        &mut self,
+        payloads: &[&'p [u8]],
+        source: &[u32],
+        row0: usize,
+        staging: &mut direct::Staging<'p>,
+        raw: &mut [Option<direct::RawBuilder>],
+    ) -> usize {
+        let mut kept = source.len();
+        for (n, &i) in source.iter().enumerate() {
+            if !direct::stage(self.fields, payloads[i as usize], staging) {
+                kept = n;
+                break;
+            }
+            self.append_staged(staging, raw, row0 + n, i);
+        }
+        if kept > 0 {
+            for (column, builder) in self.columns.iter_mut().zip(raw.iter_mut()) {
+                if let (Column::Raw(chunks), Some(b)) = (column, builder) {
+                    chunks.push(b.finish());
+                }
+            }
+        }
+        kept
     }
 
     /// Forgets everything of the rows from `row0` on.

@@ -276,6 +276,28 @@ fn only_unusual_chunks_go_through_arrow_json() {
     assert_eq!(decoder.arrow_chunks, 1, "the second chunk");
 }
 
+/// A malformed record costs one check, of itself: the records before it in its chunk are kept as
+/// the fast path read them, and the fast path goes on after it; nothing reaches arrow-json.
+#[test]
+fn a_malformed_record_is_checked_alone_and_its_chunk_stays_on_the_fast_path() {
+    let topic = InputTopic::Messages;
+    let plain = r#"{"id":"5f0c9f2e-8d1a-4c3b-9a77-2b1d3c4e5f60","ts":1795539600000,"action":"send","from":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f","auth":"valid","broker":"eu-1"}"#;
+    let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+    let mut records = vec![plain.to_owned(); CHUNK_ROWS * 2];
+    records[3] = r#"{"id":"#.to_owned();
+    records[CHUNK_ROWS - 1] = plain.replace(r#""auth""#, r#""payload_bytes":"27","auth""#);
+    records[CHUNK_ROWS + 500] = "[1,2]".to_owned();
+    records[CHUNK_ROWS + 501] = plain.replace("send", "teleport");
+    assert_same(topic, &records, &mut decoder, &mut oracle);
+    assert_eq!(decoder.arrow_chunks, 0);
+    // The three that are not JSON objects of the right types; the unknown action is ordinary JSON,
+    // rejected by the conversion like any bad value.
+    assert_eq!(decoder.checked_records, 3);
+    let out = decoder.decode(&records.iter().map(|r| r.as_bytes()).collect::<Vec<_>>());
+    assert_eq!(out.batch.num_rows(), CHUNK_ROWS * 2 - 4);
+    assert_eq!(out.rejected.iter().map(|e| e.index).collect::<Vec<_>>(), [3, CHUNK_ROWS - 1, CHUNK_ROWS + 500, CHUNK_ROWS + 501]);
+}
+
 /// A record's verdict does not depend on its neighbours: alone, or in a chunk that a broken record
 /// sends down the slow path, it is accepted or rejected the same way (and for the same reason).
 #[test]
@@ -291,4 +313,18 @@ fn a_record_is_judged_the_same_whatever_its_neighbours() {
             assert_eq!(alone.batch.num_rows(), poisoned.batch.num_rows(), "{topic:?} {text}");
         }
     }
+}
+
+/// A record with two faults, a payload that is not an object and a missing `to`: the decoder of
+/// record reports the payload (a present field of the wrong type is found before a missing one),
+/// and so must the fast path, alone or next to a broken record.
+#[test]
+fn a_record_with_two_faults_is_judged_by_the_first_the_check_finds() {
+    let topic = InputTopic::Messages;
+    let record = r#"{"id":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","ts":1795539600000,"action":"send","from":"9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c","auth":"valid","payload":"off"}"#;
+    let (mut decoder, mut oracle) = (BatchDecoder::new(topic), reference::BatchDecoder::new(topic));
+    assert_same(topic, &[record.to_owned()], &mut decoder, &mut oracle);
+    assert_same(topic, &[record.to_owned(), r#"{"id":"#.to_owned()], &mut decoder, &mut oracle);
+    let out = decoder.decode(&[record.as_bytes()]);
+    assert_eq!(out.rejected[0].field.as_deref(), Some("payload"));
 }

@@ -142,7 +142,12 @@ impl<'de> DeserializeSeed<'de> for Field<'_, 'de> {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val<'de>, D::Error> {
         match self.ty {
-            FieldType::Json => <&'de RawValue>::deserialize(d).map(|raw| Val::Json(raw.get())),
+            // An object or `null`: anything else is the check's to reject (with its wording, and
+            // before a missing field of the same record is noticed, as the decoder of record does).
+            FieldType::Json => match <&'de RawValue>::deserialize(d)?.get() {
+                raw if raw.starts_with('{') || raw == "null" => Ok(Val::Json(raw)),
+                _ => Err(bail()),
+            },
             FieldType::Float => {
                 let raw = <&'de RawValue>::deserialize(d)?;
                 float(raw.get()).map(|v| v.map_or(Val::Null, Val::Float))
