@@ -19,8 +19,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use meshguard_analytics::engine::PartitionState;
 use meshguard_analytics::enforcement::{EnforcementConfig, Offender};
+use meshguard_analytics::engine::PartitionState;
 use meshguard_analytics::throttle::{Attempt, Outcome, Rule, Tightening};
 use meshguard_analytics::timing::Schedule;
 use meshguard_analytics::{CheckpointStore, Engine, EngineConfig, LocalCheckpointStore};
@@ -102,18 +102,19 @@ fn engine(size: Size) -> Engine {
         state.enforcement.insert(uuid(1, i), o);
     }
     let mut engine = Engine::new(EngineConfig::default());
-    engine.restore_partition((InputTopic::Messages, 0), state);
+    engine.restore_partition((InputTopic::Messages, 0), state.snapshot());
     engine
 }
 
 fn bench(c: &mut Criterion) {
-    let sizes = if std::env::args().any(|a| a == "--bench") { vec![("1M_windows", FULL), ("100k_windows", SMALL)] } else { vec![("smoke", SMOKE)] };
+    let sizes =
+        if std::env::args().any(|a| a == "--bench") { vec![("1M_windows", FULL), ("100k_windows", SMALL)] } else { vec![("smoke", SMOKE)] };
     let mut g = c.benchmark_group("checkpoint");
     g.sample_size(10);
     for (name, size) in sizes {
         let mut engine = engine(size);
         let cp = engine.checkpoint();
-        let state = &cp.partitions[0].1;
+        let state = engine.partition(&(InputTopic::Messages, 0)).unwrap();
         let windows = state.throttles.windows.len() as u64;
         let dir = tempfile::tempdir().unwrap();
         let store = LocalCheckpointStore::open(dir.path()).unwrap();
@@ -137,6 +138,22 @@ fn bench(c: &mut Criterion) {
                     let cp = black_box(engine.checkpoint());
                     took += started.elapsed();
                     drop(cp);
+                }
+                took
+            })
+        });
+        // For comparison: a clone of the partition's state, which is what checkpoints copied before
+        // they copied snapshots (`PartitionState::clone`; the pause was this, the prune and the
+        // global tables' pointers).
+        let id = (InputTopic::Messages, 0);
+        g.bench_function(format!("clone/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    let started = Instant::now();
+                    let copy = black_box(engine.partition(&id).unwrap().clone());
+                    took += started.elapsed();
+                    drop(copy);
                 }
                 took
             })

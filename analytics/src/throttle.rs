@@ -31,8 +31,9 @@ use uuid::Uuid;
 
 use crate::tables::FastMap;
 
-mod huge;
+mod snapshot;
 mod table;
+pub use snapshot::WindowsSnapshot;
 use table::PackedKey;
 pub use table::Windows;
 
@@ -417,24 +418,6 @@ struct WindowIn {
     in_episode: bool,
 }
 
-impl WindowIn {
-    fn into_window(self, spills: &mut Spills) -> Result<Window, &'static str> {
-        if !self.seen.is_sorted_by_key(|(o, _)| *o) {
-            return Err("a throttle window's attempts are out of order");
-        }
-        let mut w = Window { base: self.base, per_ms: self.per_ms, in_episode: u8::from(self.in_episode), ..Window::default() };
-        if self.seen.len() <= INLINE {
-            for (slot, &(o, f)) in w.buf.iter_mut().zip(&self.seen) {
-                *slot = [o, f];
-            }
-            w.len = self.seen.len() as u8;
-        } else {
-            w.spill = spills.add(self.seen.iter().map(|&(o, f)| [o, f]).collect());
-        }
-        Ok(w)
-    }
-}
-
 /// What counting one attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -482,17 +465,48 @@ pub struct Outcome {
 /// of attempt `i + LOOKAHEAD` and the home slot of attempt `i + 2 × LOOKAHEAD`.
 const LOOKAHEAD: usize = 16;
 
-/// The throttle state of one partition.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The throttle state of one partition. Written and read as its [`ThrottleSnapshot`].
+#[derive(Debug, Clone, Default)]
 pub struct ThrottleState {
     /// Windows by requester, target (nil when the limit is not per pair) and rule.
-    #[serde(with = "windows_as_map")]
     pub windows: Windows,
     /// Requesters whose limits are tightened, until when (event time).
     pub tightened: FastMap<Uuid, i64>,
 }
 
+/// The throttle state of one partition as a checkpoint holds it (see [`WindowsSnapshot`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleSnapshot {
+    /// The windows.
+    pub windows: WindowsSnapshot,
+    /// Requesters whose limits are tightened, until when (event time).
+    pub tightened: FastMap<Uuid, i64>,
+}
+
+impl From<&ThrottleSnapshot> for ThrottleState {
+    fn from(s: &ThrottleSnapshot) -> Self {
+        Self { windows: Windows::from_snapshot(&s.windows), tightened: s.tightened.clone() }
+    }
+}
+
+impl Serialize for ThrottleState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.snapshot().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ThrottleState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ThrottleSnapshot::deserialize(d).map(|s| Self::from(&s))
+    }
+}
+
 impl ThrottleState {
+    /// The state as a checkpoint holds it: a copy of what the windows use, not of the table.
+    pub fn snapshot(&self) -> ThrottleSnapshot {
+        ThrottleSnapshot { windows: self.windows.snapshot(), tightened: self.tightened.clone() }
+    }
+
     /// Bytes of memory the state holds: the windows' slots and entries (every allocated one), the
     /// buffers of windows too large to be held inline, and the tightenings' hash table (allocator
     /// overhead aside).
@@ -582,36 +596,6 @@ fn prefetch_entry(e: &table::Entry) {
     let buf = &e.window.buf;
     prefetch(bytemuck::bytes_of(buf));
     prefetch(bytemuck::bytes_of(&buf[INLINE / 2]));
-}
-
-/// Checkpoints hold the windows as a map of key to window, as when they were a hash map.
-mod windows_as_map {
-    use serde::de::{MapAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    use super::{WindowIn, WindowKey, Windows};
-
-    pub(super) fn serialize<S: Serializer>(w: &Windows, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(w.iter())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Windows, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Windows;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of throttle windows")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Windows, A::Error> {
-                let mut w = Windows::default();
-                while let Some((k, v)) = m.next_entry::<WindowKey, WindowIn>()? {
-                    w.restore(&k, v).map_err(serde::de::Error::custom)?;
-                }
-                Ok(w)
-            }
-        }
-        d.deserialize_map(V)
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! fsynced, renamed over the old one and the directory fsynced, so a file is always either the old
 //! or the new checkpoint, never half of one.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,9 +23,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Engine, PartitionId, PartitionState, Position};
+use crate::crosscheck::HeldRequest;
+use crate::enforcement::Offender;
 use crate::error::{Error, Result};
 use crate::policy::Location;
-use crate::tables::TableSnapshot;
+use crate::tables::{FastMap, TableSnapshot};
+use crate::throttle::{ThrottleSnapshot, ThrottleState};
+use crate::timing::SchedulesSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version.
 const MAGIC: &[u8; 8] = b"MGCKPT08";
@@ -33,9 +38,68 @@ const MAGIC: &[u8; 8] = b"MGCKPT08";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Keyed state and next offset of every owned partition.
-    pub partitions: Vec<(PartitionId, PartitionState)>,
+    pub partitions: Vec<(PartitionId, PartitionSnapshot)>,
     /// Global tables and their positions.
     pub global: GlobalSnapshot,
+}
+
+/// The state of one input partition as a checkpoint holds it: what [`PartitionState`] holds,
+/// copied without the structures that only serve lookups (the throttle table's index and unused
+/// entries, hash tables' empty buckets), so that taking it pauses the pipeline for as short a time
+/// as the state's size allows. The fields are [`PartitionState`]'s, in its order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    /// Next offset to consume.
+    pub next_offset: i64,
+    /// Highest event time seen.
+    pub max_event_ms: i64,
+    /// Finding ids emitted, with their event time, within the dedup horizon.
+    pub emitted: FastMap<Uuid, i64>,
+    /// Where the caller's sinks ended at this checkpoint (see [`PartitionState::sink_positions`]).
+    pub sink_positions: Vec<(String, i32, i64)>,
+    /// Throttle windows and tightenings.
+    pub throttles: ThrottleSnapshot,
+    /// Counted unauthorized attempts and status of the offenders this partition owns.
+    pub enforcement: FastMap<Uuid, Offender>,
+    /// Event-time timers: blocks to lift at their `until`.
+    pub timers: BTreeSet<(i64, Uuid)>,
+    /// Learned schedules by (requester, target).
+    pub schedules: SchedulesSnapshot,
+    /// Identity requests read but not answered yet.
+    pub held_requests: Vec<HeldRequest>,
+}
+
+impl PartitionState {
+    /// The state as a checkpoint holds it.
+    pub fn snapshot(&self) -> PartitionSnapshot {
+        PartitionSnapshot {
+            next_offset: self.next_offset,
+            max_event_ms: self.max_event_ms,
+            emitted: self.emitted.clone(),
+            sink_positions: self.sink_positions.clone(),
+            throttles: self.throttles.snapshot(),
+            enforcement: self.enforcement.clone(),
+            timers: self.timers.clone(),
+            schedules: SchedulesSnapshot::of(&self.schedules),
+            held_requests: self.held_requests.clone(),
+        }
+    }
+}
+
+impl From<PartitionSnapshot> for PartitionState {
+    fn from(s: PartitionSnapshot) -> Self {
+        Self {
+            next_offset: s.next_offset,
+            max_event_ms: s.max_event_ms,
+            emitted: s.emitted,
+            sink_positions: s.sink_positions,
+            throttles: ThrottleState::from(&s.throttles),
+            enforcement: s.enforcement,
+            timers: s.timers,
+            schedules: s.schedules.to_map(),
+            held_requests: s.held_requests,
+        }
+    }
 }
 
 /// One version of a registry entry: from when, and the record (`None`: tombstone).
@@ -89,7 +153,7 @@ impl Engine {
         for state in self.partitions.values_mut() {
             state.sink_positions.clone_from(&self.sink_positions);
         }
-        let mut partitions: Vec<(PartitionId, PartitionState)> = self.partitions.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut partitions: Vec<(PartitionId, PartitionSnapshot)> = self.partitions.iter().map(|(k, v)| (*k, v.snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let registry = self
             .registry
@@ -116,7 +180,7 @@ impl Engine {
     pub fn restore(&mut self, cp: Checkpoint) -> Result<()> {
         self.partitions.clear();
         for (id, state) in cp.partitions {
-            self.partitions.insert(id, state);
+            self.partitions.insert(id, state.into());
         }
         self.rebuild_enforcement_view();
         self.restore_global(cp.global)
@@ -164,7 +228,7 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     /// Reads only the global part of the latest checkpoint (what a worker restores at start).
     fn load_global(&self) -> Result<Option<GlobalSnapshot>>;
     /// Reads one partition's latest state (for a partition this worker just took over).
-    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>>;
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionSnapshot>>;
 }
 
 /// Checkpoints in a local directory (the default; a directory every worker can read keeps state
@@ -244,7 +308,7 @@ impl CheckpointStore for LocalCheckpointStore {
             let Some(id) = parse_partition_file(&path) else {
                 continue;
             };
-            if let Some(state) = self.read::<PartitionState>(&path)? {
+            if let Some(state) = self.read::<PartitionSnapshot>(&path)? {
                 partitions.push((id, state));
             }
         }
@@ -256,7 +320,7 @@ impl CheckpointStore for LocalCheckpointStore {
         self.read(&self.dir.join("global.ckpt"))
     }
 
-    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>> {
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionSnapshot>> {
         self.read(&self.partition_file(id))
     }
 }
