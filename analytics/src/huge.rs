@@ -11,6 +11,10 @@
 use bytemuck::Pod;
 use memmap2::{Advice, MmapMut};
 
+// A `HugeVec` is written as its values' bytes as they are in memory, which checkpoints document as
+// little-endian.
+const _: () = assert!(cfg!(target_endian = "little"), "checkpoints write plain values as little-endian bytes");
+
 /// Sizes from which an array is mapped (and rounded up to, so that the kernel can use whole huge
 /// pages).
 const HUGE: usize = 2 << 20;
@@ -123,14 +127,6 @@ impl<T: Pod> HugeVec<T> {
         }
     }
 
-    /// Appends `x`.
-    #[inline]
-    pub(crate) fn push(&mut self, x: T) {
-        self.reserve(1);
-        self.array[self.len] = x;
-        self.len += 1;
-    }
-
     /// Appends `xs`.
     #[inline]
     pub(crate) fn extend_from_slice(&mut self, xs: &[T]) {
@@ -178,5 +174,36 @@ impl<T: Pod + Eq> Eq for HugeVec<T> {}
 impl<T: Pod> std::fmt::Debug for HugeVec<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "HugeVec({} values)", self.len)
+    }
+}
+
+/// Written as one byte string: the values' bytes, little-endian, one after the other (a single
+/// copy, whatever the number of values).
+impl<T: Pod> serde::Serialize for HugeVec<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytemuck::cast_slice(self))
+    }
+}
+
+impl<'de, T: Pod> serde::Deserialize<'de> for HugeVec<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: Pod> serde::de::Visitor<'_> for V<T> {
+            type Value = HugeVec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a byte string of {}-byte values", size_of::<T>())
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<HugeVec<T>, E> {
+                if !bytes.len().is_multiple_of(size_of::<T>()) {
+                    return Err(E::custom(format!("{} bytes are not a whole number of {}-byte values", bytes.len(), size_of::<T>())));
+                }
+                let n = bytes.len() / size_of::<T>();
+                let mut v = HugeVec::with_capacity(n);
+                bytemuck::cast_slice_mut::<T, u8>(&mut v.spare_mut()[..n]).copy_from_slice(bytes);
+                v.commit(n);
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V(std::marker::PhantomData))
     }
 }

@@ -290,30 +290,18 @@ impl SchedulesSnapshot {
     }
 }
 
-/// Written as a sequence of (key, schedule), the bytes of the hash map checkpoints held before.
+/// Written as the rows' bytes, little-endian, one after the other: requester (16 bytes), target
+/// (16), then the schedule's fields in order (first attempt ms i64, attempts u32, 24 hourly and 7
+/// daily counts u32), 168 bytes a schedule.
 impl Serialize for SchedulesSnapshot {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
+        self.rows.serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for SchedulesSnapshot {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = SchedulesSnapshot;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a sequence of learned schedules")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SchedulesSnapshot, A::Error> {
-                let mut rows = HugeVec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-                while let Some(((requester, target), schedule)) = seq.next_element::<((Uuid, Uuid), Schedule)>()? {
-                    rows.push(ScheduleRow { key: [*requester.as_bytes(), *target.as_bytes()], schedule });
-                }
-                Ok(SchedulesSnapshot { rows })
-            }
-        }
-        d.deserialize_seq(V)
+        HugeVec::deserialize(d).map(|rows| Self { rows })
     }
 }
 

@@ -31,8 +31,14 @@ use crate::tables::{FastMap, TableSnapshot};
 use crate::throttle::{ThrottleSnapshot, ThrottleState};
 use crate::timing::SchedulesSnapshot;
 
-/// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT08";
+/// Leading bytes of every checkpoint file: format name and version. Version 09: a partition's
+/// throttle windows and schedules are written as little-endian byte strings of plain values (see
+/// [`crate::throttle::WindowsSnapshot`], [`crate::timing::SchedulesSnapshot`]), no longer field
+/// by field.
+const MAGIC: &[u8; 8] = b"MGCKPT09";
+
+/// The part of [`MAGIC`] every version shares.
+const MAGIC_NAME: &[u8; 6] = b"MGCKPT";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -257,15 +263,17 @@ impl LocalCheckpointStore {
 
     fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<()> {
         let io = |source| Error::CheckpointIo { path: path.display().to_string(), source };
-        let mut bytes = MAGIC.to_vec();
-        bytes = postcard::to_extend(value, bytes)
-            .map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
         // A temporary name of this process's own: workers sharing the directory write the same
         // files (`global.ckpt`, a partition's file around a rebalance), and a shared temporary name
         // would let one worker rename away the other's half-written file.
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        // Encoded straight into the file through a buffer: the large byte strings of a partition's
+        // snapshot go from its memory to the kernel, never through a copy of the whole file.
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+        out.write_all(MAGIC).map_err(io)?;
+        let out =
+            postcard::to_io(value, out).map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
+        let f = out.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, path).map_err(io)?;
         if let Some(parent) = path.parent() {
@@ -283,7 +291,18 @@ impl LocalCheckpointStore {
             }
         };
         let bad = |reason: String| Error::CheckpointFormat { name: path.display().to_string(), reason };
-        let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| bad("not a meshguard checkpoint (bad magic)".into()))?;
+        let body = match bytes.strip_prefix(MAGIC.as_slice()) {
+            Some(body) => body,
+            None if bytes.starts_with(MAGIC_NAME) => {
+                let found = String::from_utf8_lossy(&bytes[MAGIC_NAME.len()..bytes.len().min(MAGIC.len())]);
+                let want = String::from_utf8_lossy(&MAGIC[MAGIC_NAME.len()..]);
+                return Err(bad(format!(
+                    "a meshguard checkpoint of format version {found}, this meshguard reads version {want} only \
+                     (written by another release: restore it with that release, or move the checkpoint directory away to start with empty state)"
+                )));
+            }
+            None => return Err(bad("not a meshguard checkpoint (bad magic)".into())),
+        };
         postcard::from_bytes(body).map(Some).map_err(|e| bad(e.to_string()))
     }
 }

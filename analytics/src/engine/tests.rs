@@ -255,6 +255,11 @@ fn corrupt_checkpoints_are_refused_with_the_file_named() {
     std::fs::write(dir.path().join("global.ckpt"), b"garbage").unwrap();
     let err = store.load().unwrap_err().to_string();
     assert!(err.contains("global.ckpt") && err.contains("bad magic"), "{err}");
+    // A checkpoint of another format version is refused as such, not misread.
+    let id = (InputTopic::Messages, 0);
+    std::fs::write(dir.path().join("partitions/messages-0.ckpt"), b"MGCKPT08\x00\x00").unwrap();
+    let err = store.load_partition(&id).unwrap_err().to_string();
+    assert!(err.contains("messages-0.ckpt") && err.contains("format version 08") && err.contains("reads version 09"), "{err}");
 }
 
 // ---- throttles --------------------------------------------------------------------------------

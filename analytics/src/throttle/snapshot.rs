@@ -4,13 +4,19 @@
 //! windows' attempts in one buffer. Taking one is two sequential copies on the pipeline's thread
 //! (the checkpoint's pause); restoring one rebuilds the table as inserting the windows one by one
 //! would.
+//!
+//! **On disk** the two buffers are written as they are in memory, two byte strings (postcard: a
+//! varint length, then the bytes), little-endian: the heads ([`Head`]'s fields in order: requester
+//! 16 bytes, target 16, rule variant u16 and profile number u16, episode u8, 3 zero bytes, base
+//! i64, window ms u32, attempts kept u32), then every window's attempts, `[ms after base u32,
+//! fingerprint u32]`, window after window. Writing them is two copies, not a million fields
+//! encoded one by one; reading them checks every head and every window's order.
 
 use bytemuck::{Pod, Zeroable};
-use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::table::PackedKey;
-use super::{AsTuples, INLINE, Window, WindowIn, WindowKey, WindowOut};
+use super::{INLINE, Window, WindowKey};
 use crate::huge::HugeVec;
 
 /// One window of a snapshot, without its attempts.
@@ -72,27 +78,6 @@ impl WindowsSnapshot {
         self.heads.is_empty()
     }
 
-    /// Appends a window read from a checkpoint, refusing attempts out of order.
-    fn push_read(&mut self, key: &WindowKey, w: WindowIn) -> Result<(), &'static str> {
-        if !w.seen.is_sorted_by_key(|(o, _)| *o) {
-            return Err("a throttle window's attempts are out of order");
-        }
-        let kept = u32::try_from(w.seen.len()).map_err(|_| "more than 2^32 attempts in one throttle window")?;
-        self.heads.push(Head {
-            key: PackedKey::pack(key),
-            in_episode: u8::from(w.in_episode),
-            _pad: [0; 3],
-            base: w.base,
-            per_ms: w.per_ms,
-            kept,
-        });
-        self.attempts.reserve(w.seen.len());
-        for &(o, f) in &w.seen {
-            self.attempts.push([o, f]);
-        }
-        Ok(())
-    }
-
     /// Every window's head and attempts, in order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&Head, &[[u32; 2]])> {
         let mut at = 0usize;
@@ -121,34 +106,39 @@ impl Head {
     }
 }
 
-/// Written as a map of key to window, the format of checkpoints since windows were a hash map.
+/// Written as its two buffers' bytes (see the module docs).
 impl Serialize for WindowsSnapshot {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(
-            self.iter().map(|(h, seen)| {
-                (h.key(), WindowOut { base: h.base, seen: AsTuples(seen), per_ms: h.per_ms, in_episode: h.in_episode != 0 })
-            }),
-        )
+        (&self.heads, &self.attempts).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for WindowsSnapshot {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = WindowsSnapshot;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of throttle windows")
+        let (heads, attempts) = Deserialize::deserialize(d)?;
+        let s = WindowsSnapshot { heads, attempts };
+        s.check().map_err(serde::de::Error::custom)?;
+        Ok(s)
+    }
+}
+
+impl WindowsSnapshot {
+    /// Checks what a snapshot read back must hold: heads as [`WindowsSnapshot::fill`] writes them
+    /// (a known rule, an episode flag, zero padding), as many attempts as the heads keep, and
+    /// every window's attempts in order.
+    fn check(&self) -> Result<(), String> {
+        let kept: u64 = self.heads.iter().map(|h| u64::from(h.kept)).sum();
+        if kept != self.attempts.len() as u64 {
+            return Err(format!("the throttle windows keep {kept} attempts, the checkpoint holds {}", self.attempts.len()));
+        }
+        for (i, (h, seen)) in self.iter().enumerate() {
+            if PackedKey::pack(&h.key()) != h.key || h.in_episode > 1 || h._pad != [0; 3] {
+                return Err(format!("throttle window {i}: not a window's key and state"));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<WindowsSnapshot, A::Error> {
-                let windows = m.size_hint().unwrap_or(0).min(1 << 20);
-                let mut s = WindowsSnapshot::with_capacity(windows, windows * 4);
-                while let Some((k, v)) = m.next_entry::<WindowKey, WindowIn>()? {
-                    s.push_read(&k, v).map_err(serde::de::Error::custom)?;
-                }
-                Ok(s)
+            if !seen.is_sorted_by_key(|[o, _]| *o) {
+                return Err(format!("throttle window {i}: its attempts are out of order"));
             }
         }
-        d.deserialize_map(V)
+        Ok(())
     }
 }
