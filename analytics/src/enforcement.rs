@@ -204,7 +204,7 @@ impl Status {
 }
 
 /// One offender's counted attempts and status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offender {
     /// Times of counted units (attempts with a rule finding, throttle findings), oldest first,
     /// within the long window.

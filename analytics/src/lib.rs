@@ -32,6 +32,7 @@ pub mod crosscheck;
 pub mod enforcement;
 pub mod engine;
 mod error;
+mod huge;
 pub mod jobs;
 pub mod policy;
 pub mod sql;
@@ -40,6 +41,6 @@ pub mod throttle;
 pub mod timing;
 pub mod timing_model;
 
-pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore};
+pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore, PartitionSnapshot};
 pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};
 pub use error::{Error, Result};

@@ -31,8 +31,9 @@ use uuid::Uuid;
 
 use crate::tables::FastMap;
 
-mod huge;
+mod snapshot;
 mod table;
+pub use snapshot::WindowsSnapshot;
 use table::PackedKey;
 pub use table::Windows;
 
@@ -383,58 +384,6 @@ impl WindowRef<'_> {
     }
 }
 
-/// A window as checkpoints hold it (the same fields, and bytes, as when a window was a plain
-/// struct with a `Vec` of attempts).
-#[derive(Serialize)]
-struct WindowOut<'a> {
-    base: i64,
-    seen: AsTuples<'a>,
-    per_ms: u32,
-    in_episode: bool,
-}
-
-/// Attempts as the sequence of `(offset, fingerprint)` pairs checkpoints hold.
-struct AsTuples<'a>(&'a [[u32; 2]]);
-
-impl Serialize for AsTuples<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|&[o, f]| (o, f)))
-    }
-}
-
-impl Serialize for WindowRef<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let w = self.window;
-        WindowOut { base: w.base, seen: AsTuples(w.seen(self.spills)), per_ms: w.per_ms, in_episode: w.in_episode != 0 }.serialize(s)
-    }
-}
-
-#[derive(Deserialize)]
-struct WindowIn {
-    base: i64,
-    seen: Vec<(u32, u32)>,
-    per_ms: u32,
-    in_episode: bool,
-}
-
-impl WindowIn {
-    fn into_window(self, spills: &mut Spills) -> Result<Window, &'static str> {
-        if !self.seen.is_sorted_by_key(|(o, _)| *o) {
-            return Err("a throttle window's attempts are out of order");
-        }
-        let mut w = Window { base: self.base, per_ms: self.per_ms, in_episode: u8::from(self.in_episode), ..Window::default() };
-        if self.seen.len() <= INLINE {
-            for (slot, &(o, f)) in w.buf.iter_mut().zip(&self.seen) {
-                *slot = [o, f];
-            }
-            w.len = self.seen.len() as u8;
-        } else {
-            w.spill = spills.add(self.seen.iter().map(|&(o, f)| [o, f]).collect());
-        }
-        Ok(w)
-    }
-}
-
 /// What counting one attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -482,17 +431,48 @@ pub struct Outcome {
 /// of attempt `i + LOOKAHEAD` and the home slot of attempt `i + 2 × LOOKAHEAD`.
 const LOOKAHEAD: usize = 16;
 
-/// The throttle state of one partition.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The throttle state of one partition. Written and read as its [`ThrottleSnapshot`].
+#[derive(Debug, Clone, Default)]
 pub struct ThrottleState {
     /// Windows by requester, target (nil when the limit is not per pair) and rule.
-    #[serde(with = "windows_as_map")]
     pub windows: Windows,
     /// Requesters whose limits are tightened, until when (event time).
     pub tightened: FastMap<Uuid, i64>,
 }
 
+/// The throttle state of one partition as a checkpoint holds it (see [`WindowsSnapshot`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleSnapshot {
+    /// The windows.
+    pub windows: WindowsSnapshot,
+    /// Requesters whose limits are tightened, until when (event time).
+    pub tightened: FastMap<Uuid, i64>,
+}
+
+impl From<&ThrottleSnapshot> for ThrottleState {
+    fn from(s: &ThrottleSnapshot) -> Self {
+        Self { windows: Windows::from_snapshot(&s.windows), tightened: s.tightened.clone() }
+    }
+}
+
+impl Serialize for ThrottleState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.snapshot().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ThrottleState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        ThrottleSnapshot::deserialize(d).map(|s| Self::from(&s))
+    }
+}
+
 impl ThrottleState {
+    /// The state as a checkpoint holds it: a copy of what the windows use, not of the table.
+    pub fn snapshot(&self) -> ThrottleSnapshot {
+        ThrottleSnapshot { windows: self.windows.snapshot(), tightened: self.tightened.clone() }
+    }
+
     /// Bytes of memory the state holds: the windows' slots and entries (every allocated one), the
     /// buffers of windows too large to be held inline, and the tightenings' hash table (allocator
     /// overhead aside).
@@ -582,36 +562,6 @@ fn prefetch_entry(e: &table::Entry) {
     let buf = &e.window.buf;
     prefetch(bytemuck::bytes_of(buf));
     prefetch(bytemuck::bytes_of(&buf[INLINE / 2]));
-}
-
-/// Checkpoints hold the windows as a map of key to window, as when they were a hash map.
-mod windows_as_map {
-    use serde::de::{MapAccess, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    use super::{WindowIn, WindowKey, Windows};
-
-    pub(super) fn serialize<S: Serializer>(w: &Windows, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(w.iter())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Windows, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Windows;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of throttle windows")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Windows, A::Error> {
-                let mut w = Windows::default();
-                while let Some((k, v)) = m.next_entry::<WindowKey, WindowIn>()? {
-                    w.restore(&k, v).map_err(serde::de::Error::custom)?;
-                }
-                Ok(w)
-            }
-        }
-        d.deserialize_map(V)
-    }
 }
 
 #[cfg(test)]
@@ -883,8 +833,37 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_keep_the_format_of_a_map_of_windows() {
-        // The state as it was serialized when windows were a hash map of structs with a `Vec`.
+    fn checkpoints_hold_windows_as_little_endian_byte_strings_and_refuse_the_map_format() {
+        let mut state = ThrottleState::default();
+        let k = (Uuid::from_u128(1), Uuid::from_u128(2), Rule::Profile(3));
+        let at = state.windows.find_or_insert(&k, state.windows.hash(&k));
+        let (w, spills) = state.windows.window_mut(at);
+        w.count(spills, 5_000, 7, 1, 1000, 0);
+        w.count(spills, 5_010, 8, 1, 1000, 0);
+        state.tightened.insert(Uuid::from_u128(1), 99_000);
+        let bytes = postcard::to_stdvec(&state).expect("serializes");
+        // The heads: one byte string of one 56-byte head.
+        let mut head = vec![56u8];
+        head.extend_from_slice(Uuid::from_u128(1).as_bytes());
+        head.extend_from_slice(Uuid::from_u128(2).as_bytes());
+        head.extend_from_slice(&[4, 0, 3, 0, 1, 0, 0, 0]);
+        head.extend_from_slice(&5_000i64.to_le_bytes());
+        head.extend_from_slice(&1_000u32.to_le_bytes());
+        head.extend_from_slice(&2u32.to_le_bytes());
+        // The attempts: one byte string of two `[offset, fingerprint]`.
+        let mut attempts = vec![16u8];
+        for x in [0u32, 7, 10, 8] {
+            attempts.extend_from_slice(&x.to_le_bytes());
+        }
+        // The tightenings: a map of one (postcard: a length, a 16-byte UUID, a zigzag varint).
+        let mut tightened = vec![1u8, 16];
+        tightened.extend_from_slice(Uuid::from_u128(1).as_bytes());
+        tightened.extend_from_slice(&[0xf0, 0x8a, 0x0c]);
+        assert_eq!(bytes, [head, attempts, tightened].concat());
+        let back: ThrottleState = postcard::from_bytes(&bytes).expect("deserializes");
+        assert_eq!(back.snapshot(), state.snapshot());
+
+        // The map of windows checkpoints held before (format 08) is refused, not misread.
         #[derive(Serialize)]
         struct OldWindow {
             base: i64,
@@ -892,36 +871,20 @@ mod tests {
             per_ms: u32,
             in_episode: bool,
         }
-        #[derive(Serialize)]
-        struct OldState {
-            windows: FastMap<WindowKey, OldWindow>,
-            tightened: FastMap<Uuid, i64>,
-        }
-        let k = |i: u128, rule| (Uuid::from_u128(i), Uuid::nil(), rule);
-        let mut old = OldState { windows: FastMap::default(), tightened: FastMap::default() };
-        old.windows.insert(k(1, Rule::Requester), OldWindow { base: 5_000, seen: vec![(0, 7), (10, 8)], per_ms: 1000, in_episode: true });
-        let many: Vec<(u32, u32)> = (0..40).map(|i| (i * 5, i)).collect();
-        old.windows.insert(k(2, Rule::Profile(3)), OldWindow { base: 9_000, seen: many.clone(), per_ms: 60_000, in_episode: false });
-        old.tightened.insert(Uuid::from_u128(1), 99_000);
-        let bytes = postcard::to_stdvec(&old).expect("serializes");
-        let state: ThrottleState = postcard::from_bytes(&bytes).expect("the new state reads the old bytes");
-        assert_eq!(state.windows.len(), 2);
-        assert_eq!(state.windows.get(&k(1, Rule::Requester)).and_then(|w| w.newest()), Some(5_010));
-        assert_eq!(state.windows.get(&k(2, Rule::Profile(3))).map(|w| w.kept()), Some(40));
-        assert_eq!(state.tightened.get(&Uuid::from_u128(1)), Some(&99_000));
-        // And writes them back the same (a map's order aside: one window per map here).
-        for (key, w) in
-            [(k(1, Rule::Requester), &old.windows[&k(1, Rule::Requester)]), (k(2, Rule::Profile(3)), &old.windows[&k(2, Rule::Profile(3))])]
-        {
-            let windows =
-                postcard::from_bytes(&postcard::to_stdvec(&state).expect("serializes")).map(|s: ThrottleState| s.windows).expect("reads");
-            let mut one = ThrottleState { windows, ..ThrottleState::default() };
-            one.windows.retain(|k, _| *k == key);
-            let mut single = FastMap::default();
-            single.insert(key, w);
-            let old_one = postcard::to_stdvec(&(&single, &FastMap::<Uuid, i64>::default())).expect("serializes");
-            assert_eq!(postcard::to_stdvec(&one).expect("serializes"), old_one);
-        }
+        let mut old: FastMap<WindowKey, OldWindow> = FastMap::default();
+        old.insert(k, OldWindow { base: 5_000, seen: vec![(0, 7), (10, 8)], per_ms: 1000, in_episode: true });
+        let old = postcard::to_stdvec(&(&old, &state.tightened)).expect("serializes");
+        assert!(postcard::from_bytes::<ThrottleState>(&old).is_err());
+        // Nor is a head that no snapshot writes, or a count of attempts the buffer does not hold.
+        let mut bad = bytes.clone();
+        bad[1 + 36] = 2;
+        assert!(postcard::from_bytes::<ThrottleState>(&bad).is_err(), "an episode flag of 2");
+        let mut bad = bytes.clone();
+        bad[1 + 52] = 3;
+        assert!(postcard::from_bytes::<ThrottleState>(&bad).is_err(), "three attempts kept, two held");
+        let mut bad = bytes;
+        bad[58..62].copy_from_slice(&20u32.to_le_bytes());
+        assert!(postcard::from_bytes::<ThrottleState>(&bad).is_err(), "attempts out of order");
     }
 
     #[test]

@@ -21,8 +21,13 @@
 //! This is the streaming half of issue 4's design; the Parquet archive, the Polars features and
 //! the linfa models that let sparse pairs borrow strength from similar schedules are not built yet.
 
+use bytemuck::{Pod, Zeroable};
 use chrono::{DateTime, Datelike, Timelike};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::huge::HugeVec;
+use crate::tables::FastMap;
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,8 +134,10 @@ impl TimingConfig {
     }
 }
 
-/// The history of one key: attempts per UTC hour and weekday.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The history of one key: attempts per UTC hour and weekday. Plain integers (`Pod`): checkpoints
+/// copy half a million of them at once (see [`SchedulesSnapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Pod, Zeroable)]
+#[repr(C)]
 pub struct Schedule {
     first_ms: i64,
     total: u32,
@@ -230,6 +237,71 @@ impl Schedule {
         self.total = self.total.saturating_add(1);
         self.hours[h as usize] += 1;
         self.days[d as usize] += 1;
+    }
+}
+
+/// A schedule and its key (requester, target), as checkpoints hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+struct ScheduleRow {
+    key: [[u8; 16]; 2],
+    schedule: Schedule,
+}
+
+/// A partition's learned schedules as a checkpoint holds them: the keys and schedules in one array
+/// (a copy of the hash table's entries without its buckets), in the table's order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulesSnapshot {
+    rows: HugeVec<ScheduleRow>,
+}
+
+impl SchedulesSnapshot {
+    /// A copy of `schedules`.
+    pub fn of(schedules: &FastMap<(Uuid, Uuid), Schedule>) -> Self {
+        let mut rows = HugeVec::with_capacity(schedules.len());
+        let spare = rows.spare_mut();
+        for (row, ((requester, target), schedule)) in spare.iter_mut().zip(schedules) {
+            *row = ScheduleRow { key: [*requester.as_bytes(), *target.as_bytes()], schedule: *schedule };
+        }
+        rows.commit(schedules.len());
+        Self { rows }
+    }
+
+    /// Schedules held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no schedule is held.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Every key and its schedule.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = ((Uuid, Uuid), &Schedule)> {
+        self.rows.iter().map(|r| ((Uuid::from_bytes(r.key[0]), Uuid::from_bytes(r.key[1])), &r.schedule))
+    }
+
+    /// The schedules as the engine holds them.
+    pub fn to_map(&self) -> FastMap<(Uuid, Uuid), Schedule> {
+        let mut map = FastMap::with_capacity_and_hasher(self.len(), Default::default());
+        map.extend(self.iter().map(|(k, s)| (k, *s)));
+        map
+    }
+}
+
+/// Written as the rows' bytes, little-endian, one after the other: requester (16 bytes), target
+/// (16), then the schedule's fields in order (first attempt ms i64, attempts u32, 24 hourly and 7
+/// daily counts u32), 168 bytes a schedule.
+impl Serialize for SchedulesSnapshot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.rows.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SchedulesSnapshot {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HugeVec::deserialize(d).map(|rows| Self { rows })
     }
 }
 

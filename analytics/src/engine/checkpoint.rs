@@ -11,6 +11,7 @@
 //! fsynced, renamed over the old one and the directory fsynced, so a file is always either the old
 //! or the new checkpoint, never half of one.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,20 +23,89 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{Engine, PartitionId, PartitionState, Position};
+use crate::crosscheck::HeldRequest;
+use crate::enforcement::Offender;
 use crate::error::{Error, Result};
 use crate::policy::Location;
-use crate::tables::TableSnapshot;
+use crate::tables::{FastMap, TableSnapshot};
+use crate::throttle::{ThrottleSnapshot, ThrottleState};
+use crate::timing::SchedulesSnapshot;
 
-/// Leading bytes of every checkpoint file: format name and version.
-const MAGIC: &[u8; 8] = b"MGCKPT08";
+/// Leading bytes of every checkpoint file: format name and version. Version 09: a partition's
+/// throttle windows and schedules are written as little-endian byte strings of plain values (see
+/// [`crate::throttle::WindowsSnapshot`], [`crate::timing::SchedulesSnapshot`]), no longer field
+/// by field.
+const MAGIC: &[u8; 8] = b"MGCKPT09";
+
+/// The part of [`MAGIC`] every version shares.
+const MAGIC_NAME: &[u8; 6] = b"MGCKPT";
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Keyed state and next offset of every owned partition.
-    pub partitions: Vec<(PartitionId, PartitionState)>,
+    pub partitions: Vec<(PartitionId, PartitionSnapshot)>,
     /// Global tables and their positions.
     pub global: GlobalSnapshot,
+}
+
+/// The state of one input partition as a checkpoint holds it: what [`PartitionState`] holds,
+/// copied without the structures that only serve lookups (the throttle table's index and unused
+/// entries, hash tables' empty buckets), so that taking it pauses the pipeline for as short a time
+/// as the state's size allows. The fields are [`PartitionState`]'s, in its order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionSnapshot {
+    /// Next offset to consume.
+    pub next_offset: i64,
+    /// Highest event time seen.
+    pub max_event_ms: i64,
+    /// Finding ids emitted, with their event time, within the dedup horizon.
+    pub emitted: FastMap<Uuid, i64>,
+    /// Where the caller's sinks ended at this checkpoint (see [`PartitionState::sink_positions`]).
+    pub sink_positions: Vec<(String, i32, i64)>,
+    /// Throttle windows and tightenings.
+    pub throttles: ThrottleSnapshot,
+    /// Counted unauthorized attempts and status of the offenders this partition owns.
+    pub enforcement: FastMap<Uuid, Offender>,
+    /// Event-time timers: blocks to lift at their `until`.
+    pub timers: BTreeSet<(i64, Uuid)>,
+    /// Learned schedules by (requester, target).
+    pub schedules: SchedulesSnapshot,
+    /// Identity requests read but not answered yet.
+    pub held_requests: Vec<HeldRequest>,
+}
+
+impl PartitionState {
+    /// The state as a checkpoint holds it.
+    pub fn snapshot(&self) -> PartitionSnapshot {
+        PartitionSnapshot {
+            next_offset: self.next_offset,
+            max_event_ms: self.max_event_ms,
+            emitted: self.emitted.clone(),
+            sink_positions: self.sink_positions.clone(),
+            throttles: self.throttles.snapshot(),
+            enforcement: self.enforcement.clone(),
+            timers: self.timers.clone(),
+            schedules: SchedulesSnapshot::of(&self.schedules),
+            held_requests: self.held_requests.clone(),
+        }
+    }
+}
+
+impl From<PartitionSnapshot> for PartitionState {
+    fn from(s: PartitionSnapshot) -> Self {
+        Self {
+            next_offset: s.next_offset,
+            max_event_ms: s.max_event_ms,
+            emitted: s.emitted,
+            sink_positions: s.sink_positions,
+            throttles: ThrottleState::from(&s.throttles),
+            enforcement: s.enforcement,
+            timers: s.timers,
+            schedules: s.schedules.to_map(),
+            held_requests: s.held_requests,
+        }
+    }
 }
 
 /// One version of a registry entry: from when, and the record (`None`: tombstone).
@@ -89,7 +159,7 @@ impl Engine {
         for state in self.partitions.values_mut() {
             state.sink_positions.clone_from(&self.sink_positions);
         }
-        let mut partitions: Vec<(PartitionId, PartitionState)> = self.partitions.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut partitions: Vec<(PartitionId, PartitionSnapshot)> = self.partitions.iter().map(|(k, v)| (*k, v.snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let registry = self
             .registry
@@ -116,7 +186,7 @@ impl Engine {
     pub fn restore(&mut self, cp: Checkpoint) -> Result<()> {
         self.partitions.clear();
         for (id, state) in cp.partitions {
-            self.partitions.insert(id, state);
+            self.partitions.insert(id, state.into());
         }
         self.rebuild_enforcement_view();
         self.restore_global(cp.global)
@@ -164,7 +234,7 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     /// Reads only the global part of the latest checkpoint (what a worker restores at start).
     fn load_global(&self) -> Result<Option<GlobalSnapshot>>;
     /// Reads one partition's latest state (for a partition this worker just took over).
-    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>>;
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionSnapshot>>;
 }
 
 /// Checkpoints in a local directory (the default; a directory every worker can read keeps state
@@ -193,15 +263,17 @@ impl LocalCheckpointStore {
 
     fn write_atomic(&self, path: &Path, value: &impl Serialize) -> Result<()> {
         let io = |source| Error::CheckpointIo { path: path.display().to_string(), source };
-        let mut bytes = MAGIC.to_vec();
-        bytes = postcard::to_extend(value, bytes)
-            .map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
         // A temporary name of this process's own: workers sharing the directory write the same
         // files (`global.ckpt`, a partition's file around a rebalance), and a shared temporary name
         // would let one worker rename away the other's half-written file.
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        // Encoded straight into the file through a buffer: the large byte strings of a partition's
+        // snapshot go from its memory to the kernel, never through a copy of the whole file.
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+        out.write_all(MAGIC).map_err(io)?;
+        let out =
+            postcard::to_io(value, out).map_err(|e| Error::CheckpointFormat { name: path.display().to_string(), reason: e.to_string() })?;
+        let f = out.into_inner().map_err(|e| io(e.into_error()))?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, path).map_err(io)?;
         if let Some(parent) = path.parent() {
@@ -219,7 +291,18 @@ impl LocalCheckpointStore {
             }
         };
         let bad = |reason: String| Error::CheckpointFormat { name: path.display().to_string(), reason };
-        let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| bad("not a meshguard checkpoint (bad magic)".into()))?;
+        let body = match bytes.strip_prefix(MAGIC.as_slice()) {
+            Some(body) => body,
+            None if bytes.starts_with(MAGIC_NAME) => {
+                let found = String::from_utf8_lossy(&bytes[MAGIC_NAME.len()..bytes.len().min(MAGIC.len())]);
+                let want = String::from_utf8_lossy(&MAGIC[MAGIC_NAME.len()..]);
+                return Err(bad(format!(
+                    "a meshguard checkpoint of format version {found}, this meshguard reads version {want} only \
+                     (written by another release: restore it with that release, or move the checkpoint directory away to start with empty state)"
+                )));
+            }
+            None => return Err(bad("not a meshguard checkpoint (bad magic)".into())),
+        };
         postcard::from_bytes(body).map(Some).map_err(|e| bad(e.to_string()))
     }
 }
@@ -244,7 +327,7 @@ impl CheckpointStore for LocalCheckpointStore {
             let Some(id) = parse_partition_file(&path) else {
                 continue;
             };
-            if let Some(state) = self.read::<PartitionState>(&path)? {
+            if let Some(state) = self.read::<PartitionSnapshot>(&path)? {
                 partitions.push((id, state));
             }
         }
@@ -256,7 +339,7 @@ impl CheckpointStore for LocalCheckpointStore {
         self.read(&self.dir.join("global.ckpt"))
     }
 
-    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionState>> {
+    fn load_partition(&self, id: &PartitionId) -> Result<Option<PartitionSnapshot>> {
         self.read(&self.partition_file(id))
     }
 }

@@ -35,6 +35,7 @@ use meshguard_schemas::{FindingKind, InputTopic};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use self::checkpoint::PartitionSnapshot;
 use crate::crosscheck::{CrossCheckConfig, InteractionStore};
 use crate::enforcement::{EnforcementConfig, Offender, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
@@ -146,8 +147,8 @@ pub struct EngineStats {
     pub enforcement_changes: u64,
 }
 
-/// State of one input partition.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// State of one input partition. Checkpoints hold it as a [`PartitionSnapshot`].
+#[derive(Debug, Clone, Default)]
 pub struct PartitionState {
     /// Next offset to consume.
     pub next_offset: i64,
@@ -475,8 +476,8 @@ impl Engine {
     }
 
     /// Installs restored state for a partition.
-    pub fn restore_partition(&mut self, id: PartitionId, state: PartitionState) {
-        self.partitions.insert(id, state);
+    pub fn restore_partition(&mut self, id: PartitionId, state: PartitionSnapshot) {
+        self.partitions.insert(id, state.into());
         self.rebuild_enforcement_view();
     }
 

@@ -139,6 +139,57 @@ fn checkpoint_restore_resumes_state_and_offsets() {
     assert_eq!(kinds(&found), vec![(FindingKind::BadCredentials, A.to_owned())]);
 }
 
+/// A partition written to a checkpoint and read back (whole, or alone as a worker taking it over
+/// reads it) holds exactly what it held: windows, tightenings, emitted ids, offenders, timers,
+/// schedules (their order aside: a hash table keeps none) and offsets.
+#[test]
+fn a_restored_partition_holds_exactly_the_checkpointed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    let cfg = EngineConfig {
+        throttles: crate::throttle::ThrottleConfig {
+            tightening: crate::throttle::Tightening { enabled: true, ..Default::default() },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut e = Engine::new(cfg.clone());
+    // A floods (throttle findings, tightening) and sends without credentials (enforcement).
+    let records: Vec<String> = (0..60)
+        .map(|i| {
+            attempt(i + 1, T0 + i64::from(i) * 10, if i % 2 == 0 { A } else { STRANGER }, if i % 4 == 0 { "missing" } else { "valid" })
+        })
+        .collect();
+    let mut mb = batch(vec![registered(A, T0 - 1_000), registered(B, T0 - 1_000)], &records);
+    mb.positions = vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 60 }];
+    assert!(!e.process(&mb, T0).is_empty());
+    let cp = e.checkpoint();
+    store.save(&cp).unwrap();
+
+    // Schedules compared as maps, the rest as it is.
+    let sorted = |mut s: PartitionSnapshot| {
+        let schedules: std::collections::BTreeMap<_, _> = s.schedules.iter().map(|(k, s)| (k, *s)).collect();
+        s.schedules = Default::default();
+        (s, schedules)
+    };
+    let id = (InputTopic::Messages, 0);
+    let want = sorted(cp.partitions[0].1.clone());
+    assert!(want.0.throttles.windows.len() >= 2 && !want.0.throttles.tightened.is_empty());
+    assert!(!want.0.emitted.is_empty() && !want.0.enforcement.is_empty() && want.1.len() >= 2);
+    let mut restored = Engine::new(cfg.clone());
+    restored.restore(store.load().unwrap().unwrap()).unwrap();
+    assert_eq!(sorted(restored.partition(&id).unwrap().snapshot()), want);
+    let mut taken_over = Engine::new(cfg);
+    taken_over.restore_partition(id, store.load_partition(&id).unwrap().unwrap());
+    assert_eq!(sorted(taken_over.partition(&id).unwrap().snapshot()), want);
+    // And they judge the next attempts as the original does.
+    let next = batch(vec![], &(100..130).map(|i| attempt(i, T0 + 1_000 + i64::from(i), A, "valid")).collect::<Vec<_>>());
+    let found = kinds(&e.process(&next, T0));
+    assert!(!found.is_empty());
+    assert_eq!(kinds(&restored.process(&next, T0)), found);
+    assert_eq!(kinds(&taken_over.process(&next, T0)), found);
+}
+
 /// The policy directory is rebuilt from the checkpoint's registry versions: a listed target with
 /// a profile, its older open version and a tombstone judge the same attempts the same way after a
 /// restore.
@@ -204,6 +255,11 @@ fn corrupt_checkpoints_are_refused_with_the_file_named() {
     std::fs::write(dir.path().join("global.ckpt"), b"garbage").unwrap();
     let err = store.load().unwrap_err().to_string();
     assert!(err.contains("global.ckpt") && err.contains("bad magic"), "{err}");
+    // A checkpoint of another format version is refused as such, not misread.
+    let id = (InputTopic::Messages, 0);
+    std::fs::write(dir.path().join("partitions/messages-0.ckpt"), b"MGCKPT08\x00\x00").unwrap();
+    let err = store.load_partition(&id).unwrap_err().to_string();
+    assert!(err.contains("messages-0.ckpt") && err.contains("format version 08") && err.contains("reads version 09"), "{err}");
 }
 
 // ---- throttles --------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ use bytemuck::{Pod, Zeroable};
 use hashbrown::DefaultHashBuilder;
 use uuid::Uuid;
 
-use super::huge::HugeArray;
-use super::{Rule, Spills, Window, WindowIn, WindowKey, WindowRef};
+use super::snapshot::WindowsSnapshot;
+use super::{INLINE, Rule, Spills, Window, WindowKey, WindowRef};
+use crate::huge::HugeArray;
 
 /// Entries per slab chunk: 6 MiB, three huge pages. A chunk is allocated whole (but the first,
 /// which grows as a `Vec` would, so that a small table stays small), so the slab never moves
@@ -236,14 +237,38 @@ impl Windows {
         i
     }
 
-    /// Adds a window read from a checkpoint.
-    pub(super) fn restore(&mut self, key: &WindowKey, w: WindowIn) -> Result<(), &'static str> {
-        let i = self.find_or_insert(key, self.hash(key));
-        let window = w.into_window(&mut self.spills)?;
-        let (old, spills) = self.window_mut(i);
-        spills.release(old.spill);
-        *old = window;
-        Ok(())
+    /// The windows as a checkpoint holds them: the used entries' keys, windows and attempts, not
+    /// the slots nor the chunks' unused entries.
+    pub fn snapshot(&self) -> WindowsSnapshot {
+        // Room for every attempt the windows can keep: the pages past those they do keep are
+        // never touched.
+        let spilled: usize = self.spills.bufs.iter().map(Vec::len).sum();
+        let mut s = WindowsSnapshot::with_capacity(self.len, self.len * INLINE + spilled);
+        let used = self.chunks.iter().scan(self.len, |left, chunk| {
+            let n = (*left).min(chunk.len());
+            *left -= n;
+            Some(&chunk[..n])
+        });
+        s.fill(used.flatten().map(|e| (e.key, &e.window, e.window.seen(&self.spills))));
+        s
+    }
+
+    /// The table a snapshot was taken of (the same windows, counting the same; a window's attempts
+    /// are inline whenever they fit).
+    pub fn from_snapshot(s: &WindowsSnapshot) -> Self {
+        let mut t = Windows::default();
+        for (head, seen) in s.iter() {
+            let key = head.key();
+            let i = t.find_or_insert(&key, t.hash(&key));
+            let mut window = head.window(seen);
+            if seen.len() > INLINE {
+                window.spill = t.spills.add(seen.to_vec());
+            }
+            let (old, spills) = t.window_mut(i);
+            spills.release(old.spill);
+            *old = window;
+        }
+        t
     }
 
     /// Puts a slot value in the first empty slot of its probe sequence.
@@ -486,6 +511,60 @@ mod tests {
             }
         }
         assert!(most_spilled >= 2, "windows spilled: at most {most_spilled} at once");
+    }
+
+    /// A checkpoint's snapshot holds the used entries only, and the table rebuilt from it (or from
+    /// its bytes) holds the same windows in the same order and counts as the original does: a table
+    /// grown past one chunk, with spilled windows, open episodes and removals behind it.
+    #[test]
+    fn a_snapshot_restores_the_same_windows_past_one_chunk_and_with_spills() {
+        let mut t = Windows::default();
+        let n = CHUNK as u32 + 10_000;
+        for i in 0..n {
+            // Six attempts in a window of five: an open episode, for one key in three.
+            for k in 0..1 + 5 * u32::from(i % 3 == 0) {
+                count(&mut t, &key(i), i64::from(i) + i64::from(k));
+            }
+        }
+        let mut spilled = 0;
+        for i in (0..n).step_by(997) {
+            let at = t.find_or_insert(&key(i), t.hash(&key(i)));
+            let (w, spills) = t.window_mut(at);
+            for a in 0..30 {
+                w.count(spills, 100_000 + a, a as u32, 40, 1000, 0);
+            }
+            spilled += 1;
+        }
+        t.retain(|k, _| index(k) % 11 != 5);
+        assert!(t.chunks.len() > 1, "past one chunk");
+        assert!(t.iter().filter(|(_, w)| w.window.spill != 0).count() > 20, "spilled windows");
+        check(&t);
+
+        let s = t.snapshot();
+        assert_eq!(s.len(), t.len());
+        assert_eq!(s.attempts.len(), t.iter().map(|(_, w)| w.kept()).sum::<usize>(), "attempts, not inline room");
+        let read: WindowsSnapshot = postcard::from_bytes(&postcard::to_stdvec(&s).expect("serializes")).expect("deserializes");
+        assert_eq!(read, s, "a snapshot's bytes read back as the same snapshot");
+        let mut back = Windows::from_snapshot(&read);
+        check(&back);
+        assert_eq!((back.len(), back.chunks.len()), (t.len(), t.chunks.len()));
+        assert_eq!(back.snapshot(), s, "the same windows in the same entries");
+        for (k, w) in t.iter() {
+            let b = back.get(&k).expect("restored");
+            assert_eq!(b.window.seen(&back.spills), w.window.seen(&t.spills));
+            assert_eq!((b.window.base, b.window.per_ms, b.window.in_episode), (w.window.base, w.window.per_ms, w.window.in_episode));
+        }
+        // Both go on counting alike, spilled windows among them.
+        let counted = |table: &mut Windows, i: u32| {
+            let at = table.find_or_insert(&key(i), table.hash(&key(i)));
+            let (w, spills) = table.window_mut(at);
+            w.count(spills, 100_020 + i64::from(i % 5), i, if i.is_multiple_of(997) { 40 } else { 5 }, 1000, 0)
+        };
+        for i in (0..n).step_by(7) {
+            assert_eq!(counted(&mut back, i), counted(&mut t, i), "key {i}");
+        }
+        assert_eq!(back.snapshot(), t.snapshot(), "counted alike after the restore");
+        assert!(spilled > 30);
     }
 
     #[test]

@@ -1,0 +1,209 @@
+//! Zeroed arrays of plain values whose large instances live in anonymous mappings advised for
+//! transparent huge pages (`madvise(MADV_HUGEPAGE)`): the throttle windows' slots and entries are
+//! read at random, one 4 KiB page per lookup, and a page walk per lookup costs as much as the cache
+//! miss. With 2 MiB pages the whole table's translations fit the TLB. Where the kernel gives no huge
+//! pages (THP off), the advice changes nothing but the pages' size.
+//!
+//! Checkpoints' snapshots ([`HugeVec`]) use the same memory for another reason: a snapshot fills
+//! hundreds of megabytes at once, and in 4 KiB pages the page faults (a fault, a zeroed page and a
+//! memory-cgroup charge per 4 KiB) cost more than the copy that fills them.
+
+use bytemuck::Pod;
+use memmap2::{Advice, MmapMut};
+
+// A `HugeVec` is written as its values' bytes as they are in memory, which checkpoints document as
+// little-endian.
+const _: () = assert!(cfg!(target_endian = "little"), "checkpoints write plain values as little-endian bytes");
+
+/// Sizes from which an array is mapped (and rounded up to, so that the kernel can use whole huge
+/// pages).
+const HUGE: usize = 2 << 20;
+
+/// A fixed-length zeroed array of `T`.
+pub(crate) struct HugeArray<T> {
+    inner: Inner<T>,
+}
+
+enum Inner<T> {
+    Heap(Vec<T>),
+    Mapped { map: MmapMut, len: usize },
+}
+
+impl<T: Pod> HugeArray<T> {
+    /// `len` zeroed values.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let bytes = len * size_of::<T>();
+        if bytes < HUGE {
+            return Self { inner: Inner::Heap(vec![T::zeroed(); len]) };
+        }
+        let map = MmapMut::map_anon(bytes.next_multiple_of(HUGE)).expect("memory for throttle windows");
+        // Advice only: without huge pages the array works the same.
+        let _ = map.advise(Advice::HugePage);
+        Self { inner: Inner::Mapped { map, len } }
+    }
+
+    /// Whether the array lives in a mapping of its own.
+    #[cfg(test)]
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.inner, Inner::Mapped { .. })
+    }
+
+    /// Bytes of memory held (a mapping counts whole).
+    pub(crate) fn bytes(&self) -> usize {
+        match &self.inner {
+            Inner::Heap(v) => v.capacity() * size_of::<T>(),
+            Inner::Mapped { map, .. } => map.len(),
+        }
+    }
+}
+
+impl<T: Pod> std::ops::Deref for HugeArray<T> {
+    type Target = [T];
+    #[inline]
+    fn deref(&self) -> &[T] {
+        match &self.inner {
+            Inner::Heap(v) => v,
+            Inner::Mapped { map, len } => bytemuck::cast_slice(&map[..*len * size_of::<T>()]),
+        }
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for HugeArray<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.inner {
+            Inner::Heap(v) => v,
+            Inner::Mapped { map, len } => bytemuck::cast_slice_mut(&mut map[..*len * size_of::<T>()]),
+        }
+    }
+}
+
+impl<T: Pod> Clone for HugeArray<T> {
+    fn clone(&self) -> Self {
+        let mut copy = Self::zeroed(self.len());
+        copy.copy_from_slice(self);
+        copy
+    }
+}
+
+impl<T: Pod> Default for HugeArray<T> {
+    fn default() -> Self {
+        Self { inner: Inner::Heap(Vec::new()) }
+    }
+}
+
+impl<T> std::fmt::Debug for HugeArray<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HugeArray")
+    }
+}
+
+/// A growable array of `T` in the memory of a [`HugeArray`]: pages are touched only as far as it is
+/// filled, so a capacity well above what is used costs address space, not memory.
+pub(crate) struct HugeVec<T> {
+    array: HugeArray<T>,
+    len: usize,
+}
+
+impl<T: Pod> Default for HugeVec<T> {
+    fn default() -> Self {
+        Self { array: HugeArray::default(), len: 0 }
+    }
+}
+
+impl<T: Pod> HugeVec<T> {
+    /// An empty array with room for `n` values.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self { array: HugeArray::zeroed(n), len: 0 }
+    }
+
+    /// Room for `more` values past the used ones, growing (as a `Vec` would) if needed.
+    #[inline]
+    pub(crate) fn reserve(&mut self, more: usize) {
+        if self.len + more > self.array.len() {
+            let mut bigger = HugeArray::zeroed((self.len + more).max(self.array.len() * 2).max(16));
+            bigger[..self.len].copy_from_slice(&self.array[..self.len]);
+            self.array = bigger;
+        }
+    }
+
+    /// Appends `xs`.
+    #[inline]
+    pub(crate) fn extend_from_slice(&mut self, xs: &[T]) {
+        self.reserve(xs.len());
+        self.array[self.len..self.len + xs.len()].copy_from_slice(xs);
+        self.len += xs.len();
+    }
+
+    /// The zeroed room past the used values, to fill and then [`commit`](Self::commit).
+    pub(crate) fn spare_mut(&mut self) -> &mut [T] {
+        &mut self.array[self.len..]
+    }
+
+    /// Counts the first `n` values of the room as used.
+    pub(crate) fn commit(&mut self, n: usize) {
+        assert!(self.len + n <= self.array.len(), "committed past the capacity");
+        self.len += n;
+    }
+}
+
+impl<T: Pod> std::ops::Deref for HugeVec<T> {
+    type Target = [T];
+    #[inline]
+    fn deref(&self) -> &[T] {
+        &self.array[..self.len]
+    }
+}
+
+impl<T: Pod> Clone for HugeVec<T> {
+    fn clone(&self) -> Self {
+        let mut copy = Self::with_capacity(self.len);
+        copy.extend_from_slice(self);
+        copy
+    }
+}
+
+impl<T: Pod + PartialEq> PartialEq for HugeVec<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Pod + Eq> Eq for HugeVec<T> {}
+
+impl<T: Pod> std::fmt::Debug for HugeVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HugeVec({} values)", self.len)
+    }
+}
+
+/// Written as one byte string: the values' bytes, little-endian, one after the other (a single
+/// copy, whatever the number of values).
+impl<T: Pod> serde::Serialize for HugeVec<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytemuck::cast_slice(self))
+    }
+}
+
+impl<'de, T: Pod> serde::Deserialize<'de> for HugeVec<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: Pod> serde::de::Visitor<'_> for V<T> {
+            type Value = HugeVec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "a byte string of {}-byte values", size_of::<T>())
+            }
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<HugeVec<T>, E> {
+                if !bytes.len().is_multiple_of(size_of::<T>()) {
+                    return Err(E::custom(format!("{} bytes are not a whole number of {}-byte values", bytes.len(), size_of::<T>())));
+                }
+                let n = bytes.len() / size_of::<T>();
+                let mut v = HugeVec::with_capacity(n);
+                bytemuck::cast_slice_mut::<T, u8>(&mut v.spare_mut()[..n]).copy_from_slice(bytes);
+                v.commit(n);
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V(std::marker::PhantomData))
+    }
+}
