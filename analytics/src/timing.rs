@@ -21,8 +21,14 @@
 //! This is the streaming half of issue 4's design; the Parquet archive, the Polars features and
 //! the linfa models that let sparse pairs borrow strength from similar schedules are not built yet.
 
+use std::hash::BuildHasher;
+
+use bytemuck::{Pod, Zeroable};
 use chrono::{DateTime, Datelike, Timelike};
+use hashbrown::{DefaultHashBuilder, HashTable};
+use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,12 +136,161 @@ impl TimingConfig {
 }
 
 /// The history of one key: attempts per UTC hour and weekday.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, Pod, Zeroable)]
+#[repr(C)]
 pub struct Schedule {
     first_ms: i64,
     total: u32,
     hours: [u32; 24],
     days: [u32; 7],
+}
+
+/// The schedules of a partition, by (requester, target); the requester's own under the nil target.
+///
+/// A hash table of `(key, schedule)` rather than a map, so that the engine's timing stage hashes
+/// each key once and looks the keys of a batch up a few rows ahead of the row it judges
+/// ([`Schedules::candidate`], [`Schedules::prefetch`]), overlapping their cache misses, as the
+/// throttle's windows do. Serialized as the map it replaces (key → schedule), so checkpoints keep
+/// their form.
+#[derive(Clone, Default)]
+pub struct Schedules {
+    table: HashTable<Slot>,
+    /// hashbrown's default hasher (foldhash), seeded per process like every map of the engine.
+    hasher: DefaultHashBuilder,
+}
+
+/// A schedule's key: (requester, target), the target nil for the requester's own.
+pub type ScheduleKey = (Uuid, Uuid);
+
+/// A bucket of [`Schedules`]: plain bytes, so that its cache lines can be asked for together.
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Slot {
+    schedule: Schedule,
+    /// The requester's and the target's bytes.
+    key: [[u8; 16]; 2],
+}
+
+impl Slot {
+    #[inline]
+    fn holds(&self, key: &ScheduleKey) -> bool {
+        self.key == [*key.0.as_bytes(), *key.1.as_bytes()]
+    }
+
+    fn key(&self) -> ScheduleKey {
+        (Uuid::from_bytes(self.key[0]), Uuid::from_bytes(self.key[1]))
+    }
+}
+
+impl Schedules {
+    /// The schedule of `key`, if any.
+    pub fn get(&self, key: &ScheduleKey) -> Option<&Schedule> {
+        self.table.find(self.hash(key), |s| s.holds(key)).map(|s| &s.schedule)
+    }
+
+    /// Number of schedules.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Every key with its schedule, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (ScheduleKey, &Schedule)> {
+        self.table.iter().map(|s| (s.key(), &s.schedule))
+    }
+
+    /// The hash of `key` in this table.
+    #[inline]
+    pub fn hash(&self, key: &ScheduleKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The bucket of the first schedule whose hash tag matches `hash`, without comparing keys
+    /// (reads the control bytes only): almost always `key`'s own, to be checked on use.
+    #[inline]
+    pub(crate) fn candidate(&self, hash: u64) -> Option<usize> {
+        self.table.iter_hash_buckets(hash).next()
+    }
+
+    /// Asks for the cache lines of bucket `index` (its key and every count), without waiting.
+    #[inline]
+    pub(crate) fn prefetch(&self, index: usize) {
+        if let Some(slot) = self.table.get_bucket(index) {
+            // `prefetch_l2` asks for a slice's first and last bytes: bytes 0, 64, 128 and the
+            // last, no two more than a line apart, so every line of the slot.
+            let bytes = bytemuck::bytes_of(slot);
+            prefetch_l2(&bytes[..65.min(bytes.len())]);
+            prefetch_l2(&bytes[128.min(bytes.len())..]);
+        }
+    }
+
+    /// The schedule of `key` (`hash` its hash), created empty if there is none; `true` when it was
+    /// just created. `candidate` is a bucket from [`Schedules::candidate`], possibly stale (the
+    /// table may have grown since): it is used only when it holds `key`.
+    #[inline]
+    pub(crate) fn entry(&mut self, key: &ScheduleKey, hash: u64, candidate: Option<usize>) -> (&mut Schedule, bool) {
+        let Self { table, hasher } = self;
+        let table = match candidate {
+            Some(c) => match table.get_bucket_entry(c) {
+                Ok(e) if e.get().holds(key) => return (&mut e.into_mut().schedule, false),
+                Ok(e) => e.into_table(),
+                Err(absent) => absent.into_table(),
+            },
+            None => table,
+        };
+        match table.entry(hash, |s| s.holds(key), |s| hasher.hash_one(s.key())) {
+            hashbrown::hash_table::Entry::Occupied(e) => (&mut e.into_mut().schedule, false),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                let slot = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
+                (&mut e.insert(slot).into_mut().schedule, true)
+            }
+        }
+    }
+
+    /// The schedule of `key`, created empty if there is none.
+    pub fn get_or_default(&mut self, key: &ScheduleKey) -> &mut Schedule {
+        let hash = self.hash(key);
+        self.entry(key, hash, None).0
+    }
+}
+
+impl std::fmt::Debug for Schedules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Schedules {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Schedules {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Schedules;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of (requester, target) to schedule")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Schedules, A::Error> {
+                let mut out = Schedules::default();
+                // As the map it replaces: a repeated key keeps its last schedule.
+                while let Some((key, schedule)) = map.next_entry::<ScheduleKey, Schedule>()? {
+                    *out.get_or_default(&key) = schedule;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Why an attempt is anomalous.

@@ -138,6 +138,9 @@ fn bench(c: &mut Criterion) {
             feed.maybe_prune(&mut engine);
         }
         let seconds = cpu_ns as f64 / 1e9;
+        let schedules: usize =
+            (0..PARTITIONS).filter_map(|p| engine.partition(&(InputTopic::Messages, p))).map(|s| s.schedules.len()).sum();
+        eprintln!("engine: {schedules} timing schedules after {records} records");
         eprintln!(
             "engine: {n_attempts} attempts in {records} records, {findings} findings: {:.0} k attempts per CPU-second of this thread \
              ({:.2} µs per attempt)",
