@@ -390,6 +390,8 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     /// 2026-11-23 is a Monday.
@@ -421,6 +423,22 @@ mod tests {
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
         assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    #[test]
+    fn schedules_are_serialized_as_the_map_they_replace() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut schedules = Schedules::default();
+        schedules.get_or_default(&(a, b)).add(MONDAY);
+        schedules.get_or_default(&(a, Uuid::nil())).add(MONDAY + DAY);
+        let as_map: hashbrown::HashMap<ScheduleKey, Schedule> = schedules.iter().map(|(k, s)| (k, *s)).collect();
+        let bytes = postcard::to_allocvec(&schedules).unwrap();
+        let back: hashbrown::HashMap<ScheduleKey, Schedule> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(postcard::to_allocvec(&back[&(a, b)]).unwrap(), postcard::to_allocvec(&as_map[&(a, b)]).unwrap());
+        let again: Schedules = postcard::from_bytes(&postcard::to_allocvec(&as_map).unwrap()).unwrap();
+        assert_eq!((again.len(), again.get(&(a, Uuid::nil())).map(Schedule::attempts)), (2, Some(1)));
+        assert!(again.get(&(b, a)).is_none());
     }
 
     #[test]
