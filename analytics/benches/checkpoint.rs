@@ -87,7 +87,7 @@ fn engine(size: Size) -> Engine {
             for _ in 0..rng.random_range(5..60) {
                 s.add(NOW - rng.random_range(0..28 * 86_400_000));
             }
-            state.schedules.insert((from, target), s);
+            *state.schedules.get_or_default(&(from, target)) = s;
         }
     }
     for i in 0..size.emitted {

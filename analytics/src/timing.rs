@@ -21,13 +21,16 @@
 //! This is the streaming half of issue 4's design; the Parquet archive, the Polars features and
 //! the linfa models that let sparse pairs borrow strength from similar schedules are not built yet.
 
+use std::hash::BuildHasher;
+
 use bytemuck::{Pod, Zeroable};
 use chrono::{DateTime, Datelike, Timelike};
+use hashbrown::{DefaultHashBuilder, HashTable};
+use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::huge::HugeVec;
-use crate::tables::FastMap;
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,8 +137,9 @@ impl TimingConfig {
     }
 }
 
-/// The history of one key: attempts per UTC hour and weekday. Plain integers (`Pod`): checkpoints
-/// copy half a million of them at once (see [`SchedulesSnapshot`]).
+/// The history of one key: attempts per UTC hour and weekday. Plain integers (`Pod`): the timing
+/// stage prefetches their cache lines ([`Schedules`]), and checkpoints copy half a million of them
+/// at once (see [`SchedulesSnapshot`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Pod, Zeroable)]
 #[repr(C)]
 pub struct Schedule {
@@ -143,6 +147,159 @@ pub struct Schedule {
     total: u32,
     hours: [u32; 24],
     days: [u32; 7],
+}
+
+/// The schedules of a partition, by (requester, target); the requester's own under the nil target.
+///
+/// A hash table of `(key, schedule)` rather than a map, so that the engine's timing stage hashes
+/// each key once and looks the keys of a batch up a few rows ahead of the row it judges
+/// ([`Schedules::candidate`], [`Schedules::prefetch`]), overlapping their cache misses, as the
+/// throttle's windows do. Serialized as the map it replaces (key → schedule), so checkpoints keep
+/// their form.
+#[derive(Clone, Default)]
+pub struct Schedules {
+    table: HashTable<Slot>,
+    /// hashbrown's default hasher (foldhash), seeded per process like every map of the engine.
+    hasher: DefaultHashBuilder,
+}
+
+/// A schedule's key: (requester, target), the target nil for the requester's own.
+pub type ScheduleKey = (Uuid, Uuid);
+
+/// A bucket of [`Schedules`]: plain bytes, so that its cache lines can be asked for together.
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Slot {
+    schedule: Schedule,
+    /// The requester's and the target's bytes.
+    key: [[u8; 16]; 2],
+}
+
+impl Slot {
+    #[inline]
+    fn holds(&self, key: &ScheduleKey) -> bool {
+        self.key == [*key.0.as_bytes(), *key.1.as_bytes()]
+    }
+
+    fn key(&self) -> ScheduleKey {
+        (Uuid::from_bytes(self.key[0]), Uuid::from_bytes(self.key[1]))
+    }
+}
+
+impl Schedules {
+    /// An empty table with room for `n` schedules.
+    pub fn with_capacity(n: usize) -> Self {
+        Self { table: HashTable::with_capacity(n), hasher: DefaultHashBuilder::default() }
+    }
+
+    /// The schedule of `key`, if any.
+    pub fn get(&self, key: &ScheduleKey) -> Option<&Schedule> {
+        self.table.find(self.hash(key), |s| s.holds(key)).map(|s| &s.schedule)
+    }
+
+    /// Number of schedules.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Every key with its schedule, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (ScheduleKey, &Schedule)> {
+        self.table.iter().map(|s| (s.key(), &s.schedule))
+    }
+
+    /// The hash of `key` in this table.
+    #[inline]
+    pub fn hash(&self, key: &ScheduleKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The bucket of the first schedule whose hash tag matches `hash`, without comparing keys
+    /// (reads the control bytes only): almost always `key`'s own, to be checked on use.
+    #[inline]
+    pub(crate) fn candidate(&self, hash: u64) -> Option<usize> {
+        self.table.iter_hash_buckets(hash).next()
+    }
+
+    /// Asks for the cache lines of bucket `index` (its key and every count), without waiting.
+    #[inline]
+    pub(crate) fn prefetch(&self, index: usize) {
+        if let Some(slot) = self.table.get_bucket(index) {
+            // `prefetch_l2` asks for a slice's first and last bytes: bytes 0, 64, 128 and the
+            // last, no two more than a line apart, so every line of the slot.
+            let bytes = bytemuck::bytes_of(slot);
+            prefetch_l2(&bytes[..65.min(bytes.len())]);
+            prefetch_l2(&bytes[128.min(bytes.len())..]);
+        }
+    }
+
+    /// The schedule of `key` (`hash` its hash), created empty if there is none; `true` when it was
+    /// just created. `candidate` is a bucket from [`Schedules::candidate`], possibly stale (the
+    /// table may have grown since): it is used only when it holds `key`.
+    #[inline]
+    pub(crate) fn entry(&mut self, key: &ScheduleKey, hash: u64, candidate: Option<usize>) -> (&mut Schedule, bool) {
+        let Self { table, hasher } = self;
+        let table = match candidate {
+            Some(c) => match table.get_bucket_entry(c) {
+                Ok(e) if e.get().holds(key) => return (&mut e.into_mut().schedule, false),
+                Ok(e) => e.into_table(),
+                Err(absent) => absent.into_table(),
+            },
+            None => table,
+        };
+        match table.entry(hash, |s| s.holds(key), |s| hasher.hash_one(s.key())) {
+            hashbrown::hash_table::Entry::Occupied(e) => (&mut e.into_mut().schedule, false),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                let slot = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
+                (&mut e.insert(slot).into_mut().schedule, true)
+            }
+        }
+    }
+
+    /// The schedule of `key`, created empty if there is none.
+    pub fn get_or_default(&mut self, key: &ScheduleKey) -> &mut Schedule {
+        let hash = self.hash(key);
+        self.entry(key, hash, None).0
+    }
+}
+
+impl std::fmt::Debug for Schedules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Schedules {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Schedules {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Schedules;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of (requester, target) to schedule")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Schedules, A::Error> {
+                let mut out = Schedules::default();
+                // As the map it replaces: a repeated key keeps its last schedule.
+                while let Some((key, schedule)) = map.next_entry::<ScheduleKey, Schedule>()? {
+                    *out.get_or_default(&key) = schedule;
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Why an attempt is anomalous.
@@ -257,10 +414,10 @@ pub struct SchedulesSnapshot {
 
 impl SchedulesSnapshot {
     /// A copy of `schedules`.
-    pub fn of(schedules: &FastMap<(Uuid, Uuid), Schedule>) -> Self {
+    pub fn of(schedules: &Schedules) -> Self {
         let mut rows = HugeVec::with_capacity(schedules.len());
         let spare = rows.spare_mut();
-        for (row, ((requester, target), schedule)) in spare.iter_mut().zip(schedules) {
+        for (row, ((requester, target), schedule)) in spare.iter_mut().zip(schedules.iter()) {
             *row = ScheduleRow { key: [*requester.as_bytes(), *target.as_bytes()], schedule: *schedule };
         }
         rows.commit(schedules.len());
@@ -283,10 +440,12 @@ impl SchedulesSnapshot {
     }
 
     /// The schedules as the engine holds them.
-    pub fn to_map(&self) -> FastMap<(Uuid, Uuid), Schedule> {
-        let mut map = FastMap::with_capacity_and_hasher(self.len(), Default::default());
-        map.extend(self.iter().map(|(k, s)| (k, *s)));
-        map
+    pub fn to_schedules(&self) -> Schedules {
+        let mut schedules = Schedules::with_capacity(self.len());
+        for (key, schedule) in self.iter() {
+            *schedules.get_or_default(&key) = *schedule;
+        }
+        schedules
     }
 }
 
@@ -307,6 +466,8 @@ impl<'de> Deserialize<'de> for SchedulesSnapshot {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     /// 2026-11-23 is a Monday.
@@ -338,6 +499,22 @@ mod tests {
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
         assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    #[test]
+    fn schedules_are_serialized_as_the_map_they_replace() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut schedules = Schedules::default();
+        schedules.get_or_default(&(a, b)).add(MONDAY);
+        schedules.get_or_default(&(a, Uuid::nil())).add(MONDAY + DAY);
+        let as_map: hashbrown::HashMap<ScheduleKey, Schedule> = schedules.iter().map(|(k, s)| (k, *s)).collect();
+        let bytes = postcard::to_allocvec(&schedules).unwrap();
+        let back: hashbrown::HashMap<ScheduleKey, Schedule> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(postcard::to_allocvec(&back[&(a, b)]).unwrap(), postcard::to_allocvec(&as_map[&(a, b)]).unwrap());
+        let again: Schedules = postcard::from_bytes(&postcard::to_allocvec(&as_map).unwrap()).unwrap();
+        assert_eq!((again.len(), again.get(&(a, Uuid::nil())).map(Schedule::attempts)), (2, Some(1)));
+        assert!(again.get(&(b, a)).is_none());
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl From<PartitionSnapshot> for PartitionState {
             throttles: ThrottleState::from(&s.throttles),
             enforcement: s.enforcement,
             timers: s.timers,
-            schedules: s.schedules.to_map(),
+            schedules: s.schedules.to_schedules(),
             held_requests: s.held_requests,
         }
     }

@@ -42,7 +42,7 @@ use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location, Registry};
 use crate::tables::{FastMap, VersionedTable};
 use crate::throttle::{ThrottleConfig, ThrottleState};
-use crate::timing::{Schedule, TimingConfig};
+use crate::timing::{Schedules, TimingConfig};
 
 /// Engine settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,7 +167,7 @@ pub struct PartitionState {
     /// Event-time timers: blocks to lift at their `until`.
     pub timers: std::collections::BTreeSet<(i64, Uuid)>,
     /// Learned schedules by (requester, target); the requester's own under the nil target.
-    pub schedules: FastMap<(Uuid, Uuid), Schedule>,
+    pub schedules: Schedules,
     /// Identity requests of this (identity-requests) partition read but not answered yet.
     pub held_requests: Vec<crate::crosscheck::HeldRequest>,
 }
@@ -177,6 +177,20 @@ impl PartitionState {
     pub fn watermark(&self, allowed_lateness_ms: i64) -> i64 {
         self.max_event_ms.saturating_sub(allowed_lateness_ms)
     }
+}
+
+/// Buffers of one batch of message attempts, kept by the engine from batch to batch so that a batch
+/// allocates nothing once they have grown to the batches' size.
+#[derive(Debug, Default)]
+struct RowsScratch {
+    /// Whether each row was older than its partition's watermark.
+    late: Vec<bool>,
+    /// Whether each row was already counted (a re-delivered attempt), from the throttle stage.
+    repeats: Vec<bool>,
+    /// Each row's home partition (its arrival partition when it has no requester).
+    homes: Vec<i32>,
+    /// The highest event time of each partition of the batch, while the rows are walked.
+    marks: Vec<(i32, i64)>,
 }
 
 /// The stream processor. See the module docs.
@@ -214,6 +228,8 @@ pub struct Engine {
     jobs: Vec<Box<dyn Job>>,
     stats: EngineStats,
     scratch: Vec<(u32, Finding)>,
+    /// Per-batch buffers of the messages stages, kept for their capacity.
+    rows_scratch: RowsScratch,
     /// The trained timing model, if one is loaded (see [`crate::timing_model`]); not part of
     /// checkpoints (it lives in the models directory).
     timing_model: crate::timing_model::SharedModel,
@@ -243,6 +259,7 @@ impl Engine {
             jobs: jobs::all(),
             stats: EngineStats::default(),
             scratch: Vec::new(),
+            rows_scratch: RowsScratch::default(),
             timing_model: None,
         }
     }
@@ -350,18 +367,50 @@ impl Engine {
         let n = view.len();
         self.stats.rows[InputTopic::Messages as usize] += n as u64;
 
-        // Watermarks first, with each row's lateness judged against the watermark before it.
+        let mut scratch = std::mem::take(&mut self.rows_scratch);
+        // Watermarks first, with each row's lateness judged against the watermark before it. A
+        // batch holds few partitions: their highest event times are kept aside while the rows
+        // are walked, and written back once.
         let lateness = self.cfg.allowed_lateness_ms;
-        let mut late = vec![false; n];
+        let late = &mut scratch.late;
+        late.clear();
+        late.resize(n, false);
+        let marks = &mut scratch.marks;
+        marks.clear();
+        let mut at = 0;
         for (row, &partition) in rows.partition.iter().enumerate().take(n) {
-            let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
+            if marks.get(at).is_none_or(|(p, _)| *p != partition) {
+                at = match marks.iter().position(|(p, _)| *p == partition) {
+                    Some(i) => i,
+                    None => {
+                        let state = self.partitions.entry((InputTopic::Messages, partition)).or_default();
+                        marks.push((partition, state.max_event_ms));
+                        marks.len() - 1
+                    }
+                };
+            }
+            let max_event_ms = &mut marks[at].1;
             let ts = view.ts.value(row);
-            if ts < state.watermark(lateness) {
+            if ts < max_event_ms.saturating_sub(lateness) {
                 self.stats.late_events += 1;
                 late[row] = true;
             }
-            state.max_event_ms = state.max_event_ms.max(ts);
+            *max_event_ms = (*max_event_ms).max(ts);
         }
+        for &(partition, max_event_ms) in marks.iter() {
+            self.partitions.entry((InputTopic::Messages, partition)).or_default().max_event_ms = max_event_ms;
+        }
+
+        // Each row's home partition (see `Engine::home`), once for every stage.
+        let homes = &mut scratch.homes;
+        homes.clear();
+        homes.extend((0..n).map(|row| {
+            let arrival = rows.partition.get(row).copied().unwrap_or_default();
+            match MessagesView::uuid(view.from, row) {
+                Some(from) => Engine::home(self.messages_partitions, &self.owned_messages, &from, arrival),
+                None => arrival,
+            }
+        }));
 
         // The requesters' latest locations, before any attempt of the batch is judged: a target's
         // location is the latest by event time, whichever partition or batch position it came in.
@@ -377,8 +426,8 @@ impl Engine {
         }
 
         let mut found = std::mem::take(&mut self.scratch);
-        let repeats = self.throttle_rows(&view, rows, &late, now_ms, &mut found);
-        self.timing_rows(&view, rows, &repeats, now_ms, &mut found);
+        self.throttle_rows(&view, &mut scratch, now_ms, &mut found);
+        self.timing_rows(&view, &mut scratch, now_ms, &mut found);
         let ctx = JobContext { registry: &self.registry, presence: &self.presence, locations: &self.locations, now_ms };
         for job in &mut self.jobs {
             job.on_messages(&view, &ctx, &mut found);
@@ -387,6 +436,7 @@ impl Engine {
         found.sort_by_key(|(row, f)| (*row, f.kind.code()));
         self.enforce_rows(&view, rows, now_ms, &mut found, out);
         self.scratch = found;
+        self.rows_scratch = scratch;
     }
 
     /// Records a finding already on the output topic (read back on restore), so that replaying the

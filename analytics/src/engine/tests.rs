@@ -473,6 +473,20 @@ fn a_re_delivered_attempt_joins_the_histories_once() {
 }
 
 #[test]
+fn an_attempt_at_the_nil_target_joins_the_requesters_history_twice() {
+    // The pair's key is then the requester's own: learned as the pair and as the requester.
+    let mut e = Engine::new(EngineConfig::default());
+    let nil = Uuid::nil().to_string();
+    let records: Vec<String> = (0..3)
+        .map(|i| attempt(i + 1, T0 + i64::from(i) * 1_000, A, "valid").replace(&format!(r#""to":"{B}""#), &format!(r#""to":"{nil}""#)))
+        .collect();
+    e.process(&batch(vec![registered(A, T0 - 1_000)], &records), T0);
+    let schedules = &e.partition(&(InputTopic::Messages, 0)).unwrap().schedules;
+    assert_eq!(schedules.len(), 1);
+    assert_eq!(schedules.get(&(Uuid::parse_str(A).unwrap(), Uuid::nil())).unwrap().attempts(), 6);
+}
+
+#[test]
 fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not_held() {
     let decode = |topic: InputTopic, records: &[String], partition: i32| {
         let slices: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();

@@ -10,7 +10,7 @@ use meshguard_schemas::{Action, FindingKind, InputTopic, Severity};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{Engine, MessagesView, RowsBatch};
+use super::{Engine, MessagesView, RowsScratch};
 use crate::throttle::{Attempt, Counted, Limit, Outcome, Rule};
 
 /// The name a finding gives the limit it is about (built only for findings).
@@ -49,9 +49,10 @@ struct Counting<'a> {
 }
 
 impl Engine {
-    /// Counts every on-time row of `view` and appends a `throttle_exceeded` finding for each new
-    /// episode past a limit. Returns, per row, whether the window had already counted that attempt
-    /// (a re-delivery), so later stages count it once too.
+    /// Counts every on-time row of `view` (`scratch.late` says which are late) and appends a
+    /// `throttle_exceeded` finding for each new episode past a limit. Sets `scratch.repeats`, per
+    /// row, to whether the window had already counted that attempt (a re-delivery), so later
+    /// stages count it once too.
     ///
     /// Three passes: the limits of every row, as [`Attempt`]s; the attempts counted, partition by
     /// partition, in row order ([`crate::throttle::ThrottleState::count_batch`], which looks their
@@ -59,13 +60,14 @@ impl Engine {
     pub(super) fn throttle_rows(
         &mut self,
         view: &MessagesView<'_>,
-        rows: &RowsBatch,
-        late: &[bool],
+        scratch: &mut RowsScratch,
         now_ms: i64,
         found: &mut Vec<(u32, Finding)>,
-    ) -> Vec<bool> {
-        let mut repeats = vec![false; view.len()];
-        let Engine { cfg, registry, partitions, stats, messages_partitions, owned_messages, .. } = self;
+    ) {
+        let RowsScratch { late, repeats, homes: row_homes, .. } = scratch;
+        repeats.clear();
+        repeats.resize(view.len(), false);
+        let Engine { cfg, registry, partitions, stats, .. } = self;
         let t = &cfg.throttles;
         let lateness = cfg.allowed_lateness_ms;
         let connect = Action::Connect.code();
@@ -115,8 +117,7 @@ impl Engine {
                 }
             }
 
-            let arrival = rows.partition.get(row).copied().unwrap_or_default();
-            let partition = Engine::home(*messages_partitions, owned_messages, &from, arrival);
+            let partition = row_homes.get(row).copied().unwrap_or_default();
             if homes.last() != Some(&partition) && !homes.contains(&partition) {
                 homes.push(partition);
             }
@@ -204,6 +205,5 @@ impl Engine {
             };
             found.push((c.row, finding));
         }
-        repeats
     }
 }
