@@ -563,19 +563,20 @@ impl Canonical {
         raw: &mut [Option<direct::RawBuilder>],
     ) -> bool {
         let errors = self.bad.errors.len();
-        for (n, &i) in source.iter().enumerate() {
-            if !direct::stage(self.fields, payloads[i as usize], staging) {
-                self.rollback(row0, errors, raw);
-                return false;
-            }
-            self.append_staged(staging, raw, row0 + n, i);
+        let kept = self.append_direct_prefix(payloads, source, row0, staging, raw);
+        if kept == source.len() {
+            return true;
         }
-        for (column, builder) in self.columns.iter_mut().zip(raw.iter_mut()) {
-            if let (Column::Raw(chunks), Some(b)) = (column, builder) {
-                chunks.push(b.finish());
+        if kept > 0 {
+            // The chunk of each raw column that the prefix pushed.
+            for column in &mut self.columns {
+                if let Column::Raw(chunks) = column {
+                    chunks.pop();
+                }
             }
         }
-        true
+        self.rollback(row0, errors, raw);
+        false
     }
 
     /// Reads the records of `source` (rows `row0..` of the batch) with serde_json and converts each
@@ -598,7 +599,7 @@ impl Canonical {
             }
             self.append_staged(staging, raw, row0 + n, i);
         }
-        if kept > 0 {
+        if kept > 0 || kept == source.len() {
             for (column, builder) in self.columns.iter_mut().zip(raw.iter_mut()) {
                 if let (Column::Raw(chunks), Some(b)) = (column, builder) {
                     chunks.push(b.finish());
