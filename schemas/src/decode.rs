@@ -567,15 +567,8 @@ impl Canonical {
         if kept == source.len() {
             return true;
         }
-        if kept > 0 {
-            // The chunk of each raw column that the prefix pushed.
-            for column in &mut self.columns {
-                if let Column::Raw(chunks) = column {
-                    chunks.pop();
-                }
-            }
-        }
-        self.rollback(row0, errors, raw);
+        // The prefix pushed a chunk to each raw column if it kept any record.
+        self.rollback(row0, errors, kept > 0);
         false
     }
 
@@ -609,8 +602,9 @@ impl Canonical {
         kept
     }
 
-    /// Forgets everything of the rows from `row0` on.
-    fn rollback(&mut self, row0: usize, errors: usize, raw: &mut [Option<direct::RawBuilder>]) {
+    /// Forgets everything of the rows from `row0` on: with `raw_chunk_pushed`, the last chunk of each
+    /// raw column, which holds them.
+    fn rollback(&mut self, row0: usize, errors: usize, raw_chunk_pushed: bool) {
         for column in &mut self.columns {
             match column {
                 Column::Uuid { values, nulls } => {
@@ -627,11 +621,12 @@ impl Canonical {
                     nulls.truncate(row0);
                 }
                 Column::Json(text) => text.truncate(row0),
-                Column::Raw(_) => {}
+                Column::Raw(chunks) => {
+                    if raw_chunk_pushed {
+                        chunks.pop();
+                    }
+                }
             }
-        }
-        for builder in raw.iter_mut().flatten() {
-            builder.finish();
         }
         self.bad.errors.truncate(errors);
         if let Some(bad) = self.bad.bad.get_mut(row0..) {
