@@ -34,7 +34,10 @@ use meshguard_analytics::sql::{SqlSources, tables};
 use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
 use meshguard_ingest::archive::{ATTEMPTS, ENFORCEMENT, FINDINGS, INTERACTIONS};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
-use meshguard_ingest::{ArchiveMetrics, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, ParquetArchive, Topics, assemble};
+use meshguard_ingest::{
+    ArchiveMetrics, Assembled, IngestMetrics, KafkaConfig, KafkaSink, KafkaSource, ParquetArchive, Topics, assemble, assemble_only,
+    positions,
+};
 use meshguard_schemas::output::Finding;
 use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTopic, Outcome};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -295,6 +298,23 @@ pub struct Pipeline {
     trainer: Option<crate::train::Trainer>,
 }
 
+/// Decodes the messages topic of `raw` and archives its attempts: the part of a micro-batch's
+/// handling that needs no global table, run while the alignment reads them (see `Pipeline::run`).
+fn decode_attempts(
+    raw: &RawBatch,
+    decoders: &mut [BatchDecoder; 4],
+    archive: &mut Option<Archives>,
+    topics: &Topics,
+    cfg: &Config,
+) -> anyhow::Result<Assembled> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let attempts = assemble_only(raw, decoders, topics, cfg.pipeline.max_record_bytes, now_ms, |t| t == InputTopic::Messages);
+    if let (Some(archive), Some(messages)) = (archive, &attempts.batch.messages) {
+        archive.attempts.append(&messages.batch).context("archiving attempts")?;
+    }
+    Ok(attempts)
+}
+
 /// The archive's tables.
 #[derive(Debug)]
 struct Archives {
@@ -446,7 +466,7 @@ impl Pipeline {
         let mut raw = RawBatch::default();
         pipeline.source.catch_up_globals(&mut raw, Duration::from_secs(120))?;
         let n = raw.len();
-        pipeline.handle(&raw)?;
+        pipeline.handle(&raw, None)?;
         info!(message = "Global tables loaded.", records = n, registered = pipeline.engine.registry_len());
         // A checkpoint before the first finding: it records where the findings topic ended, so a
         // crash before the first periodic checkpoint is still read back, not repeated.
@@ -461,6 +481,7 @@ impl Pipeline {
         let linger = Duration::from_millis(self.cfg.pipeline.batch_linger_ms);
         let interval = Duration::from_millis(self.cfg.pipeline.checkpoint_interval_ms);
         let mut raw = RawBatch::default();
+        let mut extra = RawBatch::default();
         let mut last_checkpoint = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             raw.clear();
@@ -505,14 +526,31 @@ impl Pipeline {
                 } else {
                     &[InputTopic::Registry, InputTopic::Presence]
                 };
-                let started = Instant::now();
-                match self.source.catch_up(needed, &mut raw, GLOBAL_ALIGN_TIMEOUT) {
-                    Ok(read) => tracing::debug!(message = "Global tables aligned.", read, ms = started.elapsed().as_millis() as u64),
-                    Err(e) => warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e),
+                // The wait for the global consumer's fetch overlaps the decoding and archiving of
+                // the attempts, which need no global table.
+                extra.clear();
+                let (source, extra_out) = (&self.source, &mut extra);
+                let (aligned, attempts) = std::thread::scope(|scope| {
+                    let aligning = std::thread::Builder::new()
+                        .name("meshguard-align".into())
+                        .spawn_scoped(scope, move || {
+                            let started = Instant::now();
+                            (source.catch_up(needed, extra_out, GLOBAL_ALIGN_TIMEOUT), started.elapsed())
+                        })
+                        .map_err(anyhow::Error::from);
+                    let attempts = decode_attempts(&raw, &mut self.decoders, &mut self.archive, &self.topics, &self.cfg);
+                    let aligned = aligning.and_then(|h| h.join().map_err(|_| anyhow::anyhow!("the alignment thread panicked")));
+                    (aligned, attempts)
+                });
+                let attempts = attempts?;
+                match aligned? {
+                    (Ok(read), took) => tracing::debug!(message = "Global tables aligned.", read, ms = took.as_millis() as u64),
+                    (Err(e), _) => warn!(message = "Could not read the global tables to their end; judging with what is read.", error = %e),
                 }
-            }
-            if !raw.is_empty() || held {
-                self.handle(&raw)?;
+                raw.append(&extra);
+                self.handle(&raw, Some(attempts))?;
+            } else if !raw.is_empty() || held {
+                self.handle(&raw, None)?;
             }
             // A model trained in the background takes over between micro-batches.
             if let Some(model) = self.trainer.as_ref().and_then(crate::train::Trainer::poll) {
@@ -576,10 +614,25 @@ impl Pipeline {
         }
     }
 
-    fn handle(&mut self, raw: &RawBatch) -> anyhow::Result<()> {
+    /// Decodes, archives and judges one micro-batch. `attempts`: its messages topic, already
+    /// decoded and archived by [`decode_attempts`].
+    fn handle(&mut self, raw: &RawBatch, attempts: Option<Assembled>) -> anyhow::Result<()> {
         let started = Instant::now();
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let assembled = assemble(raw, &mut self.decoders, &self.topics, self.cfg.pipeline.max_record_bytes, now_ms);
+        let max_record_bytes = self.cfg.pipeline.max_record_bytes;
+        let archived = attempts.is_some();
+        let assembled = match attempts {
+            Some(mut attempts) => {
+                let rest = assemble_only(raw, &mut self.decoders, &self.topics, max_record_bytes, now_ms, |t| t != InputTopic::Messages);
+                let messages = attempts.batch.messages.take();
+                attempts.dead_letters.extend(rest.dead_letters);
+                Assembled {
+                    batch: meshguard_analytics::MicroBatch { messages, positions: positions(raw), ..rest.batch },
+                    dead_letters: attempts.dead_letters,
+                }
+            }
+            None => assemble(raw, &mut self.decoders, &self.topics, max_record_bytes, now_ms),
+        };
         for topic in InputTopic::ALL {
             let n = raw.topic(topic).len() as u64;
             if n > 0 {
@@ -598,7 +651,7 @@ impl Pipeline {
 
         // Archived before detection, so an archive failure stops the worker before anything of the
         // batch is published; the rows are durable at the next checkpoint (see the module docs).
-        if let (Some(archive), Some(messages)) = (&mut self.archive, &assembled.batch.messages) {
+        if let (false, Some(archive), Some(messages)) = (archived, &mut self.archive, &assembled.batch.messages) {
             archive.attempts.append(&messages.batch).context("archiving attempts")?;
         }
         // Every worker reads the interactions topic in full, and archives what it reads (the

@@ -24,10 +24,25 @@ pub struct Assembled {
 
 /// Decodes `raw`. `decoders` holds one decoder per keyed input topic (indexed by `InputTopic as usize`).
 pub fn assemble(raw: &RawBatch, decoders: &mut [BatchDecoder; 4], topics: &Topics, max_record_bytes: usize, now_ms: i64) -> Assembled {
+    let mut out = assemble_only(raw, decoders, topics, max_record_bytes, now_ms, |_| true);
+    out.batch.positions = positions(raw);
+    out
+}
+
+/// [`assemble`] for the topics `decode` accepts only, and without the positions ([`positions`]):
+/// the pipeline decodes a batch's attempts while the global tables are being read to their end.
+pub fn assemble_only(
+    raw: &RawBatch,
+    decoders: &mut [BatchDecoder; 4],
+    topics: &Topics,
+    max_record_bytes: usize,
+    now_ms: i64,
+    decode: impl Fn(InputTopic) -> bool,
+) -> Assembled {
     let mut out = Assembled::default();
     for topic in [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests] {
         let buf = raw.topic(topic);
-        if buf.is_empty() {
+        if buf.is_empty() || !decode(topic) {
             continue;
         }
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(buf.len());
@@ -65,25 +80,33 @@ pub fn assemble(raw: &RawBatch, decoders: &mut [BatchDecoder; 4], topics: &Topic
         }
     }
 
-    let reg = raw.topic(InputTopic::Registry);
-    for i in 0..reg.len() {
-        match registry_change(reg, i) {
-            Ok(change) => out.batch.registry.push(change),
-            Err(e) => out.dead_letters.push(dead_letter(topics, InputTopic::Registry, reg, i, &e, max_record_bytes, now_ms)),
-        }
-    }
-
-    for topic in InputTopic::ALL {
-        let buf = raw.topic(topic);
-        for i in 0..buf.len() {
-            let (partition, next_offset) = (buf.partition[i], buf.offset[i] + 1);
-            match out.batch.positions.iter_mut().find(|p| p.topic == topic && p.partition == partition) {
-                Some(p) => p.next_offset = p.next_offset.max(next_offset),
-                None => out.batch.positions.push(Position { topic, partition, next_offset }),
+    if decode(InputTopic::Registry) {
+        let reg = raw.topic(InputTopic::Registry);
+        for i in 0..reg.len() {
+            match registry_change(reg, i) {
+                Ok(change) => out.batch.registry.push(change),
+                Err(e) => out.dead_letters.push(dead_letter(topics, InputTopic::Registry, reg, i, &e, max_record_bytes, now_ms)),
             }
         }
     }
     out
+}
+
+/// How far `raw` reads each partition: the offset after its last record (rejected records
+/// included: a dead-lettered record is consumed).
+pub fn positions(raw: &RawBatch) -> Vec<Position> {
+    let mut positions: Vec<Position> = Vec::new();
+    for topic in InputTopic::ALL {
+        let buf = raw.topic(topic);
+        for i in 0..buf.len() {
+            let (partition, next_offset) = (buf.partition[i], buf.offset[i] + 1);
+            match positions.iter_mut().find(|p| p.topic == topic && p.partition == partition) {
+                Some(p) => p.next_offset = p.next_offset.max(next_offset),
+                None => positions.push(Position { topic, partition, next_offset }),
+            }
+        }
+    }
+    positions
 }
 
 /// A registry record or tombstone. The key is the UUID (the topic is compacted by it); a record
@@ -215,5 +238,43 @@ mod tests {
         let out = run(&raw);
         assert_eq!(out.batch.messages.as_ref().unwrap().partition, vec![0, 0]);
         assert_eq!(out.batch.positions, vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 3 }]);
+    }
+    #[test]
+    fn attempts_decoded_apart_and_globals_appended_later_assemble_like_one_batch() {
+        let record = format!(r#"{{"uuid":"{A}","kind":"device"}}"#);
+        let mut raw = RawBatch::default();
+        let msgs = raw.topic_mut(InputTopic::Messages);
+        msgs.push_parts(Some(b"k"), Some(SEND.as_bytes()), 0, 7, 0);
+        msgs.push_parts(Some(b"k"), Some(b"{nope"), 0, 8, 0);
+        raw.topic_mut(InputTopic::Registry).push_parts(Some(A.as_bytes()), Some(record.as_bytes()), 0, 3, 1_000);
+        // What the alignment reads while the attempts are decoded, in a batch of its own.
+        let mut extra = RawBatch::default();
+        extra.topic_mut(InputTopic::Registry).push_parts(Some(A.as_bytes()), None, 0, 4, 2_000);
+        extra.topic_mut(InputTopic::Registry).push_parts(Some(b"not-a-uuid"), None, 1, 9, 3_000);
+
+        let mut decoders = decoders();
+        let attempts = assemble_only(&raw, &mut decoders, &Topics::default(), 1 << 20, 42, |t| t == InputTopic::Messages);
+        assert!(attempts.batch.registry.is_empty() && attempts.batch.positions.is_empty(), "only the attempts");
+        raw.append(&extra);
+        let rest = assemble_only(&raw, &mut decoders, &Topics::default(), 1 << 20, 42, |t| t != InputTopic::Messages);
+        assert!(rest.batch.messages.is_none());
+
+        let whole = run(&raw);
+        assert_eq!(attempts.batch.messages.as_ref().unwrap().batch, whole.batch.messages.as_ref().unwrap().batch);
+        let changes = |a: &Assembled| a.batch.registry.iter().map(|c| (c.uuid, c.record.is_some(), c.effective_ms)).collect::<Vec<_>>();
+        assert_eq!(changes(&rest), changes(&whole));
+        assert_eq!(changes(&whole).len(), 2, "the appended tombstone, its key's bytes shifted into place: {:?}", changes(&whole));
+        let dead = |a: &[&Assembled]| a.iter().flat_map(|a| a.dead_letters.iter().map(|(k, d)| (k.clone(), d.offset))).collect::<Vec<_>>();
+        assert_eq!(dead(&[&attempts, &rest]), dead(&[&whole]));
+        assert_eq!(dead(&[&whole]), vec![(b"k".to_vec(), 8), (b"not-a-uuid".to_vec(), 9)]);
+        assert_eq!(
+            positions(&raw),
+            vec![
+                Position { topic: InputTopic::Messages, partition: 0, next_offset: 9 },
+                Position { topic: InputTopic::Registry, partition: 0, next_offset: 5 },
+                Position { topic: InputTopic::Registry, partition: 1, next_offset: 10 },
+            ]
+        );
+        assert_eq!(positions(&raw), whole.batch.positions);
     }
 }

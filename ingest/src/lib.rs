@@ -25,10 +25,10 @@ pub mod sink;
 pub mod source;
 
 pub use archive::{ArchiveConfig, ArchiveMetrics, ParquetArchive};
-pub use assemble::{Assembled, assemble};
+pub use assemble::{Assembled, assemble, assemble_only, positions};
 pub use config::{KafkaConfig, Topics};
 pub use embedded::EmbeddedBroker;
 pub use error::{Error, Result};
 pub use metrics::IngestMetrics;
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, RawBatch, RebalanceEvent, TopicReader, read_to_end};
+pub use source::{KafkaSource, RawBatch, RebalanceEvent, TopicReader, ends_client, read_to_end};

@@ -126,6 +126,18 @@ impl TopicBuf {
         self.timestamp_ms.truncate(w);
     }
 
+    /// Appends `other`'s records after this one's.
+    fn append(&mut self, other: &TopicBuf) {
+        let base = self.data.len() as u32;
+        self.data.extend_from_slice(&other.data);
+        let shift = |span: &Option<(u32, u32)>| span.map(|(s, l)| (s + base, l));
+        self.payload.extend(other.payload.iter().map(shift));
+        self.key.extend(other.key.iter().map(shift));
+        self.partition.extend_from_slice(&other.partition);
+        self.offset.extend_from_slice(&other.offset);
+        self.timestamp_ms.extend_from_slice(&other.timestamp_ms);
+    }
+
     fn clear(&mut self) {
         self.data.clear();
         self.payload.clear();
@@ -167,6 +179,13 @@ impl RawBatch {
     /// already fetched from partitions another worker now owns are that worker's to process.
     pub fn retain_partitions(&mut self, topic: InputTopic, keep: impl Fn(i32) -> bool) {
         self.topics[topic as usize].retain_partitions(keep);
+    }
+
+    /// Appends `other`'s records after this batch's, topic by topic.
+    pub fn append(&mut self, other: &RawBatch) {
+        for (mine, theirs) in self.topics.iter_mut().zip(&other.topics) {
+            mine.append(theirs);
+        }
     }
 
     /// Empties the batch, keeping its buffers.
@@ -318,6 +337,8 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaSource {
     group: BaseConsumer<GroupContext>,
     global: BaseConsumer,
+    /// Asks where the global topics end, on a connection of its own (see [`ends_client`]).
+    global_ends: BaseConsumer,
     /// Reads the control topic (manual overrides) in full, from the beginning, outside the group.
     control: TopicReader,
     /// Reads the compacted enforcement topic in full, likewise: other workers' enforcement state.
@@ -333,8 +354,26 @@ pub struct KafkaSource {
 /// position reaches its end. The start of a partition nothing was consumed from yet (the assigned
 /// offset, or for `Beginning` the log start, which compaction and retention move past 0) is looked
 /// up only then, and at most once per call: `fetch_watermarks` costs two requests.
-pub fn read_to_end(consumer: &BaseConsumer, what: &str, timeout: Duration, visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
-    read_topics_to_end(consumer, what, |_| true, timeout, visit)
+///
+/// `ends` sends those requests: a client of its own ([`ends_client`]), not `consumer`.
+pub fn read_to_end(
+    consumer: &BaseConsumer,
+    ends: &BaseConsumer,
+    what: &str,
+    timeout: Duration,
+    visit: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<usize> {
+    read_topics_to_end(consumer, ends, what, |_| true, timeout, visit)
+}
+
+/// A client that only asks where partitions end and start for [`read_to_end`]: never assigned,
+/// never polled. A broker answers the requests of one connection in order, and a consumer that has
+/// read everything has a fetch in flight that the broker holds for up to `fetch.wait.max.ms`,
+/// waiting for data; a `ListOffsets` sent by the consumer itself would queue behind that fetch
+/// (librdkafka has one connection per broker and client). On a connection of its own it costs one
+/// round trip.
+pub fn ends_client(kafka: &KafkaConfig, client: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
+    kafka.client_config_with(&[]).set("group.id", client).set("enable.auto.commit", "false").create()
 }
 
 /// [`read_to_end`] for the assigned partitions of the topics `wanted` accepts only. Records of the
@@ -342,6 +381,7 @@ pub fn read_to_end(consumer: &BaseConsumer, what: &str, timeout: Duration, visit
 /// waits for them.
 fn read_topics_to_end(
     consumer: &BaseConsumer,
+    ends_client: &BaseConsumer,
     what: &str,
     wanted: impl Fn(&str) -> bool,
     timeout: Duration,
@@ -356,7 +396,7 @@ fn read_topics_to_end(
     if query.count() == 0 {
         return Ok(0);
     }
-    let ends = consumer.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {what}")))?;
+    let ends = ends_client.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {what}")))?;
     let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
     for e in ends.elements() {
         let end = e.offset().to_raw().unwrap_or(0);
@@ -389,7 +429,7 @@ fn read_topics_to_end(
             let at = match at {
                 Some(at) => *at,
                 None => {
-                    *start.get_or_insert_with(|| consumer.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0))
+                    *start.get_or_insert_with(|| ends_client.fetch_watermarks(topic, *partition, timeout).map(|(low, _)| low).unwrap_or(0))
                 }
             };
             behind |= at < *end;
@@ -424,6 +464,10 @@ const REFRESH_AFTER: Duration = Duration::from_millis(10);
 /// control and enforcement topics; the enforcer's registry table).
 pub struct TopicReader {
     consumer: BaseConsumer,
+    /// Made by the first [`TopicReader::read_to_end`] (see [`ends_client`]).
+    ends: std::sync::OnceLock<BaseConsumer>,
+    kafka: KafkaConfig,
+    client: String,
     topic: String,
 }
 
@@ -448,7 +492,7 @@ impl TopicReader {
     /// A reader of `topic`; `client` names the client (`group.id`; nothing is committed).
     pub fn new(kafka: &KafkaConfig, topic: &str, client: &str) -> Result<Self> {
         let consumer = reader_consumer(kafka, client).map_err(Error::kafka(format!("creating the reader of {topic}")))?;
-        Ok(Self { consumer, topic: topic.to_owned() })
+        Ok(Self { consumer, ends: std::sync::OnceLock::new(), kafka: kafka.clone(), client: client.to_owned(), topic: topic.to_owned() })
     }
 
     /// Assigns every partition of the topic from its beginning.
@@ -494,7 +538,15 @@ impl TopicReader {
 
     /// Reads the topic up to where it ends now (see [`read_to_end`]), handing every record to `visit`.
     pub fn read_to_end(&self, timeout: Duration, visit: impl FnMut(&BorrowedMessage<'_>)) -> Result<usize> {
-        read_to_end(&self.consumer, &self.topic, timeout, visit)
+        let ends = match self.ends.get() {
+            Some(ends) => ends,
+            None => {
+                let ends = ends_client(&self.kafka, &format!("{}-ends", self.client))
+                    .map_err(Error::kafka(format!("creating the end-offset client of {}", self.topic)))?;
+                self.ends.get_or_init(|| ends)
+            }
+        };
+        read_to_end(&self.consumer, ends, &self.topic, timeout, visit)
     }
 }
 
@@ -531,9 +583,11 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .create()
             .map_err(Error::kafka("creating the global-table consumer"))?;
+        let global_ends = ends_client(kafka, &format!("{}-global-ends", kafka.group_id))
+            .map_err(Error::kafka("creating the global tables' end-offset client"))?;
         let control = TopicReader::new(kafka, &topics.control, &format!("{}-control", kafka.group_id))?;
         let enforcement = TopicReader::new(kafka, &topics.enforcement, &format!("{}-enforcement", kafka.group_id))?;
-        Ok(Self { group, global, control, enforcement, topics, events, lag })
+        Ok(Self { group, global, global_ends, control, enforcement, topics, events, lag })
     }
 
     /// Starts reading the control topic and the enforcement topic from their beginnings: every
@@ -598,7 +652,7 @@ impl KafkaSource {
     pub fn catch_up(&self, topics: &[InputTopic], out: &mut RawBatch, timeout: Duration) -> Result<usize> {
         let names: Vec<&str> = topics.iter().filter(|t| t.is_global()).map(|&t| self.topics.input(t)).collect();
         let what = names.join(", ");
-        read_topics_to_end(&self.global, &what, |topic| names.contains(&topic), timeout, |m| self.push(out, m))
+        read_topics_to_end(&self.global, &self.global_ends, &what, |topic| names.contains(&topic), timeout, |m| self.push(out, m))
     }
 
     fn push(&self, out: &mut RawBatch, m: &BorrowedMessage<'_>) {
