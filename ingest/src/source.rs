@@ -108,8 +108,10 @@ impl TopicBuf {
 
     /// Keeps only the records whose partition `keep` accepts (their bytes stay in the arena).
     fn retain_partitions(&mut self, keep: impl Fn(i32) -> bool) {
-        let mut w = 0;
-        for r in 0..self.partition.len() {
+        // Almost always every record is kept: find the first that is not before moving anything.
+        let Some(first) = self.partition.iter().position(|&p| !keep(p)) else { return };
+        let mut w = first;
+        for r in first + 1..self.partition.len() {
             if keep(self.partition[r]) {
                 self.payload.swap(w, r);
                 self.key.swap(w, r);
@@ -396,7 +398,9 @@ fn read_topics_to_end(
     if query.count() == 0 {
         return Ok(0);
     }
+    let asked = Instant::now();
     let ends = ends_client.offsets_for_times(query, timeout).map_err(Error::kafka(format!("reading the end of {what}")))?;
+    tracing::trace!(message = "End offsets read.", what, us = asked.elapsed().as_micros() as u64);
     let mut targets: Vec<(String, i32, Option<i64>, i64)> = Vec::new();
     for e in ends.elements() {
         let end = e.offset().to_raw().unwrap_or(0);
@@ -435,6 +439,7 @@ fn read_topics_to_end(
             behind |= at < *end;
         }
         if !behind {
+            tracing::trace!(message = "Read to the end.", what, read, us = asked.elapsed().as_micros() as u64);
             return Ok(read);
         }
         if Instant::now() >= deadline {
@@ -769,5 +774,51 @@ mod lag_tests {
     fn statistics_without_topics_mean_no_lag_and_garbage_means_unknown() {
         assert_eq!(lag_of(br#"{"name": "c", "type": "consumer"}"#), Some(0));
         assert_eq!(lag_of(b"not json"), None);
+    }
+}
+
+#[cfg(test)]
+mod buf_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::TopicBuf;
+
+    fn buf(partitions: &[i32]) -> TopicBuf {
+        let mut buf = TopicBuf::default();
+        for (i, &p) in partitions.iter().enumerate() {
+            buf.push_parts(Some(format!("k{i}").as_bytes()), Some(format!("v{i}").as_bytes()), p, i as i64, 0);
+        }
+        buf
+    }
+
+    fn records(buf: &TopicBuf) -> Vec<(i32, i64, Vec<u8>, Vec<u8>)> {
+        (0..buf.len()).map(|i| (buf.partition[i], buf.offset[i], buf.key(i).unwrap().to_vec(), buf.payload(i).unwrap().to_vec())).collect()
+    }
+
+    #[test]
+    fn retaining_partitions_keeps_the_order_and_each_record_whole() {
+        for (partitions, keep, want) in [
+            (vec![0, 1, 0, 2], 0, vec![0, 2]),
+            (vec![1, 0, 0], 0, vec![1, 2]),
+            (vec![0, 0, 0], 0, vec![0, 1, 2]),
+            (vec![1, 2], 0, vec![]),
+            (vec![], 0, vec![]),
+        ] {
+            let all = records(&buf(&partitions));
+            let mut b = buf(&partitions);
+            b.retain_partitions(|p| p == keep);
+            let kept: Vec<_> = want.iter().map(|&i: &usize| all[i].clone()).collect();
+            assert_eq!(records(&b), kept, "{partitions:?}");
+        }
+    }
+
+    #[test]
+    fn appending_shifts_the_spans_into_the_arena() {
+        let mut a = buf(&[3, 4]);
+        let b = buf(&[5]);
+        let want: Vec<_> = records(&a).into_iter().chain(records(&b)).collect();
+        a.append(&b);
+        assert_eq!(records(&a), want);
+        assert_eq!(a.timestamp_ms.len(), 3);
     }
 }
