@@ -282,7 +282,8 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     Ok(out)
 }
 
-/// A thread reading `topic` from `offset_reset` (`latest` or `earliest`) until `stop`, as a
+/// A thread reading every partition of `topic` from `offset_reset` (`latest`: where it ends when
+/// this is called; `earliest`) until `stop`, as a
 /// consumer that fetches eagerly (`fetch.wait.max.ms=5`): for every record `event_ms` picks, the
 /// milliseconds from that event time to the record's arrival here.
 pub(crate) fn latency_reader(
@@ -300,7 +301,21 @@ pub(crate) fn latency_reader(
         .set("fetch.wait.max.ms", "5")
         .create()
         .with_context(|| format!("creating the bench's {name} consumer"))?;
-    consumer.subscribe(&[topic])?;
+    // Assigned, not subscribed: a group's assignment takes a moment, and `latest` would then start
+    // after findings of the phase's first moments. The ends are read now, before any traffic.
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).with_context(|| format!("reading the partitions of {topic}"))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in md.topics().iter().flat_map(|t| t.partitions()) {
+        let start = if offset_reset == "latest" {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(30)).with_context(|| format!("reading the end of {topic}"))?;
+            rdkafka::Offset::Offset(high)
+        } else {
+            rdkafka::Offset::Beginning
+        };
+        tpl.add_partition_offset(topic, p.id(), start)?;
+    }
+    consumer.assign(&tpl)?;
     Ok(std::thread::spawn(move || {
         let mut latencies = Vec::new();
         while !stop.load(Ordering::Relaxed) {

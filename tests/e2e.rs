@@ -384,6 +384,31 @@ async fn two_workers_in_one_group_publish_each_finding_once() {
     assert_topic_holds_exactly(&t.broker, &t.want);
 }
 
+/// `meshguard bench` against the real broker: every published record is read in the throughput
+/// phase, and the latency phase's reader sees findings of its own traffic.
+#[test]
+fn the_bench_harness_measures_throughput_and_latency() {
+    let broker = Broker::start().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
+        .args(["bench", "--brokers", &broker.bootstrap(), "--events", "5000", "--latency-rate", "2000", "--latency-seconds", "3"])
+        .env("MESHGUARD_HTTP__LISTEN", "")
+        .env("MESHGUARD_SQL__PG_LISTEN", "")
+        .env("MESHGUARD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exit {}: {stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let tp = &report["throughput"];
+    assert_eq!(tp["records_read"], report["events_published"], "{report}");
+    assert!(report["events_published"].as_u64().unwrap() > 5000, "the directory's bootstrap and 5,000 events: {report}");
+    assert!(tp["findings"].as_u64().unwrap() > 0 && tp["events_per_cpu_second"].as_f64().unwrap() > 0.0, "{report}");
+    let lat = &report["latency"];
+    assert!(lat["findings"].as_u64().unwrap() > 0, "{report}");
+    let (p50, p99, max) = (lat["p50_ms"].as_i64().unwrap(), lat["p99_ms"].as_i64().unwrap(), lat["max_ms"].as_i64().unwrap());
+    assert!(0 <= p50 && p50 <= p99 && p99 <= max && max < 60_000, "{report}");
+}
+
 #[test]
 fn an_unreachable_broker_is_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_meshguard"))
