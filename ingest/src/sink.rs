@@ -99,8 +99,11 @@ impl KafkaSink {
         // Defaults; `[kafka.client]` overrides any of them. librdkafka's idempotent producer
         // busy-polls against tansu 0.6 (librdkafka issue #2565; see BENCHMARKS.md), where
         // `"enable.idempotence" = "false"` is the workaround: restores read back what a crash left.
+        // The pipeline sends a micro-batch's findings together, at the end of its turn, so the
+        // producer's wait for more (`linger.ms`) batches nothing more after a millisecond; every
+        // millisecond of it is event → finding latency.
         let producer = kafka
-            .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5"), ("message.timeout.ms", "30000")])
+            .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "1"), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default() })
