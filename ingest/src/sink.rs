@@ -96,14 +96,19 @@ impl KafkaSink {
     }
 
     fn with_tracked(kafka: &KafkaConfig, tracked: Option<String>) -> Result<Self> {
+        /// The pipeline's sink (the one that tracks its ends) sends a micro-batch's findings
+        /// together, at the end of its turn: waiting for more (`linger.ms`) batches nothing more
+        /// after a millisecond, and every millisecond of it is event → finding latency. Other
+        /// sinks (the simulator's, the command line's) keep librdkafka's 5 ms, which batches a
+        /// steady stream better.
+        const OUTPUT_LINGER_MS: &str = "1";
         // Defaults; `[kafka.client]` overrides any of them. librdkafka's idempotent producer
         // busy-polls against tansu 0.6 (librdkafka issue #2565; see BENCHMARKS.md), where
         // `"enable.idempotence" = "false"` is the workaround: restores read back what a crash left.
-        // The pipeline sends a micro-batch's findings together, at the end of its turn, so the
-        // producer's wait for more (`linger.ms`) batches nothing more after a millisecond; every
-        // millisecond of it is event → finding latency.
+        // `linger.ms`: see `OUTPUT_LINGER_MS`.
+        let linger = if tracked.is_some() { OUTPUT_LINGER_MS } else { "5" };
         let producer = kafka
-            .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "1"), ("message.timeout.ms", "30000")])
+            .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", linger), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default() })
