@@ -345,8 +345,17 @@ fn ranges(v: &[u32], name: impl Fn(u32) -> String, sep: &str) -> String {
     out.join(", ")
 }
 
-/// UTC hour of the day and weekday (0 = Monday) of `ts`.
+/// UTC hour of the day and weekday (0 = Monday) of `ts`; `(0, 0)` past chrono's range of dates.
+#[inline]
 pub fn slot(ts: i64) -> (u32, u32) {
+    // Arithmetic inside ±250,000 years (chrono's dates reach ±262,143 years): UTC days are 86,400 s
+    // and 1970-01-01 was a Thursday. Outside it, chrono decides as before.
+    const FAST: i64 = 250_000 * 366 * 86_400_000;
+    if (-FAST..FAST).contains(&ts) {
+        let hour = ts.div_euclid(3_600_000).rem_euclid(24) as u32;
+        let day = (ts.div_euclid(86_400_000) + 3).rem_euclid(7) as u32;
+        return (hour, day);
+    }
     DateTime::from_timestamp_millis(ts).map_or((0, 0), |t| (t.hour(), t.weekday().num_days_from_monday()))
 }
 
@@ -485,6 +494,23 @@ mod tests {
             }
         }
         s
+    }
+
+    #[test]
+    fn slots_are_chronos_hour_and_weekday() {
+        let chrono_slot = |ts: i64| DateTime::from_timestamp_millis(ts).map_or((0, 0), |t| (t.hour(), t.weekday().num_days_from_monday()));
+        let mut x: i64 = 12_345;
+        let mut cases = vec![0, -1, 1, MONDAY, MONDAY - 1, -86_400_000, -86_400_001, i64::MIN, i64::MAX, 8_000_000_000_000_000_000];
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            cases.extend([x, x >> 8, x >> 20, x >> 24, x % (400 * 366 * DAY)]);
+        }
+        for b in [8_258_000_000_000_000i64, 8_261_000_000_000_000, 7_900_000_000_000_000] {
+            cases.extend([b, -b, b + 1, -b - 1]);
+        }
+        for ts in cases {
+            assert_eq!(slot(ts), chrono_slot(ts), "{ts}");
+        }
     }
 
     #[test]
