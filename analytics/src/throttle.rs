@@ -496,8 +496,10 @@ impl ThrottleState {
     /// overlap.
     pub fn count_batch(&mut self, attempts: &[Attempt], lateness_ms: i64, tightening: &Tightening, out: &mut Vec<Outcome>) {
         out.reserve(attempts.len());
-        let mut hashes = vec![0u64; attempts.len()];
-        let mut candidates = vec![u32::MAX; attempts.len()];
+        // Per attempt in flight, by index modulo RING.
+        const RING: usize = (2 * LOOKAHEAD + 1).next_power_of_two();
+        let mut hashes = [0u64; RING];
+        let mut candidates = [u32::MAX; RING];
         let mut tightened_until = None;
         let cooldown_ms = (tightening.cooldown_s * 1000.0) as i64;
         let n = attempts.len();
@@ -505,16 +507,17 @@ impl ThrottleState {
             // Step 1: hash, prefetch the home slot.
             if let Some(a) = attempts.get(i) {
                 let h = self.windows.hash(&a.key);
-                hashes[i] = h;
+                hashes[i % RING] = h;
+                candidates[i % RING] = u32::MAX;
                 if let Some(s) = self.windows.home_slot(h) {
                     prefetch(bytemuck::bytes_of(s));
                 }
             }
             // Step 2: the entry the slot points at, prefetched whole.
             if let Some(j) = i.checked_sub(LOOKAHEAD).filter(|j| *j < n)
-                && let Some(c) = self.windows.candidate(hashes[j])
+                && let Some(c) = self.windows.candidate(hashes[j % RING])
             {
-                candidates[j] = c;
+                candidates[j % RING] = c;
                 prefetch_entry(self.windows.entry_at(c));
             }
             // Step 3: count.
@@ -522,9 +525,9 @@ impl ThrottleState {
                 continue;
             };
             let a = &attempts[k];
-            let at = match candidates[k] {
+            let at = match candidates[k % RING] {
                 c if c != u32::MAX && self.windows.entry_at(c).key == PackedKey::pack(&a.key) => c,
-                _ => self.windows.find_or_insert(&a.key, hashes[k]),
+                _ => self.windows.find_or_insert(&a.key, hashes[k % RING]),
             };
             if a.first_of_attempt {
                 tightened_until = match tightening.enabled {

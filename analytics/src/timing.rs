@@ -25,12 +25,12 @@ use std::hash::BuildHasher;
 
 use bytemuck::{Pod, Zeroable};
 use chrono::{DateTime, Datelike, Timelike};
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::DefaultHashBuilder;
 use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::huge::HugeVec;
+use crate::huge::{HugeArray, HugeVec};
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,22 +151,37 @@ pub struct Schedule {
 
 /// The schedules of a partition, by (requester, target); the requester's own under the nil target.
 ///
-/// A hash table of `(key, schedule)` rather than a map, so that the engine's timing stage hashes
-/// each key once and looks the keys of a batch up a few rows ahead of the row it judges
-/// ([`Schedules::candidate`], [`Schedules::prefetch`]), overlapping their cache misses, as the
-/// throttle's windows do. Serialized as the map it replaces (key → schedule), so checkpoints keep
-/// their form.
+/// As the throttle windows' table (`throttle/table.rs`): an index of 8-byte slots (open addressing,
+/// linear probing; 32 bits of the key's hash and the row's number) over rows of `(schedule, key)`
+/// appended in chunks that never move, all in memory advised for huge pages (see `huge`). The engine's
+/// timing stage hashes each key once and looks the keys of a batch up a few rows ahead of the row
+/// it judges, in two steps (the index's slot, [`Schedules::prefetch_slot`], then the row the slot
+/// names, [`Schedules::candidate`] and [`Schedules::prefetch`]), so that their cache misses overlap.
+/// A new key's row is appended where the last one was written, in cache; a row's number never
+/// changes, so a candidate found before the table grew stays valid. Keys are compared in full
+/// before a row is used. Serialized as the map it replaces (key → schedule), so checkpoints keep
+/// their form; iterated in the order the keys came.
 #[derive(Clone, Default)]
 pub struct Schedules {
-    table: HashTable<Slot>,
     /// hashbrown's default hasher (foldhash), seeded per process like every map of the engine.
     hasher: DefaultHashBuilder,
+    /// `0` when empty, else `(high 32 bits of the key's hash) << 32 | (row + 1)`. Empty, or a
+    /// power of two at most half full.
+    slots: HugeArray<u64>,
+    /// The rows, [`ROWS_PER_CHUNK`] per chunk (the first may be smaller while it is the only one),
+    /// the first `len` in use.
+    chunks: Vec<HugeArray<Slot>>,
+    len: usize,
 }
+
+/// Rows per chunk of [`Schedules`]: 10.5 MiB (rounded up to whole huge pages when mapped).
+const CHUNK_BITS: u32 = 16;
+const ROWS_PER_CHUNK: usize = 1 << CHUNK_BITS;
 
 /// A schedule's key: (requester, target), the target nil for the requester's own.
 pub type ScheduleKey = (Uuid, Uuid);
 
-/// A bucket of [`Schedules`]: plain bytes, so that its cache lines can be asked for together.
+/// A row of [`Schedules`]: plain bytes, so that its cache lines can be asked for together.
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 #[repr(C)]
 struct Slot {
@@ -186,30 +201,50 @@ impl Slot {
     }
 }
 
+/// The part of a hash an index slot keeps (and the home slot is taken from).
+#[inline]
+fn tag(hash: u64) -> u64 {
+    hash >> 32
+}
+
 impl Schedules {
     /// An empty table with room for `n` schedules.
     pub fn with_capacity(n: usize) -> Self {
-        Self { table: HashTable::with_capacity(n), hasher: DefaultHashBuilder::default() }
+        let mut s = Self::default();
+        s.reserve(n);
+        s
+    }
+
+    /// Room for `more` schedules past those held without growing the index (rows are added a
+    /// chunk at a time, without moving any).
+    pub fn reserve(&mut self, more: usize) {
+        let need = (self.len + more).saturating_mul(2).next_power_of_two().max(16);
+        if need > self.slots.len() {
+            self.resize(need);
+        }
     }
 
     /// The schedule of `key`, if any.
     pub fn get(&self, key: &ScheduleKey) -> Option<&Schedule> {
-        self.table.find(self.hash(key), |s| s.holds(key)).map(|s| &s.schedule)
+        self.find(key, self.hash(key)).map(|i| &self.row(i).schedule)
     }
 
     /// Number of schedules.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.len
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.len == 0
     }
 
-    /// Every key with its schedule, in no particular order.
+    /// Every key with its schedule, in the order the keys came.
     pub fn iter(&self) -> impl Iterator<Item = (ScheduleKey, &Schedule)> {
-        self.table.iter().map(|s| (s.key(), &s.schedule))
+        (0..self.len).map(|i| {
+            let s = self.row(i);
+            (s.key(), &s.schedule)
+        })
     }
 
     /// The hash of `key` in this table.
@@ -218,52 +253,138 @@ impl Schedules {
         self.hasher.hash_one(key)
     }
 
-    /// The bucket of the first schedule whose hash tag matches `hash`, without comparing keys
-    /// (reads the control bytes only): almost always `key`'s own, to be checked on use.
     #[inline]
-    pub(crate) fn candidate(&self, hash: u64) -> Option<usize> {
-        self.table.iter_hash_buckets(hash).next()
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
     }
 
-    /// Asks for the cache lines of bucket `index` (its key and every count), without waiting.
+    #[inline]
+    fn row(&self, i: usize) -> &Slot {
+        &self.chunks[i >> CHUNK_BITS][i & (ROWS_PER_CHUNK - 1)]
+    }
+
+    #[inline]
+    fn row_mut(&mut self, i: usize) -> &mut Slot {
+        &mut self.chunks[i >> CHUNK_BITS][i & (ROWS_PER_CHUNK - 1)]
+    }
+
+    /// Asks for the index slot a probe for `hash` starts at, without waiting.
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, hash: u64) {
+        if let Some(s) = self.slots.get(tag(hash) as usize & self.mask()) {
+            prefetch_l2(bytemuck::bytes_of(s));
+        }
+    }
+
+    /// The row of the first schedule whose index slot carries `hash`'s tag, without comparing keys
+    /// (reads the index only): almost always `key`'s own, to be checked on use.
+    #[inline]
+    pub(crate) fn candidate(&self, hash: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let (mask, t) = (self.mask(), tag(hash));
+        let mut i = t as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            if s >> 32 == t {
+                return Some((s as u32 as usize).wrapping_sub(1));
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Asks for the cache lines of row `index` (its key and every count), without waiting.
     #[inline]
     pub(crate) fn prefetch(&self, index: usize) {
-        if let Some(slot) = self.table.get_bucket(index) {
+        if let Some(slot) = self.chunks.get(index >> CHUNK_BITS).and_then(|c| c.get(index & (ROWS_PER_CHUNK - 1))) {
             // `prefetch_l2` asks for a slice's first and last bytes: bytes 0, 64, 128 and the
-            // last, no two more than a line apart, so every line of the slot.
+            // last, no two more than a line apart, so every line of the row.
             let bytes = bytemuck::bytes_of(slot);
             prefetch_l2(&bytes[..65.min(bytes.len())]);
             prefetch_l2(&bytes[128.min(bytes.len())..]);
         }
     }
 
+    /// The row of `key` (`hash` its hash).
+    fn find(&self, key: &ScheduleKey, hash: u64) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let (mask, t) = (self.mask(), tag(hash));
+        let mut i = t as usize & mask;
+        loop {
+            let s = self.slots[i];
+            if s == 0 {
+                return None;
+            }
+            let row = (s as u32 as usize).wrapping_sub(1);
+            if s >> 32 == t && self.row(row).holds(key) {
+                return Some(row);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The schedule of `key` (`hash` its hash), created empty if there is none; `true` when it was
-    /// just created. `candidate` is a bucket from [`Schedules::candidate`], possibly stale (the
-    /// table may have grown since): it is used only when it holds `key`.
+    /// just created. `candidate` is a row from [`Schedules::candidate`]: used only when it holds
+    /// `key`.
     #[inline]
     pub(crate) fn entry(&mut self, key: &ScheduleKey, hash: u64, candidate: Option<usize>) -> (&mut Schedule, bool) {
-        let Self { table, hasher } = self;
-        let table = match candidate {
-            Some(c) => match table.get_bucket_entry(c) {
-                Ok(e) if e.get().holds(key) => return (&mut e.into_mut().schedule, false),
-                Ok(e) => e.into_table(),
-                Err(absent) => absent.into_table(),
-            },
-            None => table,
-        };
-        match table.entry(hash, |s| s.holds(key), |s| hasher.hash_one(s.key())) {
-            hashbrown::hash_table::Entry::Occupied(e) => (&mut e.into_mut().schedule, false),
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                let slot = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
-                (&mut e.insert(slot).into_mut().schedule, true)
-            }
+        if let Some(c) = candidate.filter(|c| *c < self.len && self.row(*c).holds(key)) {
+            return (&mut self.row_mut(c).schedule, false);
         }
+        if let Some(i) = self.find(key, hash) {
+            return (&mut self.row_mut(i).schedule, false);
+        }
+        // At most half full, so probes stay short.
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.resize((self.slots.len() * 2).max(16));
+        }
+        let i = self.len;
+        assert!(i < u32::MAX as usize, "fewer than 2^32 - 1 timing schedules in one partition");
+        let chunk = i >> CHUNK_BITS;
+        if chunk == self.chunks.len() {
+            self.chunks.push(HugeArray::zeroed(if chunk == 0 { 16 } else { ROWS_PER_CHUNK }));
+        } else if self.chunks[chunk].len() <= i & (ROWS_PER_CHUNK - 1) {
+            // The first chunk, full below a chunk's size: grows as a `Vec` would.
+            let grown = (self.chunks[chunk].len() * 2).min(ROWS_PER_CHUNK);
+            let mut bigger = HugeArray::zeroed(grown);
+            bigger[..self.chunks[chunk].len()].copy_from_slice(&self.chunks[chunk]);
+            self.chunks[chunk] = bigger;
+        }
+        *self.row_mut(i) = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
+        self.len += 1;
+        self.place(tag(hash) << 32 | (i as u64 + 1));
+        (&mut self.row_mut(i).schedule, true)
     }
 
     /// The schedule of `key`, created empty if there is none.
     pub fn get_or_default(&mut self, key: &ScheduleKey) -> &mut Schedule {
         let hash = self.hash(key);
         self.entry(key, hash, None).0
+    }
+
+    /// Puts an index slot in the first empty slot of its probe sequence.
+    fn place(&mut self, slot: u64) {
+        let mask = self.mask();
+        let mut i = (slot >> 32) as usize & mask;
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
+    }
+
+    /// Re-lays the index in `n` slots (a power of two); the slots keep their hash bits, so no key
+    /// is hashed again.
+    fn resize(&mut self, n: usize) {
+        let old = std::mem::replace(&mut self.slots, HugeArray::zeroed(n));
+        for &s in old.iter().filter(|s| **s != 0) {
+            self.place(s);
+        }
     }
 }
 
@@ -345,8 +466,17 @@ fn ranges(v: &[u32], name: impl Fn(u32) -> String, sep: &str) -> String {
     out.join(", ")
 }
 
-/// UTC hour of the day and weekday (0 = Monday) of `ts`.
+/// UTC hour of the day and weekday (0 = Monday) of `ts`; `(0, 0)` past chrono's range of dates.
+#[inline]
 pub fn slot(ts: i64) -> (u32, u32) {
+    // Arithmetic inside ±250,000 years (chrono's dates reach ±262,143 years): UTC days are 86,400 s
+    // and 1970-01-01 was a Thursday. Outside it, chrono decides as before.
+    const FAST: i64 = 250_000 * 366 * 86_400_000;
+    if (-FAST..FAST).contains(&ts) {
+        let hour = ts.div_euclid(3_600_000).rem_euclid(24) as u32;
+        let day = (ts.div_euclid(86_400_000) + 3).rem_euclid(7) as u32;
+        return (hour, day);
+    }
     DateTime::from_timestamp_millis(ts).map_or((0, 0), |t| (t.hour(), t.weekday().num_days_from_monday()))
 }
 
@@ -488,6 +618,23 @@ mod tests {
     }
 
     #[test]
+    fn slots_are_chronos_hour_and_weekday() {
+        let chrono_slot = |ts: i64| DateTime::from_timestamp_millis(ts).map_or((0, 0), |t| (t.hour(), t.weekday().num_days_from_monday()));
+        let mut x: i64 = 12_345;
+        let mut cases = vec![0, -1, 1, MONDAY, MONDAY - 1, -86_400_000, -86_400_001, i64::MIN, i64::MAX, 8_000_000_000_000_000_000];
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            cases.extend([x, x >> 8, x >> 20, x >> 24, x % (400 * 366 * DAY)]);
+        }
+        for b in [8_258_000_000_000_000i64, 8_261_000_000_000_000, 7_900_000_000_000_000] {
+            cases.extend([b, -b, b + 1, -b - 1]);
+        }
+        for ts in cases {
+            assert_eq!(slot(ts), chrono_slot(ts), "{ts}");
+        }
+    }
+
+    #[test]
     fn a_regular_pair_sending_off_schedule_is_an_anomaly() {
         let cfg = TimingConfig::default();
         let s = weekday_mornings(4);
@@ -515,6 +662,66 @@ mod tests {
         let again: Schedules = postcard::from_bytes(&postcard::to_allocvec(&as_map).unwrap()).unwrap();
         assert_eq!((again.len(), again.get(&(a, Uuid::nil())).map(Schedule::attempts)), (2, Some(1)));
         assert!(again.get(&(b, a)).is_none());
+    }
+
+    #[test]
+    fn schedules_grow_past_chunks_and_index_resizes_keeping_every_key_and_candidate() {
+        let key = |i: u128| (Uuid::from_u128(i * 0x9e37_79b9_7f4a_7c15 + 1), Uuid::from_u128(i % 3));
+        let mut s = Schedules::default();
+        let n = ROWS_PER_CHUNK as u128 * 2 + 17;
+        let mut candidates = Vec::new();
+        for i in 0..n {
+            let k = key(i);
+            let h = s.hash(&k);
+            let (sched, created) = s.entry(&k, h, None);
+            assert!(created);
+            sched.add(MONDAY + i as i64);
+            if i % 10_007 == 0 {
+                candidates.push((k, h, s.candidate(h)));
+            }
+        }
+        assert_eq!(s.len(), n as usize);
+        assert_eq!(s.chunks.len(), 3, "two whole chunks and one more");
+        assert!(s.slots.len() >= 2 * s.len() && s.slots.len().is_power_of_two(), "at most half full");
+        // A candidate found before the table grew names the same row after.
+        for (k, h, c) in candidates {
+            let (sched, created) = s.entry(&k, h, c);
+            assert!(!created);
+            assert_eq!(sched.attempts(), 1);
+            assert_eq!(s.candidate(h), c);
+        }
+        // A stale or wrong candidate is checked, not trusted.
+        let (k0, k1) = (key(0), key(1));
+        let wrong = s.candidate(s.hash(&k1));
+        let (sched, created) = s.entry(&k0, s.hash(&k0), wrong);
+        assert!(!created);
+        assert_eq!(sched.first_ms, MONDAY);
+        assert!(!s.entry(&k0, s.hash(&k0), Some(usize::MAX)).1);
+        // Every key, once, in the order it came; a clone and a reserve keep them.
+        assert!(s.iter().enumerate().all(|(i, (k, sched))| k == key(i as u128) && sched.first_ms == MONDAY + i as i64));
+        let mut c = s.clone();
+        c.reserve(1_000_000);
+        assert!(c.slots.len() >= 2 * (s.len() + 1_000_000));
+        for i in (0..n).step_by(997) {
+            assert_eq!(c.get(&key(i)).map(|x| x.first_ms), Some(MONDAY + i as i64));
+        }
+        assert!(c.get(&(Uuid::from_u128(5), Uuid::nil())).is_none());
+        let back: Schedules = postcard::from_bytes(&postcard::to_allocvec(&c).unwrap()).unwrap();
+        assert_eq!(back.len(), s.len());
+        assert!(back.iter().zip(s.iter()).all(|(a, b)| a.0 == b.0 && a.1 == b.1));
+    }
+
+    #[test]
+    fn small_schedules_stay_small_until_they_grow() {
+        let mut s = Schedules::with_capacity(3);
+        assert_eq!((s.len(), s.slots.len(), s.chunks.len()), (0, 16, 0));
+        for i in 0..40u128 {
+            s.get_or_default(&(Uuid::from_u128(i), Uuid::nil())).add(MONDAY);
+        }
+        assert_eq!((s.len(), s.chunks.len(), s.chunks[0].len()), (40, 1, 64));
+        assert_eq!(s.get(&(Uuid::from_u128(39), Uuid::nil())).map(Schedule::attempts), Some(1));
+        s.get_or_default(&(Uuid::from_u128(39), Uuid::nil())).add(MONDAY);
+        assert_eq!((s.len(), s.get(&(Uuid::from_u128(39), Uuid::nil())).map(Schedule::attempts)), (40, Some(2)));
     }
 
     #[test]

@@ -191,6 +191,8 @@ struct RowsScratch {
     homes: Vec<i32>,
     /// The highest event time of each partition of the batch, while the rows are walked.
     marks: Vec<(i32, i64)>,
+    /// The throttle stage's buffers.
+    throttle: throttle::ThrottleScratch,
 }
 
 /// The stream processor. See the module docs.

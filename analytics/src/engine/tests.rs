@@ -366,6 +366,48 @@ fn exempt_requesters_are_never_throttled_and_pairs_follow_the_targets_profile() 
     assert_eq!(pair[0].detail["per_s"], 300.0);
 }
 
+/// The throttle stage reads most attempts' limits from the directory's newest versions: attempts
+/// before a newer version (an exemption, a profile throttle, a tombstone) are counted by the version
+/// in force at their time, and a configured per-type limit is found through the record.
+#[test]
+fn throttle_limits_follow_the_version_in_force_at_each_attempt() {
+    let mut e = throttled(2, false);
+    e.cfg.throttles.by_type.insert("meter".into(), crate::throttle::Limit { max: 3, per_s: 100.0 });
+    let record = |json: String, at: i64| RegistryChange {
+        uuid: Uuid::parse_str(serde_json::from_str::<serde_json::Value>(&json).unwrap()["uuid"].as_str().unwrap()).unwrap(),
+        record: Some(Arc::new(RegistryRecord::from_json(0, json.as_bytes()).unwrap())),
+        effective_ms: at,
+    };
+    // A is exempt from T0 + 10 s on; B throttles A's sends from T0 + 20 s on (one per 300 s);
+    // STRANGER is a meter until T0 + 30 s, unregistered after.
+    let changes = vec![
+        record(format!(r#"{{"uuid":"{A}","kind":"system","exempt":true}}"#), T0 + 10_000),
+        record(
+            format!(
+                r#"{{"uuid":"{B}","kind":"device","profiles":[{{"name":"metered","applies_to":["{A}"],"restrictions":{{"throttle":{{"max":1,"per_s":300}}}}}}]}}"#
+            ),
+            T0 + 20_000,
+        ),
+        record(format!(r#"{{"uuid":"{STRANGER}","kind":"device","type":"meter"}}"#), T0 - 1_000),
+        tombstone(STRANGER, T0 + 30_000),
+    ];
+    let mut records = sends(1, &[T0, T0 + 1, T0 + 2]); // before the exemption: counted, 3 > 2
+    records.extend(sends(4, &[T0 + 10_000, T0 + 10_001, T0 + 10_002])); // exempt
+    records.extend((0..4).map(|i| attempt(7 + i, T0 + 11_000 + i64::from(i) * 2_000, STRANGER, "valid"))); // the meter: 4 > 3
+    let found = e.process(&batch(changes, &records), T0);
+    assert_eq!(
+        throttle_findings(&found),
+        vec![(3, "throttle:requester".to_owned(), 2), (10, "throttle:type:meter".to_owned(), 3)],
+        "{found:#?}"
+    );
+    // A is no longer exempt from T0 + 40 s on: B's profile counts its sends (the second is past it).
+    let found = e.process(&batch(vec![registered(A, T0 + 40_000)], &sends(20, &[T0 + 40_000, T0 + 45_000])), T0);
+    assert_eq!(throttle_findings(&found), vec![(21, "profile:metered/throttle".to_owned(), 1)]);
+    // The meter, unregistered since T0 + 30 s, has only the requester limit now.
+    let records: Vec<String> = (0..4).map(|i| attempt(30 + i, T0 + 50_000 + i64::from(i) * 2_000, STRANGER, "valid")).collect();
+    assert!(throttle_findings(&e.process(&batch(vec![], &records), T0)).is_empty());
+}
+
 #[test]
 fn tightening_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();

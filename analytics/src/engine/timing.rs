@@ -23,14 +23,15 @@ use super::{Engine, MessagesView, RowsScratch};
 use crate::timing::{Anomaly, ScheduleKey, Schedules};
 use crate::timing_model::Judged;
 
-/// How far ahead of the row it judges the stage looks up the schedules of a row (and prefetches
-/// them), so that the cache misses of several rows overlap.
+/// How many rows apart the stage's steps are: while it judges row `i`, it finds the schedules' rows
+/// of row `i + AHEAD` (whose index slots were asked for by then) and asks for them, and hashes the
+/// keys of row `i + 2 × AHEAD` and asks for their index slots.
 const AHEAD: usize = 16;
-/// Rows in flight, held by row modulo `RING` (a power of two above `AHEAD`).
-const RING: usize = 32;
+/// Rows in flight, held by row modulo `RING` (a power of two above `2 × AHEAD`).
+const RING: usize = 64;
 
 /// A row's schedules as looked up ahead: which of the batch's partitions holds them, and each
-/// key's hash and candidate bucket (see [`Schedules::candidate`]).
+/// key's hash and candidate row (see [`Schedules::candidate`]).
 #[derive(Debug, Clone, Copy, Default)]
 struct Ahead {
     table: usize,
@@ -43,8 +44,9 @@ impl Engine {
     /// Rows marked in `scratch.repeats` (re-delivered attempts) are not learned twice.
     ///
     /// The schedules of the batch's home partitions are taken out of their partitions for the
-    /// batch (a batch holds few), and each row's keys are hashed and their buckets prefetched
-    /// [`AHEAD`] rows before the row is judged.
+    /// batch (a batch holds few), with room for two new keys per row, and each row's keys are
+    /// hashed and their index slots prefetched `2 × AHEAD` rows before the row is judged, their
+    /// rows found and prefetched [`AHEAD`] rows before.
     pub(super) fn timing_rows(&mut self, view: &MessagesView<'_>, scratch: &mut RowsScratch, now_ms: i64, found: &mut Vec<(u32, Finding)>) {
         if !self.cfg.timing.enabled {
             return;
@@ -53,8 +55,8 @@ impl Engine {
         let n = view.len();
         let mut tables: Vec<(i32, Schedules)> = Vec::new();
         let mut ahead = [Ahead::default(); RING];
-        for step in 0..n + AHEAD {
-            // Look up (and prefetch) the schedules of the row `AHEAD` rows on.
+        for step in 0..n + 2 * AHEAD {
+            // Hash the keys of the row `2 × AHEAD` rows on, and ask for their index slots.
             if let Some(row) = Some(step).filter(|row| *row < n)
                 && let (Some(from), Some(_)) = (MessagesView::uuid(view.from, row), MessagesView::uuid(view.id, row))
             {
@@ -63,23 +65,40 @@ impl Engine {
                     Some(t) => t,
                     None => {
                         let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
-                        tables.push((home, std::mem::take(&mut state.schedules)));
+                        let mut schedules = std::mem::take(&mut state.schedules);
+                        schedules.reserve(2 * n);
+                        tables.push((home, schedules));
                         tables.len() - 1
                     }
                 };
                 let schedules = &tables[table].1;
                 let look = |key: &ScheduleKey| {
                     let hash = schedules.hash(key);
-                    let candidate = schedules.candidate(hash);
-                    if let Some(c) = candidate {
-                        schedules.prefetch(c);
-                    }
-                    (hash, candidate)
+                    schedules.prefetch_slot(hash);
+                    (hash, None)
                 };
                 let pair = MessagesView::uuid(view.to, row).map(|to| look(&(from, to)));
                 ahead[row % RING] = Ahead { table, pair, requester: look(&(from, Uuid::nil())) };
             }
-            let Some(row) = step.checked_sub(AHEAD) else {
+            // Find the rows of the row `AHEAD` rows on, and ask for them.
+            if let Some(row) = step.checked_sub(AHEAD).filter(|row| *row < n)
+                && MessagesView::uuid(view.from, row).is_some()
+                && MessagesView::uuid(view.id, row).is_some()
+            {
+                let a = &mut ahead[row % RING];
+                let schedules = &tables[a.table].1;
+                let find = |(hash, candidate): &mut (u64, Option<usize>)| {
+                    *candidate = schedules.candidate(*hash);
+                    if let Some(c) = *candidate {
+                        schedules.prefetch(c);
+                    }
+                };
+                if let Some(pair) = a.pair.as_mut() {
+                    find(pair);
+                }
+                find(&mut a.requester);
+            }
+            let Some(row) = step.checked_sub(2 * AHEAD) else {
                 continue;
             };
             let (Some(from), Some(id)) = (MessagesView::uuid(view.from, row), MessagesView::uuid(view.id, row)) else {

@@ -14,7 +14,9 @@
 //!
 //! A lookup is one hash and, nearly always, one cache line; a check that needs lists or restrictions
 //! reads one more block (usually its first line: the `send`, `receive` and `discover` rules are
-//! written first). Both maps are anonymous memory advised for transparent huge pages: a directory of a million
+//! written first). The slot also says what the engine's throttle stage needs of a record (exempt,
+//! a type or manufacturer, a profile with a `throttle`), so that it reads no record for most
+//! attempts. Both maps are anonymous memory advised for transparent huge pages: a directory of a million
 //! UUIDs is random access over a few hundred megabytes, and with 4 KiB pages nearly every lookup
 //! would also miss the TLB.
 //!
@@ -67,6 +69,16 @@ const RESTRICTS: u8 = 16;
 const SENDER_PATH: u8 = 32;
 /// The record needs a block but it is too large: left to the reference path.
 const OPAQUE: u8 = 64;
+/// The record is exempt from throttles.
+const EXEMPT: u8 = 128;
+
+/// Bits of the group-count byte above the count (at most four, three bits), for the throttle stage.
+/// The record names a device type or a manufacturer (which may have limits of their own).
+const TYPED: u8 = 8;
+/// Some profile of the record has a `throttle`.
+const THROTTLES: u8 = 16;
+/// The group count's bits.
+const GROUP_COUNT: u8 = 7;
 
 /// Restriction-entry kinds.
 const TIMING: u32 = 1;
@@ -152,6 +164,37 @@ impl<'a> Slot<'a> {
         self.flags() & REGISTERED != 0 && self.0[4] as i64 <= at_ms
     }
 
+    /// Whether the newest version holds at `at_ms` (from at or before it): when it does not, an
+    /// older version (in the versioned table) decides.
+    #[inline]
+    pub fn newest_at(self, at_ms: i64) -> bool {
+        self.0[4] as i64 <= at_ms
+    }
+
+    /// Whether the newest version is a registration (not a tombstone).
+    #[inline]
+    pub fn registered(self) -> bool {
+        self.flags() & REGISTERED != 0
+    }
+
+    /// Whether the newest version is exempt from throttles.
+    #[inline]
+    pub fn exempt(self) -> bool {
+        self.flags() & EXEMPT != 0
+    }
+
+    /// Whether the newest version names a device type or a manufacturer.
+    #[inline]
+    pub fn typed(self) -> bool {
+        (self.0[5] >> 32) as u8 & TYPED != 0
+    }
+
+    /// Whether some profile of the newest version has a `throttle`.
+    #[inline]
+    pub fn throttles(self) -> bool {
+        (self.0[5] >> 32) as u8 & THROTTLES != 0
+    }
+
     #[inline]
     fn block(self) -> usize {
         self.0[5] as u32 as usize
@@ -170,7 +213,7 @@ impl<'a> Slot<'a> {
 
     #[inline]
     fn groups(self) -> Groups {
-        let n = (self.0[5] >> 32) as u8 as usize;
+        let n = ((self.0[5] >> 32) as u8 & GROUP_COUNT) as usize;
         let w = [self.0[6] as u32, (self.0[6] >> 32) as u32, self.0[7] as u32, (self.0[7] >> 32) as u32];
         Groups { ids: w, len: n.min(4), many: self.flags() & MANY_GROUPS != 0 }
     }
@@ -276,6 +319,10 @@ impl Directory {
         let (mut open, mut closed, mut block, mut ngroups) = (0u8, 0u8, 0u32, 0u8);
         if let Some(rec) = rec {
             flags |= REGISTERED;
+            let r = &rec.record;
+            if r.exempt {
+                flags |= EXEMPT;
+            }
             if let Some(owner) = rec.owner() {
                 let o = key_of(&owner);
                 line[2] = o as u64;
@@ -289,6 +336,12 @@ impl Directory {
             ngroups = groups.len().min(4) as u8;
             let mut g = [0u32; 4];
             g[..usize::from(ngroups)].copy_from_slice(&groups[..usize::from(ngroups)]);
+            if r.device_type.is_some() || r.manufacturer.is_some() {
+                ngroups |= TYPED;
+            }
+            if r.profiles.iter().any(|p| p.restrictions.throttle.is_some()) {
+                ngroups |= THROTTLES;
+            }
             line[6] = u64::from(g[0]) | u64::from(g[1]) << 32;
             line[7] = u64::from(g[2]) | u64::from(g[3]) << 32;
             let compiled = self.compile(rec);
