@@ -657,8 +657,9 @@ impl Canonical {
             }
             match column {
                 Column::Uuid { values, nulls } => match v {
-                    Val::Uuid(bytes) => {
-                        values.extend_from_slice(&bytes);
+                    Val::Uuid([lo, hi]) => {
+                        values.extend_from_slice(&lo.to_le_bytes());
+                        values.extend_from_slice(&hi.to_le_bytes());
                         nulls.append_non_null();
                     }
                     Val::Str(text) => match uuid_text::parse(text.as_bytes()) {

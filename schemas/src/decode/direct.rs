@@ -36,8 +36,8 @@ pub(super) enum Val<'p> {
     Null,
     /// Text of a UUID, enum or free-text field.
     Str(&'p str),
-    /// A UUID already parsed where it stood (by [`super::scan`]).
-    Uuid([u8; 16]),
+    /// A UUID already parsed where it stood (by [`super::scan`]): its bytes as two little-endian words.
+    Uuid([u64; 2]),
     /// An integer, or a time in epoch milliseconds.
     Int(i64),
     Float(f64),
