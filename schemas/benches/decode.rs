@@ -35,7 +35,7 @@ fn attempts(n: usize) -> Vec<Vec<u8>> {
 fn bench(c: &mut Criterion) {
     let mut decoder = BatchDecoder::new(InputTopic::Messages);
     let mut group = c.benchmark_group("decode");
-    for batch in [1_000usize, 10_000] {
+    for batch in [1_000usize, 2_000, 10_000] {
         let records = attempts(batch);
         let slices: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
         group.throughput(Throughput::Elements(batch as u64));

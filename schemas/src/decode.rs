@@ -21,6 +21,7 @@
 
 mod direct;
 mod json_field;
+mod scan;
 mod uuid_text;
 
 use std::sync::Arc;
@@ -656,6 +657,11 @@ impl Canonical {
             }
             match column {
                 Column::Uuid { values, nulls } => match v {
+                    Val::Uuid([lo, hi]) => {
+                        values.extend_from_slice(&lo.to_le_bytes());
+                        values.extend_from_slice(&hi.to_le_bytes());
+                        nulls.append_non_null();
+                    }
                     Val::Str(text) => match uuid_text::parse(text.as_bytes()) {
                         Some(bytes) => {
                             values.extend_from_slice(&bytes);

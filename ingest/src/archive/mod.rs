@@ -71,7 +71,8 @@ pub use meshguard_analytics::sql::LiveRows;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::errors::ParquetError;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tracing::{debug, info};
 
@@ -88,6 +89,28 @@ const MS_PER_DAY: i64 = 86_400_000;
 const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Encoded bytes of one row group, the other bound of an open file's memory.
 const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Columns whose values (nearly) never repeat within a row group: a dictionary would hash every
+/// value only to be dropped when it outgrows its page.
+const UNIQUE_COLUMNS: [&str; 3] = ["id", TS, "payload"];
+
+/// How every table is written: Snappy; min/max statistics only for `ts`, the column readers prune
+/// files and row groups by (random UUIDs, enums and free text never prune, and comparing every value
+/// was the writer's largest cost); no dictionary for the columns of [`UNIQUE_COLUMNS`].
+fn writer_properties(schema: &SchemaRef, config: &ArchiveConfig) -> WriterProperties {
+    let mut props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS.min(config.max_rows_per_file)))
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_column_statistics_enabled(ColumnPath::from(TS), EnabledStatistics::Page);
+    for name in UNIQUE_COLUMNS {
+        if schema.field_with_name(name).is_ok_and(|f| !f.data_type().is_nested()) {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(name), false);
+        }
+    }
+    props.build()
+}
+
 /// Folder (and table name) of the message attempts under the archive's root.
 pub const ATTEMPTS: &str = "attempts";
 /// Folder of the findings.
@@ -242,11 +265,7 @@ impl ParquetArchive {
         let writer = sanitize(writer.unwrap_or("meshguard"));
         let started = DateTime::from_timestamp_millis(now_ms).unwrap_or_default().format("%Y%m%dT%H%M%S%3fZ");
         let prefix = format!("part-{writer}-{started}-{:08x}-", uuid::Uuid::new_v4().as_u128() as u32);
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS.min(config.max_rows_per_file)))
-            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
-            .build();
+        let props = writer_properties(&schema, config);
         let this = Self {
             config: config.clone(),
             root,

@@ -279,3 +279,23 @@ fn bad_configuration_and_foreign_batches_are_refused_by_name() {
 fn instance_ids_cannot_escape_the_folder() {
     assert_eq!(sanitize("../a b/c-d"), ".._a_b_c_d");
 }
+
+/// Min/max statistics are kept for `ts` only (readers prune by it), and `id`, `ts` and `payload`
+/// are written without a dictionary.
+#[test]
+fn statistics_for_ts_only_and_no_dictionary_for_unique_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut archive = open(&config(dir.path()));
+    archive.append(&attempts(1_000, |i| DAY_MS + i as i64)).unwrap();
+    let closed = archive.close_all().unwrap();
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(File::open(&closed[0].path).unwrap()).unwrap();
+    let meta = parquet::file::reader::FileReader::metadata(&reader);
+    for c in meta.row_groups()[0].columns() {
+        let name = c.column_path().string();
+        let min_max = c.statistics().is_some_and(|s| s.min_bytes_opt().is_some());
+        assert_eq!(min_max, name == "ts", "{name}");
+        if ["id", "ts", "payload"].contains(&name.as_str()) {
+            assert!(c.dictionary_page_offset().is_none(), "{name}");
+        }
+    }
+}

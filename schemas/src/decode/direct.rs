@@ -36,6 +36,8 @@ pub(super) enum Val<'p> {
     Null,
     /// Text of a UUID, enum or free-text field.
     Str(&'p str),
+    /// A UUID already parsed where it stood (by [`super::scan`]): its bytes as two little-endian words.
+    Uuid([u64; 2]),
     /// An integer, or a time in epoch milliseconds.
     Int(i64),
     Float(f64),
@@ -67,13 +69,24 @@ impl<'p> Staging<'p> {
 }
 
 /// Reads `payload` into `staging`, or returns `false` when the record is not ordinary (see the
-/// module documentation) and must go to arrow-json.
+/// module documentation) and must go to arrow-json. [`super::scan`] tries first; what it is not
+/// sure of, serde_json reads.
 pub(super) fn stage<'p>(fields: &'static [FieldSpec], payload: &'p [u8], staging: &mut Staging<'p>) -> bool {
     staging.vals.fill(Val::Absent);
     staging.items.clear();
-    // Validating once lets serde_json borrow every string without checking it again; and arrow-json
-    // refuses invalid UTF-8 anywhere in a string, serde_json only in the strings it returns.
+    // Validating once lets both readers borrow every string without checking it again; and
+    // arrow-json refuses invalid UTF-8 anywhere in a string, serde_json only in the strings it returns.
     let Ok(text) = std::str::from_utf8(payload) else { return false };
+    if super::scan::stage(fields, text, staging) {
+        return true;
+    }
+    staging.vals.fill(Val::Absent);
+    staging.items.clear();
+    stage_serde(fields, text, staging)
+}
+
+/// [`stage`] with serde_json alone, on a cleared `staging`.
+pub(super) fn stage_serde<'p>(fields: &'static [FieldSpec], text: &'p str, staging: &mut Staging<'p>) -> bool {
     let mut de = serde_json::Deserializer::from_str(text);
     Record { fields, staging }.deserialize(&mut de).and_then(|()| de.end()).is_ok()
 }
@@ -162,7 +175,7 @@ impl<'de> DeserializeSeed<'de> for Field<'_, 'de> {
 /// A number as arrow-json reads it into a `Float64` column (`lexical_core`, through arrow-cast's
 /// parser, which tries the text as it is first); `None` for `null`. Numbers in quotes, which
 /// arrow-json would parse too, bail.
-fn float<E: serde::de::Error>(raw: &str) -> Result<Option<f64>, E> {
+pub(super) fn float<E: serde::de::Error>(raw: &str) -> Result<Option<f64>, E> {
     match raw.as_bytes().first() {
         Some(b'n') => Ok(None),
         Some(b'-' | b'0'..=b'9') => Float64Type::parse(raw).map(Some).ok_or_else(bail),

@@ -13,9 +13,21 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// Parses UUID text as `Uuid::try_parse_ascii` does, to the UUID's bytes.
 #[inline]
 pub(super) fn parse(text: &[u8]) -> Option<[u8; 16]> {
-    let Ok(s) = <&[u8; 36]>::try_from(text) else {
-        return Uuid::try_parse_ascii(text).ok().map(Uuid::into_bytes);
-    };
+    match <&[u8; 36]>::try_from(text) {
+        Ok(s) => parse_hyphenated(s).map(|[lo, hi]| {
+            let mut out = [0u8; 16];
+            out[..8].copy_from_slice(&lo.to_le_bytes());
+            out[8..].copy_from_slice(&hi.to_le_bytes());
+            out
+        }),
+        Err(_) => Uuid::try_parse_ascii(text).ok().map(Uuid::into_bytes),
+    }
+}
+
+/// The hyphenated form's bytes as two little-endian words (bytes 0..8 and 8..16), computed in
+/// registers: a caller that stores them as words does not reload bytes it just stored one by one.
+#[inline(always)]
+pub(super) fn parse_hyphenated(s: &[u8; 36]) -> Option<[u64; 2]> {
     if s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
         return None;
     }
@@ -25,12 +37,7 @@ pub(super) fn parse(text: &[u8]) -> Option<[u8; 16]> {
     let w2 = le32(&s[19..23]) | le32(&s[24..28]) << 32;
     let w3 = le64(&s[28..36]);
     let (b0, b1, b2, b3) = (hex8(w0)?, hex8(w1)?, hex8(w2)?, hex8(w3)?);
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&b0.to_le_bytes());
-    out[4..8].copy_from_slice(&b1.to_le_bytes());
-    out[8..12].copy_from_slice(&b2.to_le_bytes());
-    out[12..16].copy_from_slice(&b3.to_le_bytes());
-    Some(out)
+    Some([u64::from(b0) | u64::from(b1) << 32, u64::from(b2) | u64::from(b3) << 32])
 }
 
 #[inline(always)]
