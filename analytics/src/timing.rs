@@ -30,7 +30,7 @@ use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::huge::HugeVec;
+use crate::huge::{DirtyRows, HugeArray, HugeVec, MirrorSlot, fresh_epoch};
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +161,11 @@ pub struct Schedules {
     table: HashTable<Slot>,
     /// hashbrown's default hasher (foldhash), seeded per process like every map of the engine.
     hasher: DefaultHashBuilder,
+    /// Buckets written since the checkpoint mirror was last brought up to date (see
+    /// [`SchedulesSnapshot`]).
+    dirty: DirtyRows,
+    /// The checkpoint mirror.
+    mirror: MirrorSlot<SchedulesMirror>,
 }
 
 /// A schedule's key: (requester, target), the target nil for the requester's own.
@@ -189,7 +194,7 @@ impl Slot {
 impl Schedules {
     /// An empty table with room for `n` schedules.
     pub fn with_capacity(n: usize) -> Self {
-        Self { table: HashTable::with_capacity(n), hasher: DefaultHashBuilder::default() }
+        Self { table: HashTable::with_capacity(n), ..Self::default() }
     }
 
     /// The schedule of `key`, if any.
@@ -242,20 +247,28 @@ impl Schedules {
     /// table may have grown since): it is used only when it holds `key`.
     #[inline]
     pub(crate) fn entry(&mut self, key: &ScheduleKey, hash: u64, candidate: Option<usize>) -> (&mut Schedule, bool) {
-        let Self { table, hasher } = self;
+        let Self { table, hasher, dirty, .. } = self;
         let table = match candidate {
             Some(c) => match table.get_bucket_entry(c) {
-                Ok(e) if e.get().holds(key) => return (&mut e.into_mut().schedule, false),
+                Ok(e) if e.get().holds(key) => {
+                    dirty.mark(c);
+                    return (&mut e.into_mut().schedule, false);
+                }
                 Ok(e) => e.into_table(),
                 Err(absent) => absent.into_table(),
             },
             None => table,
         };
         match table.entry(hash, |s| s.holds(key), |s| hasher.hash_one(s.key())) {
-            hashbrown::hash_table::Entry::Occupied(e) => (&mut e.into_mut().schedule, false),
+            hashbrown::hash_table::Entry::Occupied(e) => {
+                dirty.mark(e.bucket_index());
+                (&mut e.into_mut().schedule, false)
+            }
             hashbrown::hash_table::Entry::Vacant(e) => {
                 let slot = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
-                (&mut e.insert(slot).into_mut().schedule, true)
+                let e = e.insert(slot);
+                dirty.mark(e.bucket_index());
+                (&mut e.into_mut().schedule, true)
             }
         }
     }
@@ -406,10 +419,124 @@ struct ScheduleRow {
 }
 
 /// A partition's learned schedules as a checkpoint holds them: the keys and schedules in one array
-/// (a copy of the hash table's entries without its buckets), in the table's order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// (a copy of the hash table's entries without its buckets), in the table's order; or the table's
+/// checkpoint mirror (see [`Schedules::take_snapshot`]), packed into that array only when written.
+#[derive(Debug, Clone)]
 pub struct SchedulesSnapshot {
-    rows: HugeVec<ScheduleRow>,
+    repr: SnapshotRepr,
+}
+
+#[derive(Debug, Clone)]
+enum SnapshotRepr {
+    Rows(HugeVec<ScheduleRow>),
+    Mirror(Box<SchedulesMirror>),
+}
+
+impl Default for SchedulesSnapshot {
+    fn default() -> Self {
+        Self { repr: SnapshotRepr::Rows(HugeVec::default()) }
+    }
+}
+
+/// The same schedules in the same order, whichever the form.
+impl PartialEq for SchedulesSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for SchedulesSnapshot {}
+
+/// A copy of a [`Schedules`] table kept from checkpoint to checkpoint, bucket for bucket, so that
+/// a checkpoint copies only the buckets written since the last one. When the table grows (its
+/// buckets move) the mirror starts over. (Schedules are never removed, so the table never
+/// rehashes in place, which would move buckets without changing their number: a table that
+/// removes must start its mirror over then too.)
+#[derive(Debug, Clone, Default)]
+struct SchedulesMirror {
+    /// Which mirror of which table this is (see [`MirrorSlot`]).
+    epoch: u64,
+    /// The table's buckets (the mirror is of a table of this many).
+    slots: HugeArray<Slot>,
+    /// Which buckets hold a schedule, one bit each.
+    full: Vec<u64>,
+    /// Schedules held.
+    len: usize,
+}
+
+impl SchedulesMirror {
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.full.iter().enumerate().flat_map(move |(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(&self.slots[wi << 6 | bit])
+            })
+        })
+    }
+}
+
+/// The checkpoint mirror.
+impl Schedules {
+    /// Copies into the mirror up to `budget` buckets written since it was last brought up to date
+    /// (every bucket the first time, after the table grew, or when the mirror is out in a
+    /// checkpoint not handed back); returns the buckets still to copy.
+    pub fn mirror_step(&mut self, budget: usize) -> usize {
+        let buckets = self.table.num_buckets();
+        let epoch = self.mirror.epoch;
+        let m = self.mirror.home.get_or_insert_with(|| SchedulesMirror { epoch, ..SchedulesMirror::default() });
+        if m.slots.len() != buckets {
+            *m = SchedulesMirror { epoch, slots: HugeArray::zeroed(buckets), full: vec![0; buckets.div_ceil(64)], len: 0 };
+            self.dirty.cover(buckets);
+            self.dirty.mark_range(0, buckets);
+        }
+        let table = &self.table;
+        self.dirty.drain(budget, |b| {
+            let was = m.full[b >> 6] >> (b & 63) & 1 == 1;
+            match table.get_bucket(b) {
+                Some(slot) => {
+                    m.slots[b] = *slot;
+                    m.full[b >> 6] |= 1 << (b & 63);
+                    m.len += usize::from(!was);
+                }
+                None => {
+                    m.full[b >> 6] &= !(1 << (b & 63));
+                    m.len -= usize::from(was);
+                }
+            }
+        });
+        self.dirty.count()
+    }
+
+    /// The schedules as a checkpoint holds them, through the mirror: brought up to date (the
+    /// buckets written since the last [`Schedules::mirror_step`]) and handed out whole. The table
+    /// expects it back ([`Schedules::recycle`]); until then it counts the buckets written. Without
+    /// a mirror at home a packed [`SchedulesSnapshot::of`] is taken instead.
+    pub fn take_snapshot(&mut self) -> SchedulesSnapshot {
+        if self.mirror.home.is_none() {
+            return SchedulesSnapshot::of(self);
+        }
+        self.mirror_step(usize::MAX);
+        let mut m = self.mirror.home.take().expect("brought up to date");
+        m.epoch = fresh_epoch();
+        self.mirror.epoch = m.epoch;
+        SchedulesSnapshot { repr: SnapshotRepr::Mirror(Box::new(m)) }
+    }
+
+    /// Takes back the mirror of a snapshot from [`Schedules::take_snapshot`] once it is written. A
+    /// snapshot of another table, or of this one but not the last taken, is dropped.
+    pub fn recycle(&mut self, s: SchedulesSnapshot) {
+        if let SnapshotRepr::Mirror(m) = s.repr
+            && m.epoch == self.mirror.epoch
+            && self.mirror.home.is_none()
+        {
+            self.mirror.home = Some(*m);
+        }
+    }
 }
 
 impl SchedulesSnapshot {
@@ -421,22 +548,30 @@ impl SchedulesSnapshot {
             *row = ScheduleRow { key: [*requester.as_bytes(), *target.as_bytes()], schedule: *schedule };
         }
         rows.commit(schedules.len());
-        Self { rows }
+        Self { repr: SnapshotRepr::Rows(rows) }
     }
 
     /// Schedules held.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => rows.len(),
+            SnapshotRepr::Mirror(m) => m.len,
+        }
     }
 
     /// Whether no schedule is held.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     /// Every key and its schedule.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = ((Uuid, Uuid), &Schedule)> {
-        self.rows.iter().map(|r| ((Uuid::from_bytes(r.key[0]), Uuid::from_bytes(r.key[1])), &r.schedule))
+    pub fn iter(&self) -> Box<dyn Iterator<Item = ((Uuid, Uuid), &Schedule)> + '_> {
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => {
+                Box::new(rows.iter().map(|r| ((Uuid::from_bytes(r.key[0]), Uuid::from_bytes(r.key[1])), &r.schedule)))
+            }
+            SnapshotRepr::Mirror(m) => Box::new(m.iter().map(|s| (s.key(), &s.schedule))),
+        }
     }
 
     /// The schedules as the engine holds them.
@@ -454,13 +589,25 @@ impl SchedulesSnapshot {
 /// daily counts u32), 168 bytes a schedule.
 impl Serialize for SchedulesSnapshot {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.rows.serialize(s)
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => rows.serialize(s),
+            // Packed here, on the thread that writes the checkpoint.
+            SnapshotRepr::Mirror(m) => {
+                let mut rows = HugeVec::with_capacity(m.len);
+                let spare = rows.spare_mut();
+                for (row, slot) in spare.iter_mut().zip(m.iter()) {
+                    *row = ScheduleRow { key: slot.key, schedule: slot.schedule };
+                }
+                rows.commit(m.len);
+                rows.serialize(s)
+            }
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for SchedulesSnapshot {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        HugeVec::deserialize(d).map(|rows| Self { rows })
+        HugeVec::deserialize(d).map(|rows| Self { repr: SnapshotRepr::Rows(rows) })
     }
 }
 
@@ -499,6 +646,45 @@ mod tests {
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
         assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    /// The checkpoint mirror holds exactly the table at every checkpoint: through growth (the
+    /// buckets move), copies made ahead with any budget, mirrors not handed back and stale copies
+    /// handed back (refused).
+    #[test]
+    fn the_schedules_mirror_holds_exactly_the_table_at_every_checkpoint() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut schedules = Schedules::default();
+        let mut stale: Option<SchedulesSnapshot> = None;
+        for round in 0..80u32 {
+            let pool = 10 + round * round * 5;
+            for _ in 0..rng.random_range(1..5) {
+                for _ in 0..rng.random_range(0..2_000) {
+                    let key = (Uuid::from_u128(u128::from(rng.random_range(0..pool))), Uuid::nil());
+                    schedules.get_or_default(&key).add(MONDAY + rng.random_range(0..28 * DAY));
+                }
+                if rng.random_range(0..3) == 0 {
+                    schedules.mirror_step(rng.random_range(0..3_000));
+                }
+            }
+            if rng.random_range(0..3) > 0 {
+                let s = schedules.take_snapshot();
+                assert_eq!(s, SchedulesSnapshot::of(&schedules), "round {round}: the mirror is the table");
+                let read: SchedulesSnapshot = postcard::from_bytes(&postcard::to_stdvec(&s).unwrap()).unwrap();
+                assert_eq!(read, s, "round {round}: written as the table's own snapshot is");
+                if let Some(old) = stale.take() {
+                    schedules.recycle(old);
+                }
+                stale = Some(s.clone());
+                if rng.random_range(0..4) > 0 {
+                    schedules.recycle(s);
+                }
+            }
+        }
+        assert!(schedules.len() > 10_000, "grown through many sizes: {}", schedules.len());
     }
 
     #[test]
