@@ -748,7 +748,9 @@ impl Pipeline {
             ends
         };
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
+        let snapshot = Instant::now();
         let cp = self.engine.checkpoint();
+        let snapshot_ms = snapshot.elapsed().as_secs_f64() * 1e3;
         let offsets: Vec<Position> = cp
             .partitions
             .iter()
@@ -756,7 +758,7 @@ impl Pipeline {
             .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
             .collect();
         self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64, steps);
+        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64, snapshot_ms, steps);
         self.checkpointer.submit(closing, cp, offsets, started)?;
         Ok(true)
     }

@@ -7,14 +7,16 @@
 //! attempts whose windows spill now and then, a per-target profile limit), 500,000 learned
 //! schedules (per requester: its own and one pair's), 100,000 finding ids in the dedup horizon and
 //! 10,000 offenders. Every window, id and offender is recent enough to survive the checkpoint's
-//! prune, so each iteration copies the whole state. Built through the public API: attempts counted
-//! with [`ThrottleState::count_batch`], schedules fed with [`Schedule::add`], offenders counted.
+//! prune. Built through the public API: attempts counted with `ThrottleState::count_batch`,
+//! schedules fed with `Schedule::add`, offenders counted.
 //!
-//! Two pauses. **pause_full**: a checkpoint whose tables' mirrors were not handed back (the first
-//! one, or one after a mirror was lost): every row copied. **pause**: the pipeline's steady state.
-//! Between two checkpoints 400,000 attempts (5 s at 80 k/s) of random requesters of the state are
-//! counted in micro-batches of 2,000 (their requester, device-type and profile windows, their two
-//! schedules); then, as the pipeline does once a checkpoint is due, each further micro-batch is
+//! Two pauses. **pause_full**: a checkpoint without mirrors at home (the first one, one whose
+//! mirrors were not handed back, the exact ones at start and stop): every row copied into a packed
+//! snapshot. **pause**: the pipeline's steady state. Between two checkpoints 400,000 attempts (5 s
+//! at 80 k/s of event time, which advances) of random requesters of the state are counted in
+//! micro-batches of 2,000 (their requester, device-type and profile windows, one in eight a
+//! connect window, their two schedules); then, as the pipeline does once a checkpoint is due, each
+//! further micro-batch is
 //! followed by a [`Engine::checkpoint_step`] until at most [`CHECKPOINT_CUT_ROWS`] rows are left
 //! to copy; then the checkpoint is taken (timed) and its mirrors handed back once "written".
 //! Only the checkpoint is timed.
