@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use meshguard_analytics::{Checkpoint, CheckpointStore, LocalCheckpointStore, Position};
+use meshguard_analytics::{Checkpoint, CheckpointStore, LocalCheckpointStore, Position, Recycled};
 use meshguard_ingest::archive::Closing;
 
 /// A checkpoint to write, the archive files to close before it, and the input offsets to commit
@@ -41,6 +41,9 @@ pub(crate) struct Done {
     pub started: Instant,
     /// How long the write took.
     pub write: Duration,
+    /// The checkpoint's tables' mirrors, for the engine to take back ([`meshguard_analytics::Engine::recycle`]):
+    /// the next checkpoint copies only what changed since.
+    pub recycled: Recycled,
 }
 
 /// Whether a write is in progress, shared with the revoke hook.
@@ -90,9 +93,10 @@ impl Checkpointer {
                     Ok(()) => store.save(&job.checkpoint).map_err(anyhow::Error::from),
                     Err(e) => Err(anyhow::Error::from(e).context("closing archive files before a checkpoint")),
                 };
-                drop(job.checkpoint);
+                // What the engine does not take back is dropped here, not on the pipeline's thread.
+                let recycled = job.checkpoint.into_recycled();
                 thread_idle.set_busy(false);
-                let done = Done { offsets: job.offsets, result, started: job.started, write: began.elapsed() };
+                let done = Done { offsets: job.offsets, result, started: job.started, write: began.elapsed(), recycled };
                 if done_tx.send(done).is_err() {
                     return;
                 }

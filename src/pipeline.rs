@@ -12,7 +12,10 @@
 //!    `Pipeline::start_checkpoint`);
 //! 3. snapshot the engine and save it durably (state and input offsets together): the snapshot on
 //!    this thread, the write on the checkpoint thread while this one goes on (see
-//!    [`crate::checkpointer`]);
+//!    [`crate::checkpointer`]). Once a checkpoint is due, each turn of the loop first does a slice
+//!    of its work ahead (`Engine::checkpoint_step`: the windows' prune, copying the rows written
+//!    since the last checkpoint into the tables' mirrors, which the checkpoint thread hands back
+//!    once written), so that the snapshot itself copies only what the last turns wrote;
 //! 4. only then, once the write is durable, commit the same input offsets to the consumer group.
 //!
 //! On start: restore the checkpoint, read back the findings written after it (a crash may have
@@ -31,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use meshguard_analytics::enforcement::Status;
 use meshguard_analytics::sql::{SqlSources, tables};
-use meshguard_analytics::{CheckpointStore, Engine, LocalCheckpointStore, Position};
+use meshguard_analytics::{CHECKPOINT_CUT_ROWS, CHECKPOINT_STEP_ROWS, CheckpointStore, Engine, LocalCheckpointStore, Position};
 use meshguard_ingest::archive::{ATTEMPTS, ENFORCEMENT, FINDINGS, INTERACTIONS};
 use meshguard_ingest::source::{OffsetResolver, RawBatch, RebalanceEvent, RevokeHook};
 use meshguard_ingest::{
@@ -48,6 +51,12 @@ use crate::config::Config;
 
 /// How long Kafka admin and flush calls may take before the worker gives up.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Turns of the loop a due checkpoint may spend on work done ahead of it (see
+/// [`Pipeline::start_checkpoint`]) before it is taken whatever is left: a state written faster
+/// than the steps copy it still gets checkpointed (with a longer pause).
+const MAX_CHECKPOINT_STEPS: u32 = 200;
+
 /// Longest wait to read the global tables to their end before judging a micro-batch.
 const GLOBAL_ALIGN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -277,6 +286,8 @@ pub struct Pipeline {
     engine: Engine,
     store: LocalCheckpointStore,
     checkpointer: Checkpointer,
+    /// Steps done ahead of the checkpoint due (see [`Pipeline::start_checkpoint`]).
+    checkpoint_steps: u32,
     /// The archive (`archive.enabled`): attempts, findings and enforcement changes, each also
     /// readable live by the SQL surface until its file closes.
     archive: Option<Archives>,
@@ -440,6 +451,7 @@ impl Pipeline {
             engine,
             store,
             checkpointer,
+            checkpoint_steps: 0,
             archive,
             sql,
             devices_written: (0, None),
@@ -561,9 +573,9 @@ impl Pipeline {
             if let Some(done) = self.checkpointer.try_done() {
                 self.finish_checkpoint(done?)?;
             }
-            // Due, and the previous one written: otherwise it waits for a later turn.
-            if last_checkpoint.elapsed() >= interval && !self.checkpointer.in_flight() {
-                self.start_checkpoint(false)?;
+            // Due, and the previous one written: otherwise it waits for a later turn (and until
+            // the work done ahead of it leaves a short pause).
+            if last_checkpoint.elapsed() >= interval && !self.checkpointer.in_flight() && self.start_checkpoint(false)? {
                 if let Some(lag) = self.source.lag() {
                     self.metrics.consumer_lag.set(lag);
                 }
@@ -755,7 +767,22 @@ impl Pipeline {
     /// checkpoint's, the ends last read by the [`FindingsEnds`] thread (read before this moment),
     /// and the offsets after this worker's own last delivered findings (after the flush, all
     /// of them).
-    fn start_checkpoint(&mut self, exact: bool) -> anyhow::Result<()> {
+    ///
+    /// Unless `exact`, the checkpoint is taken only once the work that can be done ahead of it
+    /// (the windows' prune, copying rows into the tables' mirrors: [`Engine::checkpoint_step`])
+    /// leaves at most [`CHECKPOINT_CUT_ROWS`] rows to copy, one step per call (per turn of the
+    /// loop), or after [`MAX_CHECKPOINT_STEPS`] steps; returns whether it was taken.
+    fn start_checkpoint(&mut self, exact: bool) -> anyhow::Result<bool> {
+        if !exact {
+            let step = Instant::now();
+            let left = self.engine.checkpoint_step(CHECKPOINT_STEP_ROWS);
+            self.checkpoint_steps += 1;
+            tracing::trace!(message = "Checkpoint step.", left, ms = step.elapsed().as_millis() as u64);
+            if left > CHECKPOINT_CUT_ROWS && self.checkpoint_steps < MAX_CHECKPOINT_STEPS {
+                return Ok(false);
+            }
+        }
+        let steps = std::mem::take(&mut self.checkpoint_steps);
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
         // Closed by the checkpoint thread, before it writes the checkpoint.
@@ -774,7 +801,9 @@ impl Pipeline {
             ends
         };
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
+        let snapshot = Instant::now();
         let cp = self.engine.checkpoint();
+        let snapshot_ms = snapshot.elapsed().as_secs_f64() * 1e3;
         let offsets: Vec<Position> = cp
             .partitions
             .iter()
@@ -782,13 +811,15 @@ impl Pipeline {
             .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
             .collect();
         self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64);
-        self.checkpointer.submit(closing, cp, offsets, started)
+        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64, snapshot_ms, steps);
+        self.checkpointer.submit(closing, cp, offsets, started)?;
+        Ok(true)
     }
 
     /// Step 4, once the checkpoint thread has written the checkpoint: commits its offsets (of the
     /// partitions still ours), then archive retention and the gauges.
-    fn finish_checkpoint(&mut self, done: Done) -> anyhow::Result<()> {
+    fn finish_checkpoint(&mut self, mut done: Done) -> anyhow::Result<()> {
+        self.engine.recycle(std::mem::take(&mut done.recycled));
         done.result.context("saving a checkpoint")?;
         // The checkpoint is durable and says where each partition resumes; the committed offset
         // only mirrors it (for lag and for tools). A commit refused during a rebalance is retried

@@ -145,6 +145,22 @@ impl<T: Pod> HugeVec<T> {
         assert!(self.len + n <= self.array.len(), "committed past the capacity");
         self.len += n;
     }
+
+    /// Makes the array `n` values long: cut, or grown with zeroed values (the room past the used
+    /// values is zeroed only when it was never used: a mirror overwrites what it grows into).
+    pub(crate) fn set_len(&mut self, n: usize) {
+        if n > self.len {
+            self.reserve(n - self.len);
+        }
+        self.len = n;
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for HugeVec<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.array[..self.len]
+    }
 }
 
 impl<T: Pod> std::ops::Deref for HugeVec<T> {
@@ -205,5 +221,91 @@ impl<'de, T: Pod> serde::Deserialize<'de> for HugeVec<T> {
             }
         }
         d.deserialize_bytes(V(std::marker::PhantomData))
+    }
+}
+
+/// Rows of a table written since its checkpoint mirror was last brought up to date, one bit per
+/// row (see `throttle::snapshot` and `timing`'s mirrors). Marking is one `or` into a word on the
+/// hot path; the bitmap only grows between micro-batches ([`DirtyRows::cover`]), and a row past
+/// it is not marked: mirrors copy every row past what they covered anyway.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DirtyRows {
+    words: Vec<u64>,
+}
+
+impl DirtyRows {
+    /// Marks row `i` as written.
+    #[inline]
+    pub(crate) fn mark(&mut self, i: usize) {
+        if let Some(w) = self.words.get_mut(i >> 6) {
+            *w |= 1 << (i & 63);
+        }
+    }
+
+    /// Grows the bitmap to cover rows `0..n` (new rows unmarked).
+    pub(crate) fn cover(&mut self, n: usize) {
+        let words = n.div_ceil(64);
+        if words > self.words.len() {
+            self.words.resize(words, 0);
+        }
+    }
+
+    /// Marks rows `from..to` (covered first).
+    pub(crate) fn mark_range(&mut self, from: usize, to: usize) {
+        self.cover(to);
+        for i in from..to {
+            // A loop per bit, but only over rows a mirror has never held: once per row.
+            self.words[i >> 6] |= 1 << (i & 63);
+        }
+    }
+
+    /// Rows marked.
+    pub(crate) fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Unmarks up to `limit` marked rows, lowest first, calling `f` with each; returns how many.
+    pub(crate) fn drain(&mut self, limit: usize, mut f: impl FnMut(usize)) -> usize {
+        let mut n = 0;
+        for (wi, w) in self.words.iter_mut().enumerate() {
+            while *w != 0 {
+                if n == limit {
+                    return n;
+                }
+                let bit = w.trailing_zeros() as usize;
+                *w &= *w - 1;
+                f(wi << 6 | bit);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// A number no other checkpoint mirror of this process was given: a mirror handed back is taken
+/// only by the table whose current mirror it is.
+pub(crate) fn fresh_epoch() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where a table's checkpoint mirror is: at home (brought up to date between micro-batches), or
+/// out (in a checkpoint being written), its epoch saying which mirror the table expects back. A
+/// copy of a table gets no mirror and an epoch of its own: no mirror of the original fits it.
+#[derive(Debug)]
+pub(crate) struct MirrorSlot<M> {
+    pub(crate) epoch: u64,
+    pub(crate) home: Option<M>,
+}
+
+impl<M> Default for MirrorSlot<M> {
+    fn default() -> Self {
+        Self { epoch: fresh_epoch(), home: None }
+    }
+}
+
+impl<M> Clone for MirrorSlot<M> {
+    fn clone(&self) -> Self {
+        Self::default()
     }
 }

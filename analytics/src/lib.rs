@@ -41,6 +41,8 @@ pub mod throttle;
 pub mod timing;
 pub mod timing_model;
 
-pub use engine::checkpoint::{Checkpoint, CheckpointStore, LocalCheckpointStore, PartitionSnapshot};
+pub use engine::checkpoint::{
+    CHECKPOINT_CUT_ROWS, CHECKPOINT_STEP_ROWS, Checkpoint, CheckpointStore, LocalCheckpointStore, PartitionSnapshot, Recycled,
+};
 pub use engine::{Engine, EngineConfig, EngineStats, MicroBatch, PartitionId, Position, RegistryChange, RowsBatch};
 pub use error::{Error, Result};

@@ -481,10 +481,28 @@ impl ThrottleState {
     }
 
     /// Forgets windows no attempt at or after `horizon_ms` can still count in (their newest
-    /// attempt is a whole window older), and expired tightenings.
+    /// attempt is a whole window older), and expired tightenings. Windows judged by
+    /// [`ThrottleState::prune_step`] since the last prune are not judged again.
     pub fn prune(&mut self, horizon_ms: i64) {
-        self.windows.retain(|_, w| w.newest().is_some_and(|t| t > horizon_ms - i64::from(w.window.per_ms)));
+        self.windows.retain_rest(|_, w| Self::live(&w, horizon_ms));
         self.tightened.retain(|_, until| *until > horizon_ms);
+    }
+
+    /// Judges up to `budget` more windows as [`ThrottleState::prune`] does (a prune spread over
+    /// the micro-batches before a checkpoint); returns how many are left to judge.
+    pub fn prune_step(&mut self, horizon_ms: i64, budget: usize) -> usize {
+        self.windows.retain_step(budget, |_, w| Self::live(&w, horizon_ms))
+    }
+
+    /// Whether an attempt at or after `horizon_ms` can still count in `w`.
+    fn live(w: &WindowRef<'_>, horizon_ms: i64) -> bool {
+        w.newest().is_some_and(|t| t > horizon_ms - i64::from(w.window.per_ms))
+    }
+
+    /// The state as a checkpoint holds it, its windows through the table's mirror (see
+    /// [`Windows::take_snapshot`]).
+    pub fn take_snapshot(&mut self) -> ThrottleSnapshot {
+        ThrottleSnapshot { windows: self.windows.take_snapshot(), tightened: self.tightened.clone() }
     }
 
     /// Counts `attempts` in order, as counting them one by one would, with the limits of

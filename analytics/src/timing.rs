@@ -30,7 +30,7 @@ use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::huge::{HugeArray, HugeVec};
+use crate::huge::{DirtyRows, HugeArray, HugeVec, MirrorSlot, fresh_epoch};
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +172,11 @@ pub struct Schedules {
     /// the first `len` in use.
     chunks: Vec<HugeArray<Slot>>,
     len: usize,
+    /// Rows written since the checkpoint mirror was last brought up to date (see
+    /// [`SchedulesSnapshot`]).
+    dirty: DirtyRows,
+    /// The checkpoint mirror.
+    mirror: MirrorSlot<SchedulesMirror>,
 }
 
 /// Rows per chunk of [`Schedules`]: 10.5 MiB (rounded up to whole huge pages when mapped).
@@ -335,9 +340,11 @@ impl Schedules {
     #[inline]
     pub(crate) fn entry(&mut self, key: &ScheduleKey, hash: u64, candidate: Option<usize>) -> (&mut Schedule, bool) {
         if let Some(c) = candidate.filter(|c| *c < self.len && self.row(*c).holds(key)) {
+            self.dirty.mark(c);
             return (&mut self.row_mut(c).schedule, false);
         }
         if let Some(i) = self.find(key, hash) {
+            self.dirty.mark(i);
             return (&mut self.row_mut(i).schedule, false);
         }
         // At most half full, so probes stay short.
@@ -536,10 +543,109 @@ struct ScheduleRow {
 }
 
 /// A partition's learned schedules as a checkpoint holds them: the keys and schedules in one array
-/// (a copy of the hash table's entries without its buckets), in the table's order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// (a copy of the table's rows without its index), in the table's order; or the table's
+/// checkpoint mirror (see [`Schedules::take_snapshot`]), packed into that array only when written.
+#[derive(Debug, Clone)]
 pub struct SchedulesSnapshot {
-    rows: HugeVec<ScheduleRow>,
+    repr: SnapshotRepr,
+}
+
+#[derive(Debug, Clone)]
+enum SnapshotRepr {
+    Rows(HugeVec<ScheduleRow>),
+    Mirror(Box<SchedulesMirror>),
+}
+
+impl Default for SchedulesSnapshot {
+    fn default() -> Self {
+        Self { repr: SnapshotRepr::Rows(HugeVec::default()) }
+    }
+}
+
+/// The same schedules in the same order, whichever the form.
+impl PartialEq for SchedulesSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for SchedulesSnapshot {}
+
+/// A copy of a [`Schedules`] table's rows kept from checkpoint to checkpoint, so that a checkpoint
+/// copies only the rows written since the last one. Rows never move and are never removed: the
+/// rows past the mirror's `len` are new and copied whole, the others when their dirty bit is set.
+/// (A table that removed or moved rows would have to start its mirror over then.)
+#[derive(Debug, Clone, Default)]
+struct SchedulesMirror {
+    /// Which mirror of which table this is (see [`MirrorSlot`]).
+    epoch: u64,
+    /// The table's first `len` rows.
+    rows: HugeVec<Slot>,
+}
+
+impl SchedulesMirror {
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.rows.iter()
+    }
+}
+
+/// The checkpoint mirror.
+impl Schedules {
+    /// Copies into the mirror up to `budget` rows written since it was last brought up to date
+    /// (every row the first time, or when the mirror is out in a checkpoint not handed back);
+    /// returns the rows still to copy.
+    pub fn mirror_step(&mut self, budget: usize) -> usize {
+        let epoch = self.mirror.epoch;
+        let m = self.mirror.home.get_or_insert_with(|| SchedulesMirror { epoch, ..SchedulesMirror::default() });
+        let chunks = &self.chunks;
+        let row = |i: usize| &chunks[i >> CHUNK_BITS][i & (ROWS_PER_CHUNK - 1)];
+        // Rows the mirror holds, written since: their dirty bits. (A bit of a row past them is
+        // dropped: that row is new to the mirror and copied below, now or at a later step.)
+        let held = m.rows.len();
+        let drained = self.dirty.drain(budget, |i| {
+            if i < held {
+                m.rows[i] = *row(i);
+            }
+        });
+        // Rows new to the mirror, a chunk's run at a time.
+        let to = self.len.min(held.saturating_add(budget - drained));
+        m.rows.set_len(to);
+        let mut at = held;
+        while at < to {
+            let (chunk, offset) = (at >> CHUNK_BITS, at & (ROWS_PER_CHUNK - 1));
+            let run = (to - at).min(chunks[chunk].len() - offset);
+            m.rows[at..at + run].copy_from_slice(&chunks[chunk][offset..offset + run]);
+            at += run;
+        }
+        self.dirty.cover(self.len);
+        self.dirty.count() + (self.len - to)
+    }
+
+    /// The schedules as a checkpoint holds them, through the mirror: brought up to date (the
+    /// rows written since the last [`Schedules::mirror_step`]) and handed out whole. The table
+    /// expects it back ([`Schedules::recycle`]); until then it marks the rows written. Without
+    /// a mirror at home a packed [`SchedulesSnapshot::of`] is taken instead.
+    pub fn take_snapshot(&mut self) -> SchedulesSnapshot {
+        if self.mirror.home.is_none() {
+            return SchedulesSnapshot::of(self);
+        }
+        self.mirror_step(usize::MAX);
+        let mut m = self.mirror.home.take().expect("brought up to date");
+        m.epoch = fresh_epoch();
+        self.mirror.epoch = m.epoch;
+        SchedulesSnapshot { repr: SnapshotRepr::Mirror(Box::new(m)) }
+    }
+
+    /// Takes back the mirror of a snapshot from [`Schedules::take_snapshot`] once it is written. A
+    /// snapshot of another table, or of this one but not the last taken, is dropped.
+    pub fn recycle(&mut self, s: SchedulesSnapshot) {
+        if let SnapshotRepr::Mirror(m) = s.repr
+            && m.epoch == self.mirror.epoch
+            && self.mirror.home.is_none()
+        {
+            self.mirror.home = Some(*m);
+        }
+    }
 }
 
 impl SchedulesSnapshot {
@@ -551,22 +657,30 @@ impl SchedulesSnapshot {
             *row = ScheduleRow { key: [*requester.as_bytes(), *target.as_bytes()], schedule: *schedule };
         }
         rows.commit(schedules.len());
-        Self { rows }
+        Self { repr: SnapshotRepr::Rows(rows) }
     }
 
     /// Schedules held.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => rows.len(),
+            SnapshotRepr::Mirror(m) => m.rows.len(),
+        }
     }
 
     /// Whether no schedule is held.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     /// Every key and its schedule.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = ((Uuid, Uuid), &Schedule)> {
-        self.rows.iter().map(|r| ((Uuid::from_bytes(r.key[0]), Uuid::from_bytes(r.key[1])), &r.schedule))
+    pub fn iter(&self) -> Box<dyn Iterator<Item = ((Uuid, Uuid), &Schedule)> + '_> {
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => {
+                Box::new(rows.iter().map(|r| ((Uuid::from_bytes(r.key[0]), Uuid::from_bytes(r.key[1])), &r.schedule)))
+            }
+            SnapshotRepr::Mirror(m) => Box::new(m.iter().map(|s| (s.key(), &s.schedule))),
+        }
     }
 
     /// The schedules as the engine holds them.
@@ -584,13 +698,25 @@ impl SchedulesSnapshot {
 /// daily counts u32), 168 bytes a schedule.
 impl Serialize for SchedulesSnapshot {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.rows.serialize(s)
+        match &self.repr {
+            SnapshotRepr::Rows(rows) => rows.serialize(s),
+            // Packed here, on the thread that writes the checkpoint.
+            SnapshotRepr::Mirror(m) => {
+                let mut rows = HugeVec::with_capacity(m.rows.len());
+                let spare = rows.spare_mut();
+                for (row, slot) in spare.iter_mut().zip(m.iter()) {
+                    *row = ScheduleRow { key: slot.key, schedule: slot.schedule };
+                }
+                rows.commit(m.rows.len());
+                rows.serialize(s)
+            }
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for SchedulesSnapshot {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        HugeVec::deserialize(d).map(|rows| Self { rows })
+        HugeVec::deserialize(d).map(|rows| Self { repr: SnapshotRepr::Rows(rows) })
     }
 }
 
@@ -646,6 +772,78 @@ mod tests {
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 7 * 60 * MIN).is_none(), "Monday 07:00");
         assert!(s.judge(&cfg, MONDAY + 35 * DAY + 9 * 60 * MIN).is_some(), "Monday, but 09:00");
         assert!(s.judge(&cfg, MONDAY + 33 * DAY + 7 * 60 * MIN).is_some(), "07:00, but Saturday");
+    }
+
+    /// The checkpoint mirror holds exactly the table at every checkpoint: through growth (the
+    /// rows are appended in new chunks), copies made ahead with any budget, mirrors not handed back and stale copies
+    /// handed back (refused).
+    /// The mirror copies new rows a chunk's run at a time, across chunk boundaries and within any
+    /// budget, and the rows written since by their dirty bits.
+    #[test]
+    fn the_schedules_mirror_crosses_chunks_in_steps() {
+        let key = |i: usize| (Uuid::from_u128(i as u128 * 0x9e37_79b9_7f4a_7c15 + 7), Uuid::nil());
+        let mut schedules = Schedules::default();
+        let n = ROWS_PER_CHUNK * 2 + 100;
+        for i in 0..n {
+            schedules.get_or_default(&key(i)).add(MONDAY + i as i64);
+        }
+        let mut left = schedules.mirror_step(40_000);
+        assert_eq!(left, n - 40_000, "new rows count against the budget");
+        while left > 0 {
+            let before = left;
+            left = schedules.mirror_step(30_001);
+            assert!(left < before);
+        }
+        let first = schedules.take_snapshot();
+        assert_eq!(first, SchedulesSnapshot::of(&schedules));
+        schedules.recycle(first);
+        // Rows changed on both sides of a chunk boundary, and new rows past the mirror.
+        for i in [0, ROWS_PER_CHUNK - 1, ROWS_PER_CHUNK, n - 1] {
+            schedules.get_or_default(&key(i)).add(MONDAY + DAY);
+        }
+        for i in n..n + 10 {
+            schedules.get_or_default(&key(i)).add(MONDAY);
+        }
+        assert_eq!(schedules.mirror_step(3), 4 + 10 - 3);
+        let second = schedules.take_snapshot();
+        assert_eq!(second, SchedulesSnapshot::of(&schedules));
+        assert_eq!(second.iter().nth(ROWS_PER_CHUNK).map(|(_, s)| s.attempts()), Some(2));
+    }
+
+    #[test]
+    fn the_schedules_mirror_holds_exactly_the_table_at_every_checkpoint() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut schedules = Schedules::default();
+        let mut stale: Option<SchedulesSnapshot> = None;
+        for round in 0..80u32 {
+            let pool = 10 + round * round * 5;
+            for _ in 0..rng.random_range(1..5) {
+                for _ in 0..rng.random_range(0..2_000) {
+                    let key = (Uuid::from_u128(u128::from(rng.random_range(0..pool))), Uuid::nil());
+                    schedules.get_or_default(&key).add(MONDAY + rng.random_range(0..28 * DAY));
+                }
+                if rng.random_range(0..3) == 0 {
+                    schedules.mirror_step(rng.random_range(0..3_000));
+                }
+            }
+            if rng.random_range(0..3) > 0 {
+                let s = schedules.take_snapshot();
+                assert_eq!(s, SchedulesSnapshot::of(&schedules), "round {round}: the mirror is the table");
+                let read: SchedulesSnapshot = postcard::from_bytes(&postcard::to_stdvec(&s).unwrap()).unwrap();
+                assert_eq!(read, s, "round {round}: written as the table's own snapshot is");
+                if let Some(old) = stale.take() {
+                    schedules.recycle(old);
+                }
+                stale = Some(s.clone());
+                if rng.random_range(0..4) > 0 {
+                    schedules.recycle(s);
+                }
+            }
+        }
+        assert!(schedules.len() > 10_000, "grown through many sizes: {}", schedules.len());
     }
 
     #[test]

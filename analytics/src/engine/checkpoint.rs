@@ -28,7 +28,7 @@ use crate::enforcement::Offender;
 use crate::error::{Error, Result};
 use crate::policy::Location;
 use crate::tables::{FastMap, TableSnapshot};
-use crate::throttle::{ThrottleSnapshot, ThrottleState};
+use crate::throttle::{ThrottleSnapshot, ThrottleState, WindowsSnapshot};
 use crate::timing::SchedulesSnapshot;
 
 /// Leading bytes of every checkpoint file: format name and version. Version 09: a partition's
@@ -39,6 +39,14 @@ const MAGIC: &[u8; 8] = b"MGCKPT09";
 
 /// The part of [`MAGIC`] every version shares.
 const MAGIC_NAME: &[u8; 6] = b"MGCKPT";
+
+/// Rows per table a step of [`Engine::checkpoint_step`] is meant to take between micro-batches
+/// (about a millisecond of copying), and how few rows may be left to copy before the cut (about
+/// as much again in the pause).
+pub const CHECKPOINT_STEP_ROWS: usize = 16_384;
+
+/// See [`CHECKPOINT_STEP_ROWS`].
+pub const CHECKPOINT_CUT_ROWS: usize = 16_384;
 
 /// A consistent snapshot of an engine.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -89,6 +97,40 @@ impl PartitionState {
             schedules: SchedulesSnapshot::of(&self.schedules),
             held_requests: self.held_requests.clone(),
         }
+    }
+}
+
+impl PartitionState {
+    /// The state as a checkpoint holds it, the throttle windows and schedules through their
+    /// tables' mirrors (only the rows written since the mirrors were last brought up to date are
+    /// copied; see [`Engine::checkpoint_step`]).
+    fn take_snapshot(&mut self) -> PartitionSnapshot {
+        PartitionSnapshot {
+            next_offset: self.next_offset,
+            max_event_ms: self.max_event_ms,
+            emitted: self.emitted.clone(),
+            sink_positions: self.sink_positions.clone(),
+            throttles: self.throttles.take_snapshot(),
+            enforcement: self.enforcement.clone(),
+            timers: self.timers.clone(),
+            schedules: self.schedules.take_snapshot(),
+            held_requests: self.held_requests.clone(),
+        }
+    }
+}
+
+/// What a written checkpoint gives back to the engine ([`Engine::recycle`]): its tables' mirrors,
+/// so that the next checkpoint copies only what changed since this one.
+#[derive(Debug, Default)]
+pub struct Recycled {
+    mirrors: Vec<(PartitionId, WindowsSnapshot, SchedulesSnapshot)>,
+}
+
+impl Checkpoint {
+    /// The mirrors to hand back once this checkpoint is written; the rest is dropped here (on the
+    /// thread that wrote it, not the pipeline's).
+    pub fn into_recycled(self) -> Recycled {
+        Recycled { mirrors: self.partitions.into_iter().map(|(id, s)| (id, s.throttles.windows, s.schedules)).collect() }
     }
 }
 
@@ -153,13 +195,22 @@ pub struct GlobalSnapshot {
 }
 
 impl Engine {
-    /// Prunes expired state and snapshots the rest.
+    /// Prunes expired state and snapshots the rest: a consistent cut of every partition's state
+    /// and offsets, and of the global tables.
+    ///
+    /// The throttle windows and schedules are copied into mirrors the engine keeps from
+    /// checkpoint to checkpoint, row for row, and only the rows written since a mirror was last
+    /// brought up to date are copied here; the rest of that work (and of the windows' prune) can
+    /// be done ahead, between micro-batches, by [`Engine::checkpoint_step`]. Hand the checkpoint's
+    /// mirrors back once it is written ([`Checkpoint::into_recycled`], [`Engine::recycle`]): a
+    /// mirror not handed back is copied whole again.
     pub fn checkpoint(&mut self) -> Checkpoint {
         self.prune();
         for state in self.partitions.values_mut() {
             state.sink_positions.clone_from(&self.sink_positions);
         }
-        let mut partitions: Vec<(PartitionId, PartitionSnapshot)> = self.partitions.iter().map(|(k, v)| (*k, v.snapshot())).collect();
+        let mut partitions: Vec<(PartitionId, PartitionSnapshot)> =
+            self.partitions.iter_mut().map(|(k, v)| (*k, v.take_snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let registry = self
             .registry
@@ -180,6 +231,39 @@ impl Engine {
             sink_positions: self.sink_positions.clone(),
         };
         Checkpoint { partitions, global }
+    }
+
+    /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
+    /// micro-batches: the windows' prune, then copying rows written since into the mirrors.
+    /// Returns the rows [`Engine::checkpoint`] would still copy or judge (its pause grows with
+    /// them). The state is unchanged but for windows pruned earlier than the checkpoint would
+    /// (with the watermark of this call).
+    pub fn checkpoint_step(&mut self, budget: usize) -> usize {
+        let lateness = self.cfg.allowed_lateness_ms;
+        let mut left = 0;
+        for state in self.partitions.values_mut() {
+            left += state.throttles.prune_step(state.watermark(lateness), budget);
+            left += state.throttles.windows.mirror_step(budget);
+            left += state.schedules.mirror_step(budget);
+        }
+        left
+    }
+
+    /// A partition's state, to change directly (benchmarks and tools that drive a partition's
+    /// state without micro-batches).
+    pub fn partition_mut(&mut self, id: &PartitionId) -> Option<&mut PartitionState> {
+        self.partitions.get_mut(id)
+    }
+
+    /// Takes back the mirrors of a written checkpoint (see [`Engine::checkpoint`]). Mirrors of
+    /// partitions dropped or restored since are dropped.
+    pub fn recycle(&mut self, r: Recycled) {
+        for (id, windows, schedules) in r.mirrors {
+            if let Some(state) = self.partitions.get_mut(&id) {
+                state.throttles.windows.recycle(windows);
+                state.schedules.recycle(schedules);
+            }
+        }
     }
 
     /// Replaces the engine's state with a checkpoint's.
@@ -352,4 +436,72 @@ fn parse_partition_file(path: &Path) -> Option<PartitionId> {
     let (topic, partition) = stem.rsplit_once('-')?;
     let topic = InputTopic::ALL.into_iter().find(|t| t.as_str() == topic)?;
     Some((topic, partition.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::EngineConfig;
+    use crate::throttle::{Attempt, Rule, Tightening};
+
+    /// Checkpoints taken through the mirrors, with work done ahead by steps and the mirrors handed
+    /// back (or not), hold exactly the partition's state at the cut, in memory and once written
+    /// and read back.
+    #[test]
+    fn checkpoints_through_the_mirrors_hold_exactly_the_state_at_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalCheckpointStore::open(dir.path()).unwrap();
+        let mut rng = SmallRng::seed_from_u64(9);
+        let mut e = Engine::new(EngineConfig::default());
+        let id = (InputTopic::Messages, 0);
+        e.restore_partition(id, PartitionState::default().snapshot());
+        let mut ts = 1_795_539_600_000i64;
+        let mut outcomes = Vec::new();
+        for round in 0..40 {
+            for _ in 0..rng.random_range(1..4) {
+                let state = e.partitions.get_mut(&id).unwrap();
+                let attempts: Vec<Attempt> = (0..rng.random_range(0..5_000))
+                    .map(|_| {
+                        ts += rng.random_range(0..4);
+                        let from = Uuid::from_u128(rng.random_range(0..20_000u128));
+                        Attempt {
+                            key: (from, Uuid::nil(), Rule::Requester),
+                            ts,
+                            fingerprint: rng.random(),
+                            max: 10,
+                            per_ms: 1_000,
+                            first_of_attempt: true,
+                        }
+                    })
+                    .collect();
+                state.throttles.count_batch(&attempts, 30_000, &Tightening::default(), &mut outcomes);
+                for a in &attempts {
+                    state.schedules.get_or_default(&(a.key.0, Uuid::nil())).add(a.ts);
+                }
+                state.max_event_ms = ts;
+                state.next_offset += attempts.len() as i64;
+                if rng.random_range(0..2) == 0 {
+                    e.checkpoint_step(rng.random_range(0..10_000));
+                }
+            }
+            // Now and then a long quiet spell: the prune drops windows.
+            if round % 5 == 4 {
+                ts += 120_000;
+                e.partitions.get_mut(&id).unwrap().max_event_ms = ts;
+            }
+            let cp = e.checkpoint();
+            let want = e.partition(&id).unwrap().snapshot();
+            assert_eq!(cp.partitions[0].1, want, "round {round}");
+            store.save(&cp).unwrap();
+            assert_eq!(store.load_partition(&id).unwrap().unwrap(), want, "round {round}: read back");
+            if rng.random_range(0..4) > 0 {
+                e.recycle(cp.into_recycled());
+            }
+        }
+    }
 }

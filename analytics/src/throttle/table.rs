@@ -20,9 +20,9 @@ use bytemuck::{Pod, Zeroable};
 use hashbrown::DefaultHashBuilder;
 use uuid::Uuid;
 
-use super::snapshot::WindowsSnapshot;
+use super::snapshot::{Head, WindowsMirror, WindowsSnapshot};
 use super::{INLINE, Rule, Spills, Window, WindowKey, WindowRef};
-use crate::huge::HugeArray;
+use crate::huge::{DirtyRows, HugeArray, MirrorSlot, fresh_epoch};
 
 /// Entries per slab chunk: 6 MiB, three huge pages. A chunk is allocated whole (but the first,
 /// which grows as a `Vec` would, so that a small table stays small), so the slab never moves
@@ -87,6 +87,13 @@ pub struct Windows {
     len: usize,
     /// The attempts of windows too large to be held inline.
     spills: Spills,
+    /// Entries written since the checkpoint mirror was last brought up to date (see
+    /// [`Windows::mirror_step`]).
+    dirty: DirtyRows,
+    /// The checkpoint mirror.
+    mirror: MirrorSlot<WindowsMirror>,
+    /// Where the prune in progress has got to (see [`Windows::retain_step`]).
+    prune_at: usize,
 }
 
 impl std::fmt::Debug for Windows {
@@ -151,12 +158,14 @@ impl Windows {
 
     #[inline]
     fn entry_mut(&mut self, i: u32) -> &mut Entry {
+        self.dirty.mark(i as usize);
         &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
     }
 
     /// Entry `i`'s window, with the buffers it may have spilled to.
     #[inline]
     pub(super) fn window_mut(&mut self, i: u32) -> (&mut Window, &mut Spills) {
+        self.dirty.mark(i as usize);
         let e = &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)];
         (&mut e.window, &mut self.spills)
     }
@@ -249,7 +258,10 @@ impl Windows {
             *left -= n;
             Some(&chunk[..n])
         });
-        s.fill(used.flatten().map(|e| (e.key, &e.window, e.window.seen(&self.spills))));
+        s.fill(used.flatten().map(|e| {
+            let seen = e.window.seen(&self.spills);
+            (Head::of(e.key, &e.window, seen), seen)
+        }));
         s
     }
 
@@ -344,24 +356,107 @@ impl Windows {
     }
 
     /// Keeps the windows for which `keep` is true.
-    pub fn retain(&mut self, mut keep: impl FnMut(&WindowKey, WindowRef<'_>) -> bool) {
-        let mut i = 0u32;
-        while (i as usize) < self.len {
-            let e = self.entry_at(i);
+    pub fn retain(&mut self, keep: impl FnMut(&WindowKey, WindowRef<'_>) -> bool) {
+        self.prune_at = 0;
+        self.retain_rest(keep);
+    }
+
+    /// Judges up to `budget` windows with `keep` from where the last step stopped, dropping those
+    /// for which it is false: a prune spread over several calls between micro-batches, finished by
+    /// [`Windows::retain_rest`]. A window moved into a judged row (see `remove`) is judged there.
+    /// Returns how many windows are left to judge.
+    pub fn retain_step(&mut self, budget: usize, mut keep: impl FnMut(&WindowKey, WindowRef<'_>) -> bool) -> usize {
+        let mut i = self.prune_at.min(self.len);
+        for _ in 0..budget {
+            if i >= self.len {
+                break;
+            }
+            let e = self.entry_at(i as u32);
             if keep(&e.key.unpack(), WindowRef { window: &e.window, spills: &self.spills }) {
                 i += 1;
             } else {
-                self.remove(i);
+                self.remove(i as u32);
             }
         }
+        self.prune_at = i;
+        self.len - i
+    }
+
+    /// Judges the windows no [`Windows::retain_step`] has judged since the last call (all of them
+    /// when none was made), then starts over.
+    pub fn retain_rest(&mut self, keep: impl FnMut(&WindowKey, WindowRef<'_>) -> bool) {
+        self.retain_step(usize::MAX, keep);
+        self.prune_at = 0;
         if self.len == 0 {
-            *self = Windows { hasher: self.hasher.clone(), ..Windows::default() };
+            // The rows are gone; the mirror's rows past the table's length are dropped when it is
+            // next brought up to date.
+            let (dirty, mirror) = (std::mem::take(&mut self.dirty), std::mem::take(&mut self.mirror));
+            *self = Windows { hasher: self.hasher.clone(), dirty, mirror, ..Windows::default() };
             return;
         }
         // Shrink the slots once they are mostly empty.
         let want = (self.len * 2).next_power_of_two().max(16);
         if want * 4 <= self.slots.len() {
             self.resize(want);
+        }
+    }
+}
+
+/// The checkpoint mirror (see [`WindowsMirror`]).
+impl Windows {
+    /// Copies into the mirror up to `budget` rows written since it was last brought up to date
+    /// (every row the first time, or when the mirror is out in a checkpoint not handed back), and
+    /// drops its rows past the table's end; returns the rows still to copy.
+    pub fn mirror_step(&mut self, budget: usize) -> usize {
+        let epoch = self.mirror.epoch;
+        let m = self.mirror.home.get_or_insert_with(|| WindowsMirror { epoch, ..WindowsMirror::default() });
+        // Rows the mirror never held (or held before the table shrank past them) are copied whole.
+        let held = m.rows.len().min(self.len);
+        m.rows.set_len(self.len);
+        m.spilled.retain(|i, _| (*i as usize) < held);
+        self.dirty.mark_range(held, self.len);
+        let (chunks, spills) = (&self.chunks, &self.spills);
+        self.dirty.drain(budget, |i| {
+            if i >= m.rows.len() {
+                return;
+            }
+            let e = &chunks[i >> CHUNK_BITS][i & (CHUNK - 1)];
+            let was_spilled = m.rows[i].window.spill != 0;
+            m.rows[i] = *e;
+            match e.window.spill {
+                0 if was_spilled => {
+                    m.spilled.remove(&(i as u32));
+                }
+                0 => {}
+                id => m.spilled.entry(i as u32).or_default().clone_from(&spills.bufs[id as usize - 1]),
+            }
+        });
+        self.dirty.count()
+    }
+
+    /// The windows as a checkpoint holds them, through the mirror: brought up to date (the rows
+    /// written since the last [`Windows::mirror_step`]) and handed out whole. The table expects it
+    /// back ([`Windows::recycle`]); until then it counts the rows written. Without a mirror at
+    /// home (none made yet by a step, or the last not handed back) a packed
+    /// [`Windows::snapshot`] is taken instead: building a mirror whole at once costs more than it.
+    pub fn take_snapshot(&mut self) -> WindowsSnapshot {
+        if self.mirror.home.is_none() {
+            return self.snapshot();
+        }
+        self.mirror_step(usize::MAX);
+        let mut m = self.mirror.home.take().expect("brought up to date");
+        // An epoch of its own, so that no earlier copy of this mirror is ever taken back.
+        m.epoch = fresh_epoch();
+        self.mirror.epoch = m.epoch;
+        WindowsSnapshot::mirror(m)
+    }
+
+    /// Takes back the mirror of a snapshot from [`Windows::take_snapshot`] once it is written: the
+    /// next checkpoint copies only what changed since. A snapshot of another table, or of this
+    /// one but not the last taken, is dropped.
+    pub fn recycle(&mut self, s: WindowsSnapshot) {
+        if let Some(m) = s.into_mirror().filter(|m| m.epoch == self.mirror.epoch && self.mirror.home.is_none()) {
+            self.mirror.home = Some(m);
         }
     }
 }
@@ -542,7 +637,7 @@ mod tests {
 
         let s = t.snapshot();
         assert_eq!(s.len(), t.len());
-        assert_eq!(s.attempts.len(), t.iter().map(|(_, w)| w.kept()).sum::<usize>(), "attempts, not inline room");
+        assert_eq!(s.attempts_held(), t.iter().map(|(_, w)| w.kept()).sum::<usize>(), "attempts, not inline room");
         let read: WindowsSnapshot = postcard::from_bytes(&postcard::to_stdvec(&s).expect("serializes")).expect("deserializes");
         assert_eq!(read, s, "a snapshot's bytes read back as the same snapshot");
         let mut back = Windows::from_snapshot(&read);
@@ -671,5 +766,76 @@ mod tests {
         w.count(spills, 10_000, 1, 50, 1000, 0);
         assert_eq!((w.spill, w.len), (0, 1));
         assert_eq!(t.spills.free.len(), 10);
+    }
+
+    /// The checkpoint mirror holds exactly the table at every checkpoint, whichever rows were
+    /// written, moved or dropped since the last one and however much was copied ahead: through
+    /// counts that spill and return inline, growth past one chunk, prunes spread over steps,
+    /// removals that move the last entry, a table emptied and refilled, mirrors not handed back
+    /// and stale copies handed back (which must be refused).
+    #[test]
+    fn the_mirror_holds_exactly_the_table_at_every_checkpoint() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        use crate::throttle::ThrottleState;
+
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut state = ThrottleState::default();
+        let mut ts = 1_795_539_600_000i64;
+        let mut stale: Option<WindowsSnapshot> = None;
+        let mut checkpoints = 0;
+        for round in 0..120 {
+            let pool = [50u32, 2_000, 40_000, 300][round % 4];
+            for _ in 0..rng.random_range(1..6) {
+                for _ in 0..rng.random_range(0..3_000) {
+                    let i = rng.random_range(0..pool);
+                    let rule = if i % 7 == 0 { Rule::Profile((i % 3) as u16) } else { Rule::Requester };
+                    let k = (Uuid::from_u128(u128::from(i) * SPREAD), Uuid::nil(), rule);
+                    let max = if i % 5 == 0 { 40 } else { 5 };
+                    ts += if rng.random_range(0..100) == 0 { 2_000 } else { rng.random_range(0..3) };
+                    let e = state.windows.find_or_insert(&k, state.windows.hash(&k));
+                    let (w, spills) = state.windows.window_mut(e);
+                    w.count(spills, ts - rng.random_range(0..300), rng.random_range(0..1_000), max, 1_000, 500);
+                }
+                // Work done ahead, between "micro-batches".
+                match rng.random_range(0..4) {
+                    0 => {
+                        state.windows.mirror_step(rng.random_range(0..5_000));
+                    }
+                    1 => {
+                        state.prune_step(ts - 1_500, rng.random_range(0..5_000));
+                    }
+                    _ => {}
+                }
+            }
+            match round % 7 {
+                0 => state.prune(ts - 1_500),
+                1 => {
+                    let cut = rng.random_range(0..4u128);
+                    state.windows.retain(|k, _| (k.0.as_u128() / SPREAD) % 4 != cut);
+                }
+                2 if rng.random_range(0..3) == 0 => state.windows.retain(|_, _| false),
+                _ => {}
+            }
+            if rng.random_range(0..3) > 0 {
+                checkpoints += 1;
+                let s = state.windows.take_snapshot();
+                assert_eq!(s, state.windows.snapshot(), "round {round}: the mirror is the table");
+                let read: WindowsSnapshot = postcard::from_bytes(&postcard::to_stdvec(&s).expect("serializes")).expect("deserializes");
+                assert_eq!(read, s, "round {round}: written as the table's own snapshot is");
+                // A stale copy of an earlier checkpoint handed back must be refused (the next
+                // checkpoint checks it).
+                if let Some(old) = stale.take() {
+                    state.windows.recycle(old);
+                }
+                stale = Some(s.clone());
+                if rng.random_range(0..4) > 0 {
+                    state.windows.recycle(s);
+                }
+            }
+            check(&state.windows);
+        }
+        assert!(checkpoints > 50);
     }
 }
