@@ -574,18 +574,43 @@ impl Eq for SchedulesSnapshot {}
 /// A copy of a [`Schedules`] table's rows kept from checkpoint to checkpoint, so that a checkpoint
 /// copies only the rows written since the last one. Rows never move and are never removed: the
 /// rows past the mirror's `len` are new and copied whole, the others when their dirty bit is set.
-/// (A table that removed or moved rows would have to start its mirror over then.)
+/// (A table that removed or moved rows would have to start its mirror over then.) Chunked as the
+/// table is, so that growing never copies the rows held.
 #[derive(Debug, Clone, Default)]
 struct SchedulesMirror {
     /// Which mirror of which table this is (see [`MirrorSlot`]).
     epoch: u64,
-    /// The table's first `len` rows.
-    rows: HugeVec<Slot>,
+    /// The table's first `len` rows, [`ROWS_PER_CHUNK`] per chunk (the first smaller while it is
+    /// the only one).
+    chunks: Vec<HugeArray<Slot>>,
+    len: usize,
 }
 
 impl SchedulesMirror {
     fn iter(&self) -> impl Iterator<Item = &Slot> {
-        self.rows.iter()
+        (0..self.len).map(|i| &self.chunks[i >> CHUNK_BITS][i & (ROWS_PER_CHUNK - 1)])
+    }
+
+    /// Room for `n` rows.
+    fn grow(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let last = (n - 1) >> CHUNK_BITS;
+        if let Some(first) = self.chunks.first_mut()
+            && first.len() < ROWS_PER_CHUNK
+            && (last > 0 || first.len() < n)
+        {
+            // The first chunk, smaller than a chunk while the table is: grows as a `Vec` would.
+            let size = if last > 0 { ROWS_PER_CHUNK } else { n.next_power_of_two().max(first.len() * 2).min(ROWS_PER_CHUNK) };
+            let mut bigger = HugeArray::zeroed(size);
+            bigger[..first.len()].copy_from_slice(first);
+            *first = bigger;
+        }
+        while self.chunks.len() <= last {
+            let size = if self.chunks.is_empty() && last == 0 { n.next_power_of_two().max(16) } else { ROWS_PER_CHUNK };
+            self.chunks.push(HugeArray::zeroed(size));
+        }
     }
 }
 
@@ -598,25 +623,26 @@ impl Schedules {
         let epoch = self.mirror.epoch;
         let m = self.mirror.home.get_or_insert_with(|| SchedulesMirror { epoch, ..SchedulesMirror::default() });
         let chunks = &self.chunks;
-        let row = |i: usize| &chunks[i >> CHUNK_BITS][i & (ROWS_PER_CHUNK - 1)];
+        let (chunk_of, offset_of) = (|i: usize| i >> CHUNK_BITS, |i: usize| i & (ROWS_PER_CHUNK - 1));
         // Rows the mirror holds, written since: their dirty bits. (A bit of a row past them is
         // dropped: that row is new to the mirror and copied below, now or at a later step.)
-        let held = m.rows.len();
+        let held = m.len;
         let drained = self.dirty.drain(budget, |i| {
             if i < held {
-                m.rows[i] = *row(i);
+                m.chunks[chunk_of(i)][offset_of(i)] = chunks[chunk_of(i)][offset_of(i)];
             }
         });
         // Rows new to the mirror, a chunk's run at a time.
         let to = self.len.min(held.saturating_add(budget - drained));
-        m.rows.set_len(to);
+        m.grow(to);
         let mut at = held;
         while at < to {
-            let (chunk, offset) = (at >> CHUNK_BITS, at & (ROWS_PER_CHUNK - 1));
-            let run = (to - at).min(chunks[chunk].len() - offset);
-            m.rows[at..at + run].copy_from_slice(&chunks[chunk][offset..offset + run]);
+            let (chunk, offset) = (chunk_of(at), offset_of(at));
+            let run = (to - at).min(ROWS_PER_CHUNK - offset);
+            m.chunks[chunk][offset..offset + run].copy_from_slice(&chunks[chunk][offset..offset + run]);
             at += run;
         }
+        m.len = to;
         self.dirty.cover(self.len);
         self.dirty.count() + (self.len - to)
     }
@@ -664,7 +690,7 @@ impl SchedulesSnapshot {
     pub fn len(&self) -> usize {
         match &self.repr {
             SnapshotRepr::Rows(rows) => rows.len(),
-            SnapshotRepr::Mirror(m) => m.rows.len(),
+            SnapshotRepr::Mirror(m) => m.len,
         }
     }
 
@@ -702,12 +728,12 @@ impl Serialize for SchedulesSnapshot {
             SnapshotRepr::Rows(rows) => rows.serialize(s),
             // Packed here, on the thread that writes the checkpoint.
             SnapshotRepr::Mirror(m) => {
-                let mut rows = HugeVec::with_capacity(m.rows.len());
+                let mut rows = HugeVec::with_capacity(m.len);
                 let spare = rows.spare_mut();
                 for (row, slot) in spare.iter_mut().zip(m.iter()) {
                     *row = ScheduleRow { key: slot.key, schedule: slot.schedule };
                 }
-                rows.commit(m.rows.len());
+                rows.commit(m.len);
                 rows.serialize(s)
             }
         }
