@@ -40,9 +40,9 @@ const MAGIC: &[u8; 8] = b"MGCKPT09";
 /// The part of [`MAGIC`] every version shares.
 const MAGIC_NAME: &[u8; 6] = b"MGCKPT";
 
-/// Rows per table a step of [`Engine::checkpoint_step`] is meant to take between micro-batches
-/// (about a millisecond of copying), and how few rows may be left to copy before the cut (about
-/// as much again in the pause).
+/// Rows per table a step of [`Engine::checkpoint_step`] is meant to take between micro-batches,
+/// over all partitions (a few milliseconds of copying), and how few rows may be left to copy
+/// before the cut (about as much again in the pause).
 pub const CHECKPOINT_STEP_ROWS: usize = 16_384;
 
 /// See [`CHECKPOINT_STEP_ROWS`].
@@ -234,12 +234,13 @@ impl Engine {
     }
 
     /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
-    /// micro-batches: the windows' prune, then copying rows written since into the mirrors.
-    /// Returns the rows [`Engine::checkpoint`] would still copy or judge (its pause grows with
-    /// them). The state is unchanged but for windows pruned earlier than the checkpoint would
-    /// (with the watermark of this call).
+    /// micro-batches, shared among the partitions this worker holds: the windows' prune, then
+    /// copying rows written since into the mirrors. Returns the rows [`Engine::checkpoint`] would
+    /// still copy or judge (its pause grows with them). The state is unchanged but for windows
+    /// pruned earlier than the checkpoint would (with the watermark of this call).
     pub fn checkpoint_step(&mut self, budget: usize) -> usize {
         let lateness = self.cfg.allowed_lateness_ms;
+        let budget = (budget / self.partitions.len().max(1)).max(1);
         let mut left = 0;
         for state in self.partitions.values_mut() {
             left += state.throttles.prune_step(state.watermark(lateness), budget);
