@@ -270,6 +270,10 @@ fn bench(c: &mut Criterion) {
         });
         steps.sort_unstable();
         step_times.sort_unstable();
+        // Nothing ran when criterion only lists the benches (`--list`, as nextest asks).
+        if steps.is_empty() || step_times.is_empty() {
+            continue;
+        }
         eprintln!(
             "checkpoint/{name}: after the traffic: {}; micro-batches with a step before the cut: median {}, most {}; a step took {:?} at the median, {:?} at p99, {:?} at most",
             describe(&engine),
