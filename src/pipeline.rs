@@ -550,7 +550,9 @@ impl Pipeline {
                             (source.catch_up(needed, extra_out, GLOBAL_ALIGN_TIMEOUT), started.elapsed())
                         })
                         .map_err(anyhow::Error::from);
-                    let attempts = decode_attempts(&raw, &mut self.decoders, &mut self.archive, &self.topics, &self.cfg);
+                    let decoding = Instant::now();
+                    let attempts = decode_attempts(&raw, &mut self.decoders, &mut self.archive, &self.topics, &self.cfg)
+                        .map(|attempts| (attempts, decoding.elapsed()));
                     let aligned = aligning.and_then(|h| h.join().map_err(|_| anyhow::anyhow!("the alignment thread panicked")));
                     (aligned, attempts)
                 });
@@ -627,14 +629,17 @@ impl Pipeline {
     }
 
     /// Decodes, archives and judges one micro-batch. `attempts`: its messages topic, already
-    /// decoded and archived by [`decode_attempts`].
-    fn handle(&mut self, raw: &RawBatch, attempts: Option<Assembled>) -> anyhow::Result<()> {
-        let started = Instant::now();
+    /// decoded and archived by [`decode_attempts`], and how long that took.
+    fn handle(&mut self, raw: &RawBatch, attempts: Option<(Assembled, Duration)>) -> anyhow::Result<()> {
+        // The batch's time: the attempts' decoding done ahead (while the global tables were read),
+        // then the rest; not the wait for the global tables.
+        let now = Instant::now();
+        let started = attempts.as_ref().and_then(|(_, took)| now.checked_sub(*took)).unwrap_or(now);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let max_record_bytes = self.cfg.pipeline.max_record_bytes;
         let archived = attempts.is_some();
         let assembled = match attempts {
-            Some(mut attempts) => {
+            Some((mut attempts, _)) => {
                 let rest = assemble_only(raw, &mut self.decoders, &self.topics, max_record_bytes, now_ms, |t| t != InputTopic::Messages);
                 let messages = attempts.batch.messages.take();
                 attempts.dead_letters.extend(rest.dead_letters);
