@@ -84,29 +84,25 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    /// An idempotent producer.
+    /// An idempotent producer that batches a steady stream (librdkafka's 5 ms `linger.ms`): the
+    /// simulator's, the command line's.
     pub fn new(kafka: &KafkaConfig) -> Result<Self> {
-        Self::with_tracked(kafka, None)
+        Self::with(kafka, None, "5")
     }
 
-    /// As [`new`](Self::new), also noting where its own records to `topic` end in each partition
-    /// ([`KafkaSink::delivered_ends`]).
+    /// The pipeline's output sink: as [`new`](Self::new), also noting where its own records to
+    /// `topic` end in each partition ([`KafkaSink::delivered_ends`]), and lingering 1 ms. The
+    /// pipeline sends a micro-batch's findings together, at the end of its turn: waiting for more
+    /// batches nothing more after a millisecond, and every millisecond of it is event → finding
+    /// latency.
     pub fn tracking_ends(kafka: &KafkaConfig, topic: &str) -> Result<Self> {
-        Self::with_tracked(kafka, Some(topic.to_owned()))
+        Self::with(kafka, Some(topic.to_owned()), "1")
     }
 
-    fn with_tracked(kafka: &KafkaConfig, tracked: Option<String>) -> Result<Self> {
-        /// The pipeline's sink (the one that tracks its ends) sends a micro-batch's findings
-        /// together, at the end of its turn: waiting for more (`linger.ms`) batches nothing more
-        /// after a millisecond, and every millisecond of it is event → finding latency. Other
-        /// sinks (the simulator's, the command line's) keep librdkafka's 5 ms, which batches a
-        /// steady stream better.
-        const OUTPUT_LINGER_MS: &str = "1";
+    fn with(kafka: &KafkaConfig, tracked: Option<String>, linger: &str) -> Result<Self> {
         // Defaults; `[kafka.client]` overrides any of them. librdkafka's idempotent producer
         // busy-polls against tansu 0.6 (librdkafka issue #2565; see BENCHMARKS.md), where
         // `"enable.idempotence" = "false"` is the workaround: restores read back what a crash left.
-        // `linger.ms`: see `OUTPUT_LINGER_MS`.
-        let linger = if tracked.is_some() { OUTPUT_LINGER_MS } else { "5" };
         let producer = kafka
             .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", linger), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
