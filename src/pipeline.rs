@@ -790,8 +790,10 @@ impl Pipeline {
         let steps = std::mem::take(&mut self.checkpoint_steps);
         let started = Instant::now();
         self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
+        let flushed = started.elapsed();
         // Closed by the checkpoint thread, before it writes the checkpoint.
         let closing = self.archive.as_mut().map(|archives| archives.all().map(ParquetArchive::detach_all).into()).unwrap_or_default();
+        let detached = started.elapsed();
         let ends = if exact {
             self.sink.end_offsets(&self.topics.findings, KAFKA_TIMEOUT)?
         } else {
@@ -816,7 +818,14 @@ impl Pipeline {
             .map(|((topic, partition), s)| Position { topic: *topic, partition: *partition, next_offset: s.next_offset })
             .collect();
         self.metrics.checkpoint_pause_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::debug!(message = "Checkpoint taken.", pause_ms = started.elapsed().as_millis() as u64, snapshot_ms, steps);
+        tracing::debug!(
+            message = "Checkpoint taken.",
+            pause_ms = started.elapsed().as_millis() as u64,
+            flush_ms = flushed.as_secs_f64() * 1e3,
+            detach_ms = (detached - flushed).as_secs_f64() * 1e3,
+            snapshot_ms,
+            steps
+        );
         self.checkpointer.submit(closing, cp, offsets, started)?;
         Ok(true)
     }

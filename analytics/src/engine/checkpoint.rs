@@ -205,13 +205,16 @@ impl Engine {
     /// mirrors back once it is written ([`Checkpoint::into_recycled`], [`Engine::recycle`]): a
     /// mirror not handed back is copied whole again.
     pub fn checkpoint(&mut self) -> Checkpoint {
+        let started = std::time::Instant::now();
         self.prune();
+        let pruned = started.elapsed();
         for state in self.partitions.values_mut() {
             state.sink_positions.clone_from(&self.sink_positions);
         }
         let mut partitions: Vec<(PartitionId, PartitionSnapshot)> =
             self.partitions.iter_mut().map(|(k, v)| (*k, v.take_snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
+        let partitioned = started.elapsed();
         let registry = self
             .registry
             .iter()
@@ -230,6 +233,15 @@ impl Engine {
             positions: self.global_positions(),
             sink_positions: self.sink_positions.clone(),
         };
+        tracing::trace!(
+            message = "Engine snapshot.",
+            prune_us = pruned.as_micros() as u64,
+            partitions_us = (partitioned - pruned).as_micros() as u64,
+            global_us = (started.elapsed() - partitioned).as_micros() as u64,
+            registry = global.registry.len(),
+            presence = global.presence.entries.len(),
+            locations = global.locations.entries.len(),
+        );
         Checkpoint { partitions, global }
     }
 
