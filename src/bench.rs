@@ -274,7 +274,9 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let _ = pipeline.join();
-    let lat = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
+    let samples = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
+    log_by_second(&samples);
+    let lat: Vec<i64> = samples.iter().map(|(_, latency)| *latency).collect();
     let mut out = json!({ "rate": args.latency_rate, "seconds": args.latency_seconds, "findings": lat.len() });
     if let (Some(out), serde_json::Value::Object(pcts)) = (out.as_object_mut(), percentiles(lat)) {
         out.extend(pcts);
@@ -284,8 +286,8 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
 
 /// A thread reading every partition of `topic` from `offset_reset` (`latest`: where it ends when
 /// this is called; `earliest`) until `stop`, as a
-/// consumer that fetches eagerly (`fetch.wait.max.ms=5`): for every record `event_ms` picks, the
-/// milliseconds from that event time to the record's arrival here.
+/// consumer that fetches eagerly (`fetch.wait.max.ms=5`): for every record `event_ms` picks, that
+/// event time and the milliseconds from it to the record's arrival here.
 pub(crate) fn latency_reader(
     kafka: &KafkaConfig,
     name: &str,
@@ -293,7 +295,7 @@ pub(crate) fn latency_reader(
     offset_reset: &str,
     stop: Arc<AtomicBool>,
     event_ms: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64> + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<Vec<i64>>> {
+) -> anyhow::Result<std::thread::JoinHandle<Vec<(i64, i64)>>> {
     let consumer: BaseConsumer = kafka
         .client_config()
         .set("group.id", format!("meshguard-bench-{name}-{}", std::process::id()))
@@ -322,12 +324,30 @@ pub(crate) fn latency_reader(
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                 let now = chrono::Utc::now().timestamp_millis();
                 if let Some(at) = event_ms(&m) {
-                    latencies.push(now - at);
+                    latencies.push((at, now - at));
                 }
             }
         }
         latencies
     }))
+}
+
+/// Logs (at debug level) the latencies of each second of event time: where a tail comes from (a
+/// checkpoint every `pipeline.checkpoint_interval_ms`, the start) shows as the seconds it is in.
+fn log_by_second(samples: &[(i64, i64)]) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let Some(first) = samples.iter().map(|(at, _)| *at).min() else { return };
+    let mut seconds: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
+    for (at, latency) in samples {
+        seconds.entry((at - first) / 1000).or_default().push(*latency);
+    }
+    for (second, latencies) in seconds {
+        let findings = latencies.len();
+        let p = percentiles(latencies);
+        tracing::debug!(message = "Latency by second of event time.", second, findings, p50_ms = %p["p50_ms"], p99_ms = %p["p99_ms"], max_ms = %p["max_ms"]);
+    }
 }
 
 /// `p50_ms`, `p99_ms` and `max_ms` of latencies (nearest rank; null when there are none).

@@ -1,12 +1,14 @@
 //! Writing checkpoints off the pipeline's thread.
 //!
-//! A checkpoint's snapshot is taken on the pipeline's thread, after the producer is flushed
-//! (steps 1–3 of the protocol in [`crate::pipeline`]), and the archive's open files are handed
-//! over with it. Closing those files and writing the checkpoint durably (a file per partition and
-//! one for the global tables, each fsynced and renamed into place) take tens to hundreds of
-//! milliseconds of disk time; the [`Checkpointer`]'s thread does that, files first, while the
-//! pipeline goes on judging attempts. When the write is durable the pipeline gets
-//! it back ([`Checkpointer::try_done`]) and only then commits the checkpoint's offsets.
+//! A checkpoint's snapshot is taken on the pipeline's thread (steps 1–3 of the protocol in
+//! [`crate::pipeline`]), and the archive's open files are handed over with it, as is the output
+//! sink's [`Cut`] at that moment. Waiting for the broker to acknowledge the outputs sent before the
+//! cut, closing those files and writing the checkpoint durably (a file per partition and one for
+//! the global tables, each fsynced and renamed into place) take tens to hundreds of milliseconds;
+//! the [`Checkpointer`]'s thread does that, in that order, while the pipeline goes on judging
+//! attempts. When the write is durable the pipeline gets it back ([`Checkpointer::try_done`]) and
+//! only then commits the checkpoint's offsets. The thread runs at a lower CPU priority than the
+//! pipeline's (see [`crate::background`]).
 //!
 //! One checkpoint is written at a time: a checkpoint falling due while the previous one is still
 //! being written waits for the next turn of the loop. Before the group takes partitions away, the
@@ -18,12 +20,24 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use meshguard_analytics::{Checkpoint, CheckpointStore, LocalCheckpointStore, Position, Recycled};
 use meshguard_ingest::archive::Closing;
+use meshguard_ingest::{Cut, KafkaSink};
+
+/// The outputs a checkpoint covers: every record the sink had been given at its cut, to be on the
+/// broker before the checkpoint is written.
+pub(crate) struct Outputs {
+    pub sink: Arc<KafkaSink>,
+    pub cut: Cut,
+    /// How long the broker may take to acknowledge them.
+    pub timeout: Duration,
+}
 
 /// A checkpoint to write, the archive files to close before it, and the input offsets to commit
 /// once it is durable.
 struct Job {
+    outputs: Option<Outputs>,
     closing: Vec<Closing>,
     checkpoint: Checkpoint,
     offsets: Vec<Position>,
@@ -85,14 +99,18 @@ impl Checkpointer {
         let idle = IdleWaiter::default();
         let thread_idle = idle.clone();
         let thread = std::thread::Builder::new().name("meshguard-checkpoint".into()).spawn(move || {
+            crate::background::lower_priority("meshguard-checkpoint");
             for job in job_rx {
                 let began = Instant::now();
-                // The archive holds every attempt the checkpoint calls consumed: its files first.
-                let closed = job.closing.into_iter().try_for_each(|c| c.finish().map(drop));
-                let result = match closed {
-                    Ok(()) => store.save(&job.checkpoint).map_err(anyhow::Error::from),
-                    Err(e) => Err(anyhow::Error::from(e).context("closing archive files before a checkpoint")),
-                };
+                // The outputs the checkpoint says were sent are on the broker, and the archive
+                // holds every attempt it calls consumed: both before the checkpoint.
+                let delivered = job.outputs.map_or(Ok(()), |o| o.sink.wait_cut(o.cut, o.timeout));
+                let result = delivered
+                    .context("delivering the outputs sent before a checkpoint")
+                    .and_then(|()| {
+                        job.closing.into_iter().try_for_each(|c| c.finish().map(drop)).context("closing archive files before a checkpoint")
+                    })
+                    .and_then(|()| store.save(&job.checkpoint).map_err(anyhow::Error::from));
                 // What the engine does not take back is dropped here, not on the pipeline's thread.
                 let recycled = job.checkpoint.into_recycled();
                 thread_idle.set_busy(false);
@@ -115,9 +133,11 @@ impl Checkpointer {
         self.in_flight
     }
 
-    /// Hands a checkpoint over for writing. Call only when not [`in_flight`](Self::in_flight).
+    /// Hands a checkpoint over for writing, once `outputs` (if any) are on the broker. Call only
+    /// when not [`in_flight`](Self::in_flight).
     pub fn submit(
         &mut self,
+        outputs: Option<Outputs>,
         closing: Vec<Closing>,
         checkpoint: Checkpoint,
         offsets: Vec<Position>,
@@ -125,7 +145,7 @@ impl Checkpointer {
     ) -> anyhow::Result<()> {
         debug_assert!(!self.in_flight, "one checkpoint at a time");
         self.idle.set_busy(true);
-        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job { closing, checkpoint, offsets, started }).is_ok());
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job { outputs, closing, checkpoint, offsets, started }).is_ok());
         if !sent {
             self.idle.set_busy(false);
             anyhow::bail!("the checkpoint thread has stopped");
@@ -186,7 +206,7 @@ mod tests {
         let mut writer = Checkpointer::start(store.clone()).unwrap();
         assert!(writer.try_done().is_none(), "nothing in flight");
         let offsets = vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 42 }];
-        writer.submit(Vec::new(), Checkpoint::default(), offsets.clone(), Instant::now()).unwrap();
+        writer.submit(None, Vec::new(), Checkpoint::default(), offsets.clone(), Instant::now()).unwrap();
         assert!(writer.in_flight());
         let done = writer.wait_done().unwrap().unwrap();
         assert!(done.result.is_ok());
@@ -205,7 +225,7 @@ mod tests {
         // The directory disappears under the store: the write must fail, not pass silently.
         std::fs::remove_dir_all(dir.path().join("ckpt")).unwrap();
         let mut writer = Checkpointer::start(store).unwrap();
-        writer.submit(Vec::new(), Checkpoint::default(), Vec::new(), Instant::now()).unwrap();
+        writer.submit(None, Vec::new(), Checkpoint::default(), Vec::new(), Instant::now()).unwrap();
         let done = writer.wait_done().unwrap().unwrap();
         assert!(done.result.is_err());
     }

@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub, reason = "a binary crate: `pub` marks what a module offers the others")]
 
+mod background;
 mod bench;
 mod bench_enforcer;
 mod checkpointer;

@@ -4,9 +4,11 @@
 //! (`[archive]`, Parquet) before detection.
 //!
 //! The checkpoint protocol (effectively once):
-//! 1. flush the producer: every finding and dead letter sent so far is on the broker; take every
-//!    open archive file off the archive, to be closed (fsynced and renamed into place) before the
-//!    checkpoint is written, so the archive holds every attempt the checkpoint will call consumed;
+//! 1. cut the producer's stream: every finding and dead letter sent so far is to be on the broker
+//!    before the checkpoint is written (the checkpoint thread waits for their acknowledgements; a
+//!    checkpoint at start and stop flushes instead); take every open archive file off the archive,
+//!    to be closed (fsynced and renamed into place) before the checkpoint is written, so the
+//!    archive holds every attempt the checkpoint will call consumed;
 //! 2. note the findings topic's end offsets in the engine (for the read-back on restore): exact at
 //!    start and stop, otherwise lower bounds known without a round trip (see
 //!    `Pipeline::start_checkpoint`);
@@ -46,7 +48,7 @@ use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTo
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{info, warn};
 
-use crate::checkpointer::{Checkpointer, Done};
+use crate::checkpointer::{Checkpointer, Done, Outputs};
 use crate::config::Config;
 
 /// How long Kafka admin and flush calls may take before the worker gives up.
@@ -206,7 +208,7 @@ impl PipelineMetrics {
         let checkpoint_pause_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "meshguard_checkpoint_pause_seconds",
-                "Time the pipeline stops judging attempts for a checkpoint: flush and snapshot (closing archive files and the write run on their own thread).",
+                "Time the pipeline stops judging attempts for a checkpoint: the snapshot (the wait for the outputs' acknowledgements, closing archive files and the write run on the checkpoint thread).",
             )
             .buckets(buckets),
         )?;
@@ -770,8 +772,8 @@ impl Pipeline {
     /// worker sends after the snapshot. `exact` asks the broker for the topic's end (a round trip);
     /// otherwise they are the highest of three lower bounds known without one: the previous
     /// checkpoint's, the ends last read by the [`FindingsEnds`] thread (read before this moment),
-    /// and the offsets after this worker's own last delivered findings (after the flush, all
-    /// of them).
+    /// and the offsets after this worker's own last delivered findings (every finding sent later
+    /// lands after them, in the same partition).
     ///
     /// Unless `exact`, the checkpoint is taken only once the work that can be done ahead of it
     /// (the windows' prune, copying rows into the tables' mirrors: [`Engine::checkpoint_step`])
@@ -789,7 +791,14 @@ impl Pipeline {
         }
         let steps = std::mem::take(&mut self.checkpoint_steps);
         let started = Instant::now();
-        self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
+        // Exact: the end offsets asked for below must cover every finding sent so far. Otherwise
+        // the checkpoint thread waits for the broker's acknowledgements, not this one.
+        let outputs = if exact {
+            self.sink.flush(KAFKA_TIMEOUT).context("flushing outputs before a checkpoint")?;
+            None
+        } else {
+            Some(Outputs { sink: self.sink.clone(), cut: self.sink.cut(), timeout: KAFKA_TIMEOUT })
+        };
         let flushed = started.elapsed();
         // Closed by the checkpoint thread, before it writes the checkpoint.
         let closing = self.archive.as_mut().map(|archives| archives.all().map(ParquetArchive::detach_all).into()).unwrap_or_default();
@@ -826,7 +835,7 @@ impl Pipeline {
             snapshot_ms,
             steps
         );
-        self.checkpointer.submit(closing, cp, offsets, started)?;
+        self.checkpointer.submit(outputs, closing, cp, offsets, started)?;
         Ok(true)
     }
 

@@ -120,6 +120,8 @@ impl Trainer {
         let first = newest_trained_at_ms
             .map_or(Duration::ZERO, |t| Duration::from_millis(u64::try_from(t + every.as_millis() as i64 - now).unwrap_or(0)).min(every));
         let thread = std::thread::Builder::new().name("timing-trainer".into()).spawn(move || {
+            // Threads this one starts (a query engine's pool made on first use) inherit it.
+            crate::background::lower_priority("timing-trainer");
             let mut wait = first;
             loop {
                 match stop_rx.recv_timeout(wait) {

@@ -30,5 +30,5 @@ pub use config::{KafkaConfig, Topics};
 pub use embedded::EmbeddedBroker;
 pub use error::{Error, Result};
 pub use metrics::IngestMetrics;
-pub use sink::KafkaSink;
+pub use sink::{Cut, KafkaSink};
 pub use source::{KafkaSource, RawBatch, RebalanceEvent, TopicReader, ends_client, read_to_end};

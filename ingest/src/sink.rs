@@ -1,10 +1,14 @@
 //! Writing output topics with an idempotent producer (`enable.idempotence`: no duplicates or
 //! reordering from the producer's own retries). Deliveries are asynchronous; [`KafkaSink::flush`]
 //! is the durability point: when it returns `Ok`, every record sent before it is on the broker.
-//! The pipeline flushes before each checkpoint, so a checkpoint never claims output that was lost.
+//! A [`Cut`] is the same point, waited for later and elsewhere: [`KafkaSink::cut`] marks it
+//! without waiting, and [`KafkaSink::wait_cut`] (on another thread) returns once every record sent
+//! before the cut is on the broker, whatever was sent since. The pipeline cuts at each checkpoint
+//! and its checkpoint thread waits for the cut before writing, so a checkpoint never claims output
+//! that was lost, and the pipeline does not stop for the broker's acknowledgements.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +23,11 @@ use crate::error::{Error, Result};
 
 #[derive(Default)]
 struct DeliveryContext {
-    failed: AtomicU64,
+    /// Records sent and not yet reported, by the parity of the epoch they were sent in (each
+    /// record's delivery opaque; see [`KafkaSink::cut`]).
+    pending: [AtomicU64; 2],
+    /// Records whose delivery failed, by the same parity, until a flush or a cut's wait takes them.
+    failed: [AtomicU64; 2],
     delivered: AtomicU64,
     last_error: Mutex<Option<(String, String)>>,
     /// Signalled after every delivery report, for [`KafkaSink::flush`].
@@ -34,10 +42,14 @@ struct DeliveryContext {
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = ();
+    /// The parity of the epoch the record was sent in.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, parity: usize) {
         let _wake = Wake(&self.reported);
+        let parity = parity & 1;
+        // Counted down after the outcome below is (`Wake` runs after it too).
+        let _reported = Reported(&self.pending[parity]);
         match result {
             Ok(m) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -49,7 +61,7 @@ impl ProducerContext for DeliveryContext {
                 }
             }
             Err((e, m)) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.failed[parity].fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut last) = self.last_error.lock() {
                     *last = Some((m.topic().to_owned(), e.to_string()));
                 }
@@ -67,6 +79,22 @@ impl Drop for Wake<'_> {
     }
 }
 
+/// Counts a record's report in its epoch when dropped, after its outcome is recorded.
+struct Reported<'a>(&'a AtomicU64);
+
+impl Drop for Reported<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A point in a sink's stream of records (see [`KafkaSink::cut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a cut is only useful waited for"]
+pub struct Cut {
+    parity: usize,
+}
+
 /// The output side of a worker. See the module docs.
 pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryContext>,
@@ -75,6 +103,8 @@ pub struct KafkaSink {
     /// asked about (from metadata, once).
     offsets: OnceLock<BaseConsumer>,
     partitions: Mutex<HashMap<String, Vec<i32>>>,
+    /// Incremented by every [`KafkaSink::cut`]; a record carries its parity.
+    epoch: AtomicUsize,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -107,7 +137,7 @@ impl KafkaSink {
             .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", linger), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
             .map_err(Error::kafka("creating the producer"))?;
-        Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default() })
+        Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default(), epoch: AtomicUsize::new(0) })
     }
 
     /// Queues one record. When the producer's queue is full, waits for it to drain: a slow broker
@@ -119,13 +149,17 @@ impl KafkaSink {
     /// Queues one record with an optional payload (`None`: a tombstone) and an explicit Kafka
     /// timestamp (`None`: the producer's clock), with the same backpressure as [`KafkaSink::send`].
     pub fn send_record(&self, topic: &str, key: &[u8], payload: Option<&[u8]>, timestamp_ms: Option<i64>) -> Result<()> {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
+        let parity = self.epoch.load(Ordering::Acquire) & 1;
+        let mut record: BaseRecord<'_, [u8], [u8], usize> = BaseRecord::with_opaque_to(topic, parity).key(key);
         if let Some(p) = payload {
             record = record.payload(p);
         }
         if let Some(t) = timestamp_ms {
             record = record.timestamp(t);
         }
+        let pending = &self.producer.context().pending[parity];
+        // Before the send: its report may come before `send` returns.
+        pending.fetch_add(1, Ordering::AcqRel);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -135,6 +169,8 @@ impl KafkaSink {
                     self.wait_delivered(Duration::from_millis(100));
                 }
                 Err((e, _)) => {
+                    // Not queued: no report will come.
+                    pending.fetch_sub(1, Ordering::AcqRel);
                     return Err(Error::Kafka { context: format!("sending to {topic}"), cause: e });
                 }
             }
@@ -147,12 +183,46 @@ impl KafkaSink {
         if !self.wait_delivered(timeout) {
             return Err(Error::Timeout { what: "flushing the producer".into(), after_ms: timeout.as_millis() as u64 });
         }
-        let failed = self.producer.context().failed.swap(0, Ordering::Relaxed);
+        let failed = self.producer.context().failed.iter().map(|f| f.swap(0, Ordering::AcqRel)).sum();
+        self.failures(failed)
+    }
+
+    fn failures(&self, failed: u64) -> Result<()> {
         if failed > 0 {
             let (topic, last_error) = self.producer.context().last_error.lock().ok().and_then(|mut l| l.take()).unwrap_or_default();
             return Err(Error::Delivery { topic, failed, last_error });
         }
         Ok(())
+    }
+
+    /// Marks the records sent so far (by this thread, or by any other before this call) as
+    /// before a cut, without waiting for them: [`KafkaSink::wait_cut`] then waits for those only.
+    /// One cut at a time: wait for a cut before making the next (the records' epochs are told
+    /// apart by parity).
+    pub fn cut(&self) -> Cut {
+        Cut { parity: self.epoch.fetch_add(1, Ordering::AcqRel) & 1 }
+    }
+
+    /// Waits until every record sent before `cut` is reported, at most `timeout`, whatever was
+    /// sent since; fails if any of them failed (they are lost to the broker, so the caller must
+    /// not checkpoint past them) or if they are not all reported in time.
+    pub fn wait_cut(&self, cut: Cut, timeout: Duration) -> Result<()> {
+        let context = self.producer.context();
+        let pending = &context.pending[cut.parity];
+        let deadline = Instant::now() + timeout;
+        while pending.load(Ordering::Acquire) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    what: "waiting for the records sent before a checkpoint".into(),
+                    after_ms: timeout.as_millis() as u64,
+                });
+            }
+            let guard = context.reported_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A report between the check above and this wait wakes nobody: wait 1 ms at most.
+            drop(context.reported.wait_timeout(guard, left.min(Duration::from_millis(1))));
+        }
+        self.failures(context.failed[cut.parity].swap(0, Ordering::AcqRel))
     }
 
     /// Waits until no record is in flight (every delivery report served), at most `timeout`;
@@ -273,5 +343,46 @@ impl KafkaSink {
             }
         }
         Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A sink to a loopback port nothing listens on: its records stay in flight until
+    /// `message.timeout.ms` fails them.
+    fn unreachable_sink(message_timeout_ms: &str) -> KafkaSink {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut kafka = KafkaConfig::new(format!("127.0.0.1:{port}"));
+        kafka.client.insert("message.timeout.ms".into(), message_timeout_ms.into());
+        KafkaSink::new(&kafka).unwrap()
+    }
+
+    #[test]
+    fn a_cut_waits_for_the_records_sent_before_it_and_not_for_those_after() {
+        let sink = unreachable_sink("300000");
+        let cut = sink.cut();
+        sink.send("t", b"k", b"after the first cut").unwrap();
+        // That record is never acknowledged (no broker): a wait that included it would time out.
+        sink.wait_cut(cut, Duration::from_secs(10)).unwrap();
+        let cut = sink.cut();
+        let err = sink.wait_cut(cut, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "the record before the second cut is waited for: {err}");
+    }
+
+    #[test]
+    fn a_cut_reports_the_failed_deliveries_before_it_and_a_flush_those_after() {
+        let sink = unreachable_sink("500");
+        sink.send("t", b"k", b"lost before the cut").unwrap();
+        let cut = sink.cut();
+        sink.send("t", b"k", b"lost after the cut").unwrap();
+        let err = sink.wait_cut(cut, Duration::from_secs(30)).unwrap_err();
+        assert!(matches!(err, Error::Delivery { failed: 1, .. }), "only the record before the cut: {err}");
+        let err = sink.flush(Duration::from_secs(30)).unwrap_err();
+        assert!(matches!(err, Error::Delivery { failed: 1, .. }), "the one after it, once: {err}");
+        sink.flush(Duration::from_secs(30)).unwrap();
     }
 }

@@ -106,3 +106,27 @@ async fn the_sink_knows_where_its_delivered_records_end_without_asking() {
     assert_eq!(mine, written, "delivered ends vs the broker's");
     assert_eq!(mine.iter().map(|(_, end)| end).sum::<i64>(), 30);
 }
+
+/// The checkpoint's guarantee without stopping the pipeline: when a cut's wait returns, every record
+/// sent before the cut is on the broker, though more were sent since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_records_sent_before_a_cut_are_on_the_broker_when_its_wait_returns() {
+    let broker = Broker::start().unwrap();
+    create_topics(&broker.bootstrap(), &[("findings", 3, false)]).await.unwrap();
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let sink = meshguard_ingest::KafkaSink::tracking_ends(&kafka, "findings").unwrap();
+    for i in 0..50u32 {
+        sink.send("findings", format!("before-{i}").as_bytes(), b"{}").unwrap();
+    }
+    let cut = sink.cut();
+    for i in 0..50u32 {
+        sink.send("findings", format!("after-{i}").as_bytes(), b"{}").unwrap();
+    }
+    sink.wait_cut(cut, Duration::from_secs(30)).unwrap();
+    assert!(sink.delivered() >= 50, "delivered {}", sink.delivered());
+    let on_broker: i64 = sink.end_offsets("findings", Duration::from_secs(30)).unwrap().iter().map(|(_, end)| end).sum();
+    assert!(on_broker >= 50, "the broker holds {on_broker} records");
+    sink.flush(Duration::from_secs(30)).unwrap();
+    let on_broker: i64 = sink.end_offsets("findings", Duration::from_secs(30)).unwrap().iter().map(|(_, end)| end).sum();
+    assert_eq!(on_broker, 100);
+}
