@@ -105,22 +105,91 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         self.map.is_empty()
     }
 
-    /// Every key with its versions, oldest first, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, Vec<(i64, V)>)> {
-        self.map.iter().map(|(k, v)| (k, v.older.iter().chain(std::iter::once(&v.newest)).cloned().collect()))
+    /// Every version of every key, through `f`, in one table (a key's versions together, oldest
+    /// first): for checkpoints, whose pause this is, so one allocation for the table rather than
+    /// one per key.
+    pub fn snapshot<W>(&self, f: impl Fn(&V) -> W) -> TableSnapshot<K, W> {
+        let mut rows = Vec::with_capacity(self.map.len());
+        for (k, v) in &self.map {
+            rows.extend(v.older.iter().map(|(t, value)| (*k, *t, f(value))));
+            rows.push((*k, v.newest.0, f(&v.newest.1)));
+        }
+        TableSnapshot { rows }
     }
 }
 
-/// Serialized form of a table: `(key, versions)` pairs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// A table's versions, as checkpoints hold them: one row per version, a key's versions together
+/// and oldest first. Written as `(key, [(from, value)])` pairs, one per key.
+#[derive(Debug, Clone)]
 pub struct TableSnapshot<K, V> {
-    /// Every key with its versions, oldest first.
-    pub entries: Vec<(K, Vec<(i64, V)>)>,
+    /// `(key, from, value)`.
+    pub rows: Vec<(K, i64, V)>,
+}
+
+impl<K, V> Default for TableSnapshot<K, V> {
+    fn default() -> Self {
+        Self { rows: Vec::new() }
+    }
+}
+
+impl<K: Serialize + PartialEq, V: Serialize> Serialize for TableSnapshot<K, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let keys = self.rows.chunk_by(|a, b| a.0 == b.0);
+        let mut seq = serializer.serialize_seq(Some(keys.clone().count()))?;
+        for versions in keys {
+            seq.serialize_element(&(&versions[0].0, KeyVersions(versions)))?;
+        }
+        seq.end()
+    }
+}
+
+/// One key's versions, written as `[(from, value)]`.
+struct KeyVersions<'a, K, V>(&'a [(K, i64, V)]);
+
+impl<K, V: Serialize> Serialize for KeyVersions<'_, K, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(_, from, value)| (from, value)))
+    }
+}
+
+impl<'de, K: Deserialize<'de> + Copy, V: Deserialize<'de>> Deserialize<'de> for TableSnapshot<K, V> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let keys = Vec::<(K, Vec<(i64, V)>)>::deserialize(deserializer)?;
+        Ok(Self { rows: keys.into_iter().flat_map(|(k, versions)| versions.into_iter().map(move |(from, v)| (k, from, v))).collect() })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn snapshots_hold_every_version_and_are_written_as_one_entry_per_key() {
+        let mut t = VersionedTable::<u8, u32>::default();
+        t.insert(1, 20, 200);
+        t.insert(1, 10, 100);
+        t.insert(2, 5, 50);
+        let snapshot = t.snapshot(|v| v + 1);
+        let mut rows = snapshot.rows.clone();
+        rows.sort_unstable();
+        assert_eq!(rows, [(1, 10, 101), (1, 20, 201), (2, 5, 51)]);
+        // The format checkpoints have always had: (key, [(from, value)]) per key, oldest first.
+        let mut per_key: Vec<(u8, Vec<(i64, u32)>)> = Vec::new();
+        for (k, from, v) in &snapshot.rows {
+            match per_key.last_mut() {
+                Some((last, versions)) if last == k => versions.push((*from, *v)),
+                _ => per_key.push((*k, vec![(*from, *v)])),
+            }
+        }
+        assert_eq!(per_key.len(), 2, "one entry per key");
+        let bytes = postcard::to_stdvec(&snapshot).unwrap();
+        assert_eq!(bytes, postcard::to_stdvec(&per_key).unwrap());
+        let back: TableSnapshot<u8, u32> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.rows, snapshot.rows);
+    }
 
     #[test]
     fn lookups_are_as_of_event_time_whatever_the_arrival_order() {
@@ -152,6 +221,6 @@ mod tests {
         t.prune(100);
         assert_eq!(t.get(&7, 30), Some(&3));
         assert_eq!(t.get(&7, 25), None, "only the newest is left");
-        assert_eq!(t.iter().map(|(_, v)| v).collect::<Vec<_>>(), vec![vec![(30, 3)]]);
+        assert_eq!(t.snapshot(|v| *v).rows, [(7, 30, 3)]);
     }
 }

@@ -179,7 +179,7 @@ impl<'de> Deserialize<'de> for RecordText {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GlobalSnapshot {
     /// Registry versions (records written as their JSON text, see [`RecordText`]).
-    pub registry: Vec<(Uuid, Vec<RegistryVersion>)>,
+    pub registry: TableSnapshot<Uuid, Option<RecordText>>,
     /// Presence versions.
     pub presence: TableSnapshot<Uuid, bool>,
     /// Latest known locations, as this worker learned them from its partitions' attempts.
@@ -215,16 +215,9 @@ impl Engine {
             self.partitions.iter_mut().map(|(k, v)| (*k, v.take_snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let partitioned = started.elapsed();
-        let registry = self
-            .registry
-            .iter()
-            .map(|(uuid, versions)| {
-                let versions = versions.iter().map(|(t, rec)| (*t, rec.as_ref().map(|r| RecordText(r.record.clone())))).collect();
-                (*uuid, versions)
-            })
-            .collect();
-        let presence = TableSnapshot { entries: self.presence.iter().map(|(k, v)| (*k, v)).collect() };
-        let locations = TableSnapshot { entries: self.locations.iter().map(|(k, v)| (*k, v)).collect() };
+        let registry = self.registry.snapshot(|rec| rec.as_ref().map(|r| RecordText(r.record.clone())));
+        let presence = self.presence.snapshot(|online| *online);
+        let locations = self.locations.snapshot(|l| *l);
         let global = GlobalSnapshot {
             registry,
             presence,
@@ -238,9 +231,9 @@ impl Engine {
             prune_us = pruned.as_micros() as u64,
             partitions_us = (partitioned - pruned).as_micros() as u64,
             global_us = (started.elapsed() - partitioned).as_micros() as u64,
-            registry = global.registry.len(),
-            presence = global.presence.entries.len(),
-            locations = global.locations.entries.len(),
+            registry = global.registry.rows.len(),
+            presence = global.presence.rows.len(),
+            locations = global.locations.rows.len(),
         );
         Checkpoint { partitions, global }
     }
@@ -292,22 +285,16 @@ impl Engine {
     /// Replaces the global tables with a snapshot's.
     pub fn restore_global(&mut self, g: GlobalSnapshot) -> Result<()> {
         self.registry = Default::default();
-        for (uuid, versions) in g.registry {
-            for (t, record) in versions {
-                self.apply_registry(uuid, t, record.map(|r| r.0));
-            }
+        for (uuid, t, record) in g.registry.rows {
+            self.apply_registry(uuid, t, record.map(|r| r.0));
         }
         self.presence = Default::default();
-        for (uuid, versions) in g.presence.entries {
-            for (t, online) in versions {
-                self.presence.insert(uuid, t, online);
-            }
+        for (uuid, t, online) in g.presence.rows {
+            self.presence.insert(uuid, t, online);
         }
         self.locations = Default::default();
-        for (uuid, versions) in g.locations.entries {
-            for (t, loc) in versions {
-                self.locations.insert(uuid, t, loc);
-            }
+        for (uuid, t, loc) in g.locations.rows {
+            self.locations.insert(uuid, t, loc);
         }
         self.interactions = g.interactions;
         self.global_positions.clear();

@@ -1083,9 +1083,9 @@ impl Registry {
         self.versions.is_empty()
     }
 
-    /// Every UUID with its versions, oldest first, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = (&Uuid, Vec<Version>)> {
-        self.versions.iter()
+    /// Every version of every UUID through `f`, for snapshots (see [`VersionedTable::snapshot`]).
+    pub fn snapshot<W>(&self, f: impl Fn(&Option<Arc<CompiledRecord>>) -> W) -> crate::tables::TableSnapshot<Uuid, W> {
+        self.versions.snapshot(f)
     }
 
     /// The flattened newest versions.
