@@ -209,33 +209,32 @@ impl KafkaSink {
     pub fn wait_cut(&self, cut: Cut, timeout: Duration) -> Result<()> {
         let context = self.producer.context();
         let pending = &context.pending[cut.parity];
-        let deadline = Instant::now() + timeout;
-        while pending.load(Ordering::Acquire) > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    what: "waiting for the records sent before a checkpoint".into(),
-                    after_ms: timeout.as_millis() as u64,
-                });
-            }
-            let guard = context.reported_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // A report between the check above and this wait wakes nobody: wait 1 ms at most.
-            drop(context.reported.wait_timeout(guard, left.min(Duration::from_millis(1))));
+        if !self.wait_reports(timeout, || pending.load(Ordering::Acquire) == 0) {
+            return Err(Error::Timeout {
+                what: "waiting for the records sent before a checkpoint".into(),
+                after_ms: timeout.as_millis() as u64,
+            });
         }
         self.failures(context.failed[cut.parity].swap(0, Ordering::AcqRel))
     }
 
     /// Waits until no record is in flight (every delivery report served), at most `timeout`;
-    /// whether none is. The producer's own thread serves the reports and wakes this wait, so it
-    /// returns within a millisecond of the last one (rdkafka's `flush` on a `ThreadedProducer`
-    /// competes with that thread for the reports and wakes only every 100 ms).
+    /// whether none is.
     fn wait_delivered(&self, timeout: Duration) -> bool {
+        // The count includes a report being served; its callback wakes us once it is counted, and
+        // the count drops just after: the waits' short re-check covers that gap.
+        self.wait_reports(timeout, || self.producer.in_flight_count() == 0)
+    }
+
+    /// Waits until `done` holds, re-checking it after each delivery report, at most `timeout`;
+    /// whether it holds. The producer's own thread serves the reports and wakes this wait, so it
+    /// returns within a millisecond of the report it waits for (rdkafka's `flush` on a
+    /// `ThreadedProducer` competes with that thread for the reports and wakes only every 100 ms).
+    fn wait_reports(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let context = self.producer.context();
         loop {
-            // The count includes a report being served; its callback wakes us once it is counted,
-            // and the count drops just after: a short re-check covers that gap.
-            if self.producer.in_flight_count() == 0 {
+            if done() {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -243,6 +242,7 @@ impl KafkaSink {
                 return false;
             }
             let guard = context.reported_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A report between the check above and this wait wakes nobody: wait 1 ms at most.
             drop(context.reported.wait_timeout(guard, left.min(Duration::from_millis(1))));
         }
     }

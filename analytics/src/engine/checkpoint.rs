@@ -150,9 +150,6 @@ impl From<PartitionSnapshot> for PartitionState {
     }
 }
 
-/// One version of a registry entry: from when, and the record (`None`: tombstone).
-pub type RegistryVersion = (i64, Option<RecordText>);
-
 /// A registry record in a checkpoint: shared with the engine while the snapshot is in memory, and
 /// written as its JSON text (records hold arbitrary JSON values, which a compact binary format
 /// cannot round-trip). The text is made when the checkpoint is written, on the thread that writes
