@@ -28,6 +28,37 @@ pub(crate) fn lower_priority(thread: &str) {
     tracing::debug!(message = "Background threads keep the process's priority on this system.", thread);
 }
 
+/// How long the calling thread has run on a CPU and how long it has waited, runnable, for one, since
+/// it started (Linux's `/proc/thread-self/schedstat`): the difference of two readings tells whether
+/// a slow step was work or waiting for a core. `None` where the system does not keep them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SchedTimes {
+    pub on_cpu: std::time::Duration,
+    pub waiting: std::time::Duration,
+}
+
+impl SchedTimes {
+    /// The calling thread's times now.
+    pub(crate) fn now() -> Option<Self> {
+        #[cfg(target_os = "linux")]
+        {
+            let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+            let mut fields = text.split_ascii_whitespace().map(|f| f.parse::<u64>().ok());
+            let on_cpu = fields.next()??;
+            let waiting = fields.next()??;
+            Some(Self { on_cpu: std::time::Duration::from_nanos(on_cpu), waiting: std::time::Duration::from_nanos(waiting) })
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
+    /// The time run and waited since `earlier`, in milliseconds: `(on_cpu, waiting)`.
+    pub(crate) fn since_ms(self, earlier: Self) -> (f64, f64) {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        (ms(self.on_cpu.saturating_sub(earlier.on_cpu)), ms(self.waiting.saturating_sub(earlier.waiting)))
+    }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -58,5 +89,22 @@ mod tests {
         // A thread inherits its creator's nice value on Linux: work spawned from a background
         // thread stays in the background.
         assert_eq!(others, background);
+    }
+
+    #[test]
+    fn a_busy_thread_reads_its_time_on_a_cpu_grow_and_a_sleeping_one_not() {
+        let before = SchedTimes::now().expect("Linux keeps per-thread scheduler times");
+        // Spins until the reading shows 20 ms on a CPU; a reading that does not grow fails at 10 s.
+        let spin = std::time::Instant::now();
+        let busy = loop {
+            let now = SchedTimes::now().unwrap();
+            if now.since_ms(before).0 >= 20.0 {
+                break now;
+            }
+            assert!(spin.elapsed() < std::time::Duration::from_secs(10), "10 s of spinning never read 20 ms on a CPU");
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (ran, _) = SchedTimes::now().unwrap().since_ms(busy);
+        assert!(ran < 5.0, "a sleep of 50 ms does not run, read {ran} ms on a CPU");
     }
 }

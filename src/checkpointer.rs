@@ -100,7 +100,7 @@ impl Checkpointer {
         let thread_idle = idle.clone();
         let thread = std::thread::Builder::new().name("meshguard-checkpoint".into()).spawn(move || {
             crate::background::lower_priority("meshguard-checkpoint");
-            for job in job_rx {
+            for mut job in job_rx {
                 let began = Instant::now();
                 // The outputs the checkpoint says were sent are on the broker, and the archive
                 // holds every attempt it calls consumed: both before the checkpoint.
@@ -110,7 +110,7 @@ impl Checkpointer {
                     .and_then(|()| {
                         job.closing.into_iter().try_for_each(|c| c.finish().map(drop)).context("closing archive files before a checkpoint")
                     })
-                    .and_then(|()| store.save(&job.checkpoint).map_err(anyhow::Error::from));
+                    .and_then(|()| store.save(&mut job.checkpoint).map_err(anyhow::Error::from));
                 // What the engine does not take back is dropped here, not on the pipeline's thread.
                 let recycled = job.checkpoint.into_recycled();
                 thread_idle.set_busy(false);

@@ -48,6 +48,7 @@ use meshguard_schemas::{BatchDecoder, EnforcementStateKind, FindingKind, InputTo
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tracing::{info, warn};
 
+use crate::background::SchedTimes;
 use crate::checkpointer::{Checkpointer, Done, Outputs};
 use crate::config::Config;
 
@@ -818,8 +819,12 @@ impl Pipeline {
         };
         self.engine.sink_positions = ends.into_iter().map(|(p, o)| (self.topics.findings.clone(), p, o)).collect();
         let snapshot = Instant::now();
+        let sched = SchedTimes::now();
         let cp = self.engine.checkpoint();
         let snapshot_ms = snapshot.elapsed().as_secs_f64() * 1e3;
+        // Whether the snapshot's time was its work or this thread waiting for a core.
+        let (snapshot_cpu_ms, snapshot_waited_ms) =
+            sched.zip(SchedTimes::now()).map(|(a, b)| b.since_ms(a)).unwrap_or((f64::NAN, f64::NAN));
         let offsets: Vec<Position> = cp
             .partitions
             .iter()
@@ -833,6 +838,8 @@ impl Pipeline {
             flush_ms = flushed.as_secs_f64() * 1e3,
             detach_ms = (detached - flushed).as_secs_f64() * 1e3,
             snapshot_ms,
+            snapshot_cpu_ms,
+            snapshot_waited_ms,
             steps
         );
         self.checkpointer.submit(outputs, closing, cp, offsets, started)?;

@@ -185,11 +185,11 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for (name, size) in sizes {
         let mut engine = engine(size);
-        let cp = engine.checkpoint();
+        let mut cp = engine.checkpoint();
         let windows = engine.partition(&(InputTopic::Messages, 0)).unwrap().throttles.windows.len() as u64;
         let dir = tempfile::tempdir().unwrap();
         let store = LocalCheckpointStore::open(dir.path()).unwrap();
-        store.save(&cp).unwrap();
+        store.save(&mut cp).unwrap();
         let file = std::fs::metadata(dir.path().join("partitions/messages-0.ckpt")).unwrap().len();
         eprintln!("checkpoint/{name}: {}; file {:.1} MB", describe(&engine), file as f64 / 1e6);
         g.throughput(Throughput::Elements(windows));
@@ -225,7 +225,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         // The write of a checkpoint taken without mirrors (packed).
-        g.bench_function(format!("write/{name}"), |b| b.iter(|| store.save(black_box(&cp)).unwrap()));
+        g.bench_function(format!("write/{name}"), |b| b.iter(|| store.save(black_box(&mut cp)).unwrap()));
         // The pause of the steady state (see the module docs).
         let mut rng = SmallRng::seed_from_u64(8);
         let mut clock = NOW;
@@ -284,8 +284,8 @@ fn bench(c: &mut Criterion) {
             step_times[step_times.len() - 1]
         );
         // The write of a steady-state checkpoint: its mirrors packed on the writing thread.
-        let mirrored = out.take().unwrap();
-        g.bench_function(format!("write_mirrored/{name}"), |b| b.iter(|| store.save(black_box(&mirrored)).unwrap()));
+        let mut mirrored = out.take().unwrap();
+        g.bench_function(format!("write_mirrored/{name}"), |b| b.iter(|| store.save(black_box(&mut mirrored)).unwrap()));
     }
     g.finish();
 }

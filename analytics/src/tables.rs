@@ -25,8 +25,24 @@ pub struct VersionedTable<K, V> {
 #[derive(Debug, Clone)]
 struct Versions<V> {
     newest: (i64, V),
+    /// The latest time the newest value was asserted again ([`VersionedTable::assert`]), at or
+    /// after `newest.0`: a different value asserted before it, arriving late, holds only until it.
+    newest_seen: i64,
     /// Older versions, oldest first, all before `newest`.
     older: Vec<(i64, V)>,
+}
+
+impl<V> Versions<V> {
+    fn new(from_ms: i64, value: V) -> Self {
+        Self { newest: (from_ms, value), newest_seen: from_ms, older: Vec::new() }
+    }
+
+    /// Makes `(from_ms, value)` the newest version, the current one becoming older.
+    fn push(&mut self, from_ms: i64, value: V) {
+        let previous = std::mem::replace(&mut self.newest, (from_ms, value));
+        self.older.push(previous);
+        self.newest_seen = from_ms;
+    }
 }
 
 impl<K, V> Default for VersionedTable<K, V> {
@@ -42,21 +58,89 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         use hashbrown::hash_map::Entry;
         let v = match self.map.entry(key) {
             Entry::Vacant(e) => {
-                e.insert(Versions { newest: (from_ms, value), older: Vec::new() });
+                e.insert(Versions::new(from_ms, value));
                 return;
             }
             Entry::Occupied(e) => e.into_mut(),
         };
         match from_ms.cmp(&v.newest.0) {
-            std::cmp::Ordering::Greater => {
-                let previous = std::mem::replace(&mut v.newest, (from_ms, value));
-                v.older.push(previous);
+            std::cmp::Ordering::Greater => v.push(from_ms, value),
+            std::cmp::Ordering::Equal => {
+                v.newest.1 = value;
+                v.newest_seen = from_ms;
             }
-            std::cmp::Ordering::Equal => v.newest.1 = value,
             std::cmp::Ordering::Less => match v.older.binary_search_by_key(&from_ms, |(t, _)| *t) {
                 Ok(i) => v.older[i].1 = value,
                 Err(i) => v.older.insert(i, (from_ms, value)),
             },
+        }
+    }
+
+    /// Records that `key` was observed to be `value` at `at_ms`, for facts that are stated again
+    /// and again, most of the time unchanged (a device's location in each of its attempts,
+    /// presence): lookups give the latest observation at or before their time, as with
+    /// [`VersionedTable::insert`] of every observation, but an observation of the value already
+    /// in force adds no version, so a key holds one version per change of its value rather than
+    /// one per observation.
+    ///
+    /// Exact while a key's observations arrive in event-time order. One arriving late with a
+    /// different value, inside a span where the newest value was observed before and after it,
+    /// holds from its time to the latest observation of the newest value (the ones in between
+    /// were not kept); one arriving late with the value already in force at its time adds
+    /// nothing, so a different value arriving later still inside that span holds until the next
+    /// version.
+    pub fn assert(&mut self, key: K, at_ms: i64, value: V)
+    where
+        V: PartialEq,
+    {
+        use hashbrown::hash_map::Entry;
+        let v = match self.map.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert(Versions::new(at_ms, value));
+                return;
+            }
+            Entry::Occupied(e) => e.into_mut(),
+        };
+        if at_ms >= v.newest.0 {
+            if value == v.newest.1 {
+                v.newest_seen = v.newest_seen.max(at_ms);
+            } else if at_ms > v.newest_seen {
+                v.push(at_ms, value);
+            } else if at_ms == v.newest_seen {
+                // The same time as the latest observation: the later record wins.
+                if at_ms == v.newest.0 {
+                    v.newest.1 = value;
+                } else {
+                    v.push(at_ms, value);
+                }
+            } else {
+                // Inside the newest value's span: `value` from `at_ms`, the newest value again
+                // from its latest observation.
+                let (seen, newest) = (v.newest_seen, v.newest.1.clone());
+                if at_ms == v.newest.0 {
+                    v.newest.1 = value;
+                } else {
+                    v.push(at_ms, value);
+                }
+                v.push(seen, newest);
+            }
+            return;
+        }
+        // Before the newest version: `i` versions of `older` are at or before `at_ms`.
+        let i = v.older.partition_point(|(t, _)| *t <= at_ms);
+        match i.checked_sub(1) {
+            Some(j) if v.older[j].1 == value => {}
+            Some(j) if v.older[j].0 == at_ms => v.older[j].1 = value,
+            Some(_) => v.older.insert(i, (at_ms, value)),
+            None => {
+                // Before every version: the first one starts earlier if it holds the same value.
+                match v.older.first_mut() {
+                    Some(first) if first.1 == value => first.0 = at_ms,
+                    Some(_) => v.older.insert(0, (at_ms, value)),
+                    None if v.newest.1 == value => v.newest.0 = at_ms,
+                    None => v.older.push((at_ms, value)),
+                }
+            }
         }
     }
 
@@ -113,8 +197,19 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
         for (k, v) in &self.map {
             rows.extend(v.older.iter().map(|(t, value)| (*k, *t, f(value))));
             rows.push((*k, v.newest.0, f(&v.newest.1)));
+            // The newest value's latest observation, as a second row of the same value: restored
+            // through `assert`, the two rows make the same version (a table written by `insert`
+            // alone has none).
+            if v.newest_seen > v.newest.0 {
+                rows.push((*k, v.newest_seen, f(&v.newest.1)));
+            }
         }
         TableSnapshot { rows }
+    }
+
+    /// Number of versions over all keys (what a snapshot copies).
+    pub fn versions(&self) -> usize {
+        self.map.values().map(|v| 1 + v.older.len()).sum()
     }
 }
 
@@ -222,5 +317,83 @@ mod tests {
         assert_eq!(t.get(&7, 30), Some(&3));
         assert_eq!(t.get(&7, 25), None, "only the newest is left");
         assert_eq!(t.snapshot(|v| *v).rows, [(7, 30, 3)]);
+    }
+
+    /// Lookups at every time of interest, from before the first observation to after the last.
+    fn lookups(t: &VersionedTable<u8, u8>, times: impl Iterator<Item = i64>) -> Vec<Option<u8>> {
+        times.map(|at| t.get(&0, at).copied()).collect()
+    }
+
+    proptest::proptest! {
+        /// In event-time order (ties included), `assert` answers every lookup as `insert` of every
+        /// observation does, with one version per change of value.
+        #[test]
+        fn observations_in_order_answer_as_if_each_were_kept_with_a_version_per_change(
+            steps in proptest::collection::vec((0i64..3, 0u8..3), 1..60),
+        ) {
+            let (mut every, mut changes) = (VersionedTable::<u8, u8>::default(), VersionedTable::<u8, u8>::default());
+            let mut at = 1_000;
+            let mut values = 0;
+            let mut last = None;
+            for (gap, value) in steps {
+                at += gap;
+                every.insert(0, at, value);
+                changes.assert(0, at, value);
+                values += usize::from(last != Some(value));
+                last = Some(value);
+            }
+            proptest::prop_assert_eq!(lookups(&changes, 990..at + 5), lookups(&every, 990..at + 5));
+            // Ties can replace a value at its own time, so changes are at most the observed runs.
+            proptest::prop_assert!(changes.versions() <= values, "{} versions for {} runs", changes.versions(), values);
+        }
+
+        /// Whatever the arrival order, a snapshot restored through `assert` answers as the table.
+        #[test]
+        fn a_snapshot_restored_through_assert_answers_as_the_table(
+            steps in proptest::collection::vec((0i64..40, 0u8..3), 1..40),
+        ) {
+            let mut t = VersionedTable::<u8, u8>::default();
+            for (at, value) in steps {
+                t.assert(0, 1_000 + at, value);
+            }
+            let mut back = VersionedTable::<u8, u8>::default();
+            for (k, at, value) in t.snapshot(|v| *v).rows {
+                back.assert(k, at, value);
+            }
+            proptest::prop_assert_eq!(lookups(&back, 990..1_050), lookups(&t, 990..1_050));
+            // Restoring merges neighbours of one value that a late observation left apart.
+            proptest::prop_assert!(back.versions() <= t.versions());
+        }
+    }
+
+    #[test]
+    fn repeated_observations_keep_one_version_and_a_late_change_holds_until_the_newest_is_seen_again() {
+        let mut t = VersionedTable::<u8, &str>::default();
+        for at in (100..=1_000).step_by(100) {
+            t.assert(0, at, "home");
+        }
+        assert_eq!(t.versions(), 1, "ten observations of one value are one version");
+        assert_eq!(t.get(&0, 99), None);
+        assert_eq!(t.get(&0, 100), Some(&"home"));
+        // Late: "away" at 450, between observations of "home" (the last at 1,000).
+        t.assert(0, 450, "away");
+        assert_eq!(t.get(&0, 449), Some(&"home"));
+        assert_eq!(t.get(&0, 450), Some(&"away"));
+        assert_eq!(t.get(&0, 1_000), Some(&"home"), "home was seen again at 1,000");
+        // Later in order: a change, then the old value again.
+        t.assert(0, 1_100, "away");
+        t.assert(0, 1_200, "home");
+        assert_eq!(t.get(&0, 1_150), Some(&"away"));
+        assert_eq!(t.get(&0, 1_250), Some(&"home"));
+        // Late, before every version, with the first one's value: that version starts earlier.
+        let before = t.versions();
+        t.assert(0, 50, "home");
+        assert_eq!((t.get(&0, 50), t.versions()), (Some(&"home"), before));
+        // Late, with the value already in force at its time: nothing to add.
+        t.assert(0, 1_120, "away");
+        assert_eq!(t.versions(), before);
+        // Late at the time of a version, with another value: the later record wins.
+        t.assert(0, 1_100, "lost");
+        assert_eq!(t.get(&0, 1_100), Some(&"lost"));
     }
 }

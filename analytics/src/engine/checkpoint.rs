@@ -22,6 +22,7 @@ use meshguard_schemas::registry::RegistryRecord;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::global::{GlobalReplica, Pending, Settling};
 use super::{Engine, PartitionId, PartitionState, Position};
 use crate::crosscheck::HeldRequest;
 use crate::enforcement::Offender;
@@ -53,8 +54,12 @@ pub const CHECKPOINT_CUT_ROWS: usize = 16_384;
 pub struct Checkpoint {
     /// Keyed state and next offset of every owned partition.
     pub partitions: Vec<(PartitionId, PartitionSnapshot)>,
-    /// Global tables and their positions.
+    /// Global tables and their positions. Their registry, presence and locations are written
+    /// from the checkpoint thread's replica: read them after [`Checkpoint::settle`].
     pub global: GlobalSnapshot,
+    /// The global tables' replica and the changes to apply to it (see `engine/global.rs`).
+    #[serde(skip)]
+    settling: Option<Settling>,
 }
 
 /// The state of one input partition as a checkpoint holds it: what [`PartitionState`] holds,
@@ -119,18 +124,49 @@ impl PartitionState {
     }
 }
 
-/// What a written checkpoint gives back to the engine ([`Engine::recycle`]): its tables' mirrors,
-/// so that the next checkpoint copies only what changed since this one.
+/// What a written checkpoint gives back to the engine ([`Engine::recycle`]): its tables' mirrors
+/// and the global tables' replica, so that the next checkpoint copies only what changed since this
+/// one.
 #[derive(Debug, Default)]
 pub struct Recycled {
     mirrors: Vec<(PartitionId, WindowsSnapshot, SchedulesSnapshot)>,
+    global: Option<(Box<GlobalReplica>, u64)>,
 }
 
 impl Checkpoint {
-    /// The mirrors to hand back once this checkpoint is written; the rest is dropped here (on the
-    /// thread that wrote it, not the pipeline's).
+    /// Brings the global tables' part up to the cut, on the thread that writes the checkpoint:
+    /// applies the changes since the previous checkpoint to the replica it carries (or builds the
+    /// replica from the tables copied at the cut) and fills [`GlobalSnapshot`]'s registry,
+    /// presence and locations from it. [`CheckpointStore::save`] and [`Engine::restore`] call it;
+    /// calling it again does nothing.
+    pub fn settle(&mut self) {
+        let Some(settling) = self.settling.as_mut() else {
+            return;
+        };
+        let replica = match std::mem::replace(&mut settling.pending, Pending::Build) {
+            Pending::Changes { mut replica, log } => {
+                replica.apply(&log);
+                let (registry, presence, locations) = replica.snapshot();
+                (self.global.registry, self.global.presence, self.global.locations) = (registry, presence, locations);
+                replica
+            }
+            Pending::Build => {
+                let g = &self.global;
+                Box::new(GlobalReplica::from_snapshot(&g.registry, &g.presence, &g.locations))
+            }
+            Pending::Settled(replica) => replica,
+        };
+        settling.pending = Pending::Settled(replica);
+    }
+
+    /// The mirrors and the settled replica to hand back once this checkpoint is written; the rest
+    /// is dropped here (on the thread that wrote it, not the pipeline's).
     pub fn into_recycled(self) -> Recycled {
-        Recycled { mirrors: self.partitions.into_iter().map(|(id, s)| (id, s.throttles.windows, s.schedules)).collect() }
+        let global = self.settling.and_then(|s| match s.pending {
+            Pending::Settled(replica) => Some((replica, s.epoch)),
+            _ => None,
+        });
+        Recycled { mirrors: self.partitions.into_iter().map(|(id, s)| (id, s.throttles.windows, s.schedules)).collect(), global }
     }
 }
 
@@ -212,9 +248,21 @@ impl Engine {
             self.partitions.iter_mut().map(|(k, v)| (*k, v.take_snapshot())).collect();
         partitions.sort_by_key(|(k, _)| *k);
         let partitioned = started.elapsed();
-        let registry = self.registry.snapshot(|rec| rec.as_ref().map(|r| RecordText(r.record.clone())));
-        let presence = self.presence.snapshot(|online| *online);
-        let locations = self.locations.snapshot(|l| *l);
+        // The registry, presence and locations are copied only when the checkpoint thread has no
+        // replica of them to bring up to date (see `global.rs`).
+        let settling = self.global.cut();
+        let (registry, presence, locations) = match settling.pending {
+            Pending::Build => (
+                self.registry.snapshot(|rec| rec.as_ref().map(|r| RecordText(r.record.clone()))),
+                self.presence.snapshot(|online| *online),
+                self.locations.snapshot(|l| *l),
+            ),
+            _ => Default::default(),
+        };
+        let changes = match &settling.pending {
+            Pending::Changes { log, .. } => log.len(),
+            _ => 0,
+        };
         let global = GlobalSnapshot {
             registry,
             presence,
@@ -231,8 +279,9 @@ impl Engine {
             registry = global.registry.rows.len(),
             presence = global.presence.rows.len(),
             locations = global.locations.rows.len(),
+            changes,
         );
-        Checkpoint { partitions, global }
+        Checkpoint { partitions, global, settling: Some(settling) }
     }
 
     /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
@@ -261,6 +310,9 @@ impl Engine {
     /// Takes back the mirrors of a written checkpoint (see [`Engine::checkpoint`]). Mirrors of
     /// partitions dropped or restored since are dropped.
     pub fn recycle(&mut self, r: Recycled) {
+        if let Some((replica, epoch)) = r.global {
+            self.global.recycle(replica, epoch);
+        }
         for (id, windows, schedules) in r.mirrors {
             if let Some(state) = self.partitions.get_mut(&id) {
                 state.throttles.windows.recycle(windows);
@@ -270,7 +322,8 @@ impl Engine {
     }
 
     /// Replaces the engine's state with a checkpoint's.
-    pub fn restore(&mut self, cp: Checkpoint) -> Result<()> {
+    pub fn restore(&mut self, mut cp: Checkpoint) -> Result<()> {
+        cp.settle();
         self.partitions.clear();
         for (id, state) in cp.partitions {
             self.partitions.insert(id, state.into());
@@ -281,17 +334,18 @@ impl Engine {
 
     /// Replaces the global tables with a snapshot's.
     pub fn restore_global(&mut self, g: GlobalSnapshot) -> Result<()> {
+        self.global.reset();
         self.registry = Default::default();
         for (uuid, t, record) in g.registry.rows {
             self.apply_registry(uuid, t, record.map(|r| r.0));
         }
         self.presence = Default::default();
         for (uuid, t, online) in g.presence.rows {
-            self.presence.insert(uuid, t, online);
+            self.presence.assert(uuid, t, online);
         }
         self.locations = Default::default();
         for (uuid, t, loc) in g.locations.rows {
-            self.locations.insert(uuid, t, loc);
+            self.locations.assert(uuid, t, loc);
         }
         self.interactions = g.interactions;
         self.global_positions.clear();
@@ -305,8 +359,9 @@ impl Engine {
 
 /// Where checkpoints live. `save` returns only once the checkpoint is durable.
 pub trait CheckpointStore: Send + std::fmt::Debug {
-    /// Writes a checkpoint durably (every file fsynced before returning).
-    fn save(&self, cp: &Checkpoint) -> Result<()>;
+    /// Writes a checkpoint durably (every file fsynced before returning), settled first
+    /// ([`Checkpoint::settle`]).
+    fn save(&self, cp: &mut Checkpoint) -> Result<()>;
     /// Reads the latest checkpoint of every partition and the global tables; `None` when there is
     /// none yet (a fresh start). In a directory shared by several workers this includes partitions
     /// other workers own: a worker restores the global part and loads partitions as it is assigned
@@ -389,7 +444,8 @@ impl LocalCheckpointStore {
 }
 
 impl CheckpointStore for LocalCheckpointStore {
-    fn save(&self, cp: &Checkpoint) -> Result<()> {
+    fn save(&self, cp: &mut Checkpoint) -> Result<()> {
+        cp.settle();
         for (id, state) in &cp.partitions {
             self.write_atomic(&self.partition_file(id), state)?;
         }
@@ -413,7 +469,7 @@ impl CheckpointStore for LocalCheckpointStore {
             }
         }
         partitions.sort_by_key(|(k, _)| *k);
-        Ok(Some(Checkpoint { partitions, global }))
+        Ok(Some(Checkpoint { partitions, global, settling: None }))
     }
 
     fn load_global(&self) -> Result<Option<GlobalSnapshot>> {
@@ -491,14 +547,106 @@ mod tests {
                 ts += 120_000;
                 e.partitions.get_mut(&id).unwrap().max_event_ms = ts;
             }
-            let cp = e.checkpoint();
+            let mut cp = e.checkpoint();
             let want = e.partition(&id).unwrap().snapshot();
             assert_eq!(cp.partitions[0].1, want, "round {round}");
-            store.save(&cp).unwrap();
+            store.save(&mut cp).unwrap();
             assert_eq!(store.load_partition(&id).unwrap().unwrap(), want, "round {round}: read back");
             if rng.random_range(0..4) > 0 {
                 e.recycle(cp.into_recycled());
             }
         }
+    }
+
+    /// Checkpoints whose registry, presence and locations come from the checkpoint thread's
+    /// replica (the changes since the previous checkpoint applied to it) restore tables that answer
+    /// every lookup an attempt can still make as the engine's own tables do at the cut: through
+    /// observations out of order, registrations and tombstones, prunes at checkpoints and between
+    /// them, replicas handed back or not, and a restore.
+    #[test]
+    fn global_tables_written_from_the_replica_answer_as_the_engines_at_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalCheckpointStore::open(dir.path()).unwrap();
+        let mut rng = SmallRng::seed_from_u64(11);
+        let mut e = Engine::new(EngineConfig::default());
+        // A messages partition with event time, so that prunes drop versions.
+        let id = (InputTopic::Messages, 0);
+        e.restore_partition(id, PartitionState::default().snapshot());
+        let mut ts = 1_795_539_600_000i64;
+        let keys = 50u128;
+        let record = |uuid: Uuid, n: u8| {
+            let json = format!(r#"{{"uuid":"{uuid}","kind":"device","type":"v{n}"}}"#);
+            Arc::new(RegistryRecord::from_json(0, json.as_bytes()).unwrap())
+        };
+        let (mut replicated, mut copied) = (0, 0);
+        let mut replica_home = false;
+        for round in 0..40 {
+            for _ in 0..rng.random_range(0..400) {
+                ts += rng.random_range(0..50);
+                let uuid = Uuid::from_u128(rng.random_range(0..keys));
+                // Out of order by up to 2 s.
+                let at = ts - rng.random_range(0..2_000);
+                match rng.random_range(0..10) {
+                    0 => {
+                        let rec = (rng.random_range(0..4) > 0).then(|| record(uuid, rng.random_range(0..3)));
+                        e.apply_registry(uuid, at, rec);
+                    }
+                    1..=3 => e.observe_presence(uuid, at, rng.random()),
+                    _ => {
+                        let lat = f64::from(rng.random_range(0..3u8));
+                        e.observe_location(uuid, at, Location { lat: Some(lat), lon: Some(0.0), country: None });
+                    }
+                }
+            }
+            e.partitions.get_mut(&id).unwrap().max_event_ms = ts;
+            if round % 7 == 3 {
+                // A prune between checkpoints (the engine's bench does that).
+                e.prune();
+                ts += rng.random_range(0..5_000);
+                e.partitions.get_mut(&id).unwrap().max_event_ms = ts;
+            }
+            if round == 25 {
+                // A restore: the replica away is stale from now on.
+                let mut cp = e.checkpoint();
+                cp.settle();
+                e.restore_global(cp.global.clone()).unwrap();
+                e.recycle(cp.into_recycled());
+                replica_home = false;
+            }
+            let mut cp = e.checkpoint();
+            if replica_home {
+                assert!(
+                    cp.global.locations.rows.is_empty() && cp.global.presence.rows.is_empty(),
+                    "round {round}: nothing copied at the cut"
+                );
+                replicated += 1;
+            } else {
+                assert!(!cp.global.locations.rows.is_empty() || round == 0, "round {round}: copied at the cut");
+                copied += 1;
+            }
+            store.save(&mut cp).unwrap();
+            let mut back = Engine::new(EngineConfig::default());
+            back.restore_global(store.load_global().unwrap().unwrap()).unwrap();
+            // Pruned as the engine's: no more versions than it holds.
+            assert!(back.presence.versions() <= e.presence.versions(), "round {round}: presence pruned");
+            assert!(back.locations.versions() <= e.locations.versions(), "round {round}: locations pruned");
+            let horizon = ts - EngineConfig::default().allowed_lateness_ms;
+            for k in 0..keys {
+                let k = Uuid::from_u128(k);
+                for at in (horizon..ts + 100).step_by(97) {
+                    assert_eq!(back.presence.get(&k, at), e.presence.get(&k, at), "round {round}: presence of {k} at {at}");
+                    assert_eq!(back.locations.get(&k, at), e.locations.get(&k, at), "round {round}: location of {k} at {at}");
+                    let name = |r: Option<&Option<Arc<crate::policy::CompiledRecord>>>| {
+                        r.map(|r| r.as_ref().map(|c| c.record.device_type.clone()))
+                    };
+                    assert_eq!(name(back.registry.get(&k, at)), name(e.registry.get(&k, at)), "round {round}: registry of {k} at {at}");
+                }
+            }
+            replica_home = rng.random_range(0..4) > 0;
+            if replica_home {
+                e.recycle(cp.into_recycled());
+            }
+        }
+        assert!(replicated > 20 && copied > 5, "both paths taken: {replicated} from the replica, {copied} copied");
     }
 }

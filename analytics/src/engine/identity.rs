@@ -104,7 +104,11 @@ impl Engine {
                 partition,
                 arrived_ms: now_ms,
             };
-            self.partitions.entry((InputTopic::IdentityRequests, partition)).or_default().held_requests.push(held);
+            let state = self.partitions.entry((InputTopic::IdentityRequests, partition)).or_default();
+            // The partition's event time: what its answers' ids (and offenders homed here) are
+            // kept for, as a messages partition's attempts do for theirs.
+            state.max_event_ms = state.max_event_ms.max(held.t);
+            state.held_requests.push(held);
         }
     }
 

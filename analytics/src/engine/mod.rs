@@ -21,6 +21,7 @@
 
 pub mod checkpoint;
 mod enforce;
+mod global;
 mod identity;
 mod throttle;
 mod timing;
@@ -203,6 +204,8 @@ pub struct Engine {
     groups: GroupInterner,
     presence: VersionedTable<Uuid, bool>,
     locations: VersionedTable<Uuid, Location>,
+    /// What the global tables did since the checkpoint thread's replica of them (see `global.rs`).
+    global: global::GlobalTracker,
     partitions: FastMap<PartitionId, PartitionState>,
     global_positions: FastMap<(InputTopic, i32), i64>,
     /// Ids of findings found on the output topic at restore, which a replay must not repeat.
@@ -246,6 +249,7 @@ impl Engine {
             groups: GroupInterner::default(),
             presence: VersionedTable::default(),
             locations: VersionedTable::default(),
+            global: global::GlobalTracker::default(),
             partitions: FastMap::default(),
             global_positions: FastMap::default(),
             restored_outputs: FastMap::default(),
@@ -340,8 +344,29 @@ impl Engine {
     /// Compiles and installs one registry change: only that record is compiled, whatever the size
     /// of the directory.
     pub(crate) fn apply_registry(&mut self, uuid: Uuid, effective_ms: i64, record: Option<Arc<RegistryRecord>>) {
+        if let Some(log) = &mut self.global.log {
+            log.registry.push((uuid, effective_ms, record.clone().map(checkpoint::RecordText)));
+        }
         let compiled = record.map(|r| Arc::new(CompiledRecord::compile(r, &mut self.groups)));
         self.registry.insert(uuid, effective_ms, compiled);
+    }
+
+    /// Records `uuid`'s presence at `ts` (and in the log of the global tables' changes).
+    #[inline]
+    fn observe_presence(&mut self, uuid: Uuid, ts: i64, online: bool) {
+        self.presence.assert(uuid, ts, online);
+        if let Some(log) = &mut self.global.log {
+            log.presence.push((uuid, ts, online));
+        }
+    }
+
+    /// Records `uuid`'s location at `ts` (and in the log of the global tables' changes).
+    #[inline]
+    fn observe_location(&mut self, uuid: Uuid, ts: i64, loc: Location) {
+        self.locations.assert(uuid, ts, loc);
+        if let Some(log) = &mut self.global.log {
+            log.locations.push((uuid, ts, loc));
+        }
     }
 
     fn apply_presence(&mut self, rows: &RowsBatch) {
@@ -356,7 +381,7 @@ impl Engine {
         let online = online.as_boolean();
         for row in 0..b.num_rows() {
             if let Ok(bytes) = <[u8; 16]>::try_from(uuid.value(row)) {
-                self.presence.insert(Uuid::from_bytes(bytes), ts.value(row), online.value(row));
+                self.observe_presence(Uuid::from_bytes(bytes), ts.value(row), online.value(row));
             }
         }
         self.stats.rows[InputTopic::Presence as usize] += b.num_rows() as u64;
@@ -422,7 +447,7 @@ impl Engine {
             if view.location.is_valid(row) && view.auth.value(row) == valid {
                 let loc = view.location(row);
                 if let (false, Some(from)) = (loc.is_unknown(), MessagesView::uuid(view.from, row)) {
-                    self.locations.insert(from, view.ts.value(row), loc);
+                    self.observe_location(from, view.ts.value(row), loc);
                 }
             }
         }
@@ -450,17 +475,27 @@ impl Engine {
     /// Forgets what no event inside the horizons can need any more. Called at checkpoints.
     pub fn prune(&mut self) {
         let horizon = self.cfg.dedup_horizon_ms;
-        let mut oldest_watermark = i64::MAX;
-        for state in self.partitions.values_mut() {
+        let (mut oldest_watermark, mut newest_watermark) = (i64::MAX, i64::MIN);
+        for (&(topic, _), state) in self.partitions.iter_mut() {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
             state.emitted.retain(|_, ts| *ts >= keep_after);
-            state.throttles.prune(state.watermark(self.cfg.allowed_lateness_ms));
             let watermark = state.watermark(self.cfg.allowed_lateness_ms);
+            state.throttles.prune(watermark);
             let enforcement = &self.cfg.enforcement;
             state.enforcement.retain(|_, o| !o.is_spent(watermark, enforcement));
-            oldest_watermark = oldest_watermark.min(state.watermark(self.cfg.allowed_lateness_ms));
+            // The global tables serve the attempts' lookups: the messages partitions that have
+            // seen an attempt say how far back those can ask (the other topics' partitions keep
+            // no event time that lookups follow, and one without attempts has none yet).
+            if topic == InputTopic::Messages && state.max_event_ms != 0 {
+                oldest_watermark = oldest_watermark.min(watermark);
+                newest_watermark = newest_watermark.max(watermark);
+            }
         }
         if oldest_watermark != i64::MAX {
+            // A partition that has gone quiet holds versions back for at most the dedup horizon
+            // behind the busiest one: its attempts from before that see the oldest version kept,
+            // as late ones do.
+            let oldest_watermark = oldest_watermark.max(newest_watermark.saturating_sub(horizon));
             let keep_after = oldest_watermark.saturating_sub(horizon);
             self.restored_outputs.retain(|_, ts| *ts >= keep_after);
             // Lookups come from events at or after the oldest watermark (later ones are late and
@@ -468,8 +503,11 @@ impl Engine {
             self.registry.prune(oldest_watermark);
             self.presence.prune(oldest_watermark);
             self.locations.prune(oldest_watermark);
-            Arc::make_mut(&mut self.interactions).prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
+            if let Some(log) = &mut self.global.log {
+                log.prune(oldest_watermark);
+            }
         }
+        Arc::make_mut(&mut self.interactions).prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
     }
 
     /// The consumed positions of the global topics (registry, presence), to resume from.

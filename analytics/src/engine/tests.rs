@@ -126,7 +126,7 @@ fn checkpoint_restore_resumes_state_and_offsets() {
     ];
     assert_eq!(e.process(&mb, T0).len(), 2);
     e.sink_positions = vec![("meshguard.findings.v1".into(), 0, 2)];
-    store.save(&e.checkpoint()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
 
     let mut restored = Engine::new(EngineConfig::default());
     restored.restore(store.load().unwrap().unwrap()).unwrap();
@@ -163,8 +163,8 @@ fn a_restored_partition_holds_exactly_the_checkpointed_state() {
     let mut mb = batch(vec![registered(A, T0 - 1_000), registered(B, T0 - 1_000)], &records);
     mb.positions = vec![Position { topic: InputTopic::Messages, partition: 0, next_offset: 60 }];
     assert!(!e.process(&mb, T0).is_empty());
-    let cp = e.checkpoint();
-    store.save(&cp).unwrap();
+    let mut cp = e.checkpoint();
+    store.save(&mut cp).unwrap();
 
     // Schedules compared as maps, the rest as it is.
     let sorted = |mut s: PartitionSnapshot| {
@@ -215,7 +215,7 @@ fn a_restored_registry_judges_like_the_checkpointed_one() {
     ];
     let mut e = Engine::new(EngineConfig::default());
     e.process(&batch(changes, &[]), T0);
-    store.save(&e.checkpoint()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
     let mut restored = Engine::new(EngineConfig::default());
     restored.restore(store.load().unwrap().unwrap()).unwrap();
     assert_eq!(restored.registry.hot().len(), e.registry.hot().len());
@@ -292,7 +292,7 @@ fn a_restart_in_the_middle_of_a_window_continues_its_count_and_repeats_no_findin
     let store = LocalCheckpointStore::open(dir.path()).unwrap();
     let mut e = throttled(5, false);
     assert!(e.process(&batch(vec![], &sends(1, &[T0, T0 + 100, T0 + 200, T0 + 300])), T0).is_empty());
-    store.save(&e.checkpoint()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
 
     let second = batch(vec![], &sends(5, &[T0 + 400, T0 + 500, T0 + 600]));
     let mut restored = Engine::new(e.cfg.clone());
@@ -415,7 +415,7 @@ fn tightening_survives_a_restart() {
     let mut e = throttled(4, true);
     let found = e.process(&batch(vec![], &sends(1, &[T0, T0 + 10, T0 + 20, T0 + 30, T0 + 40])), T0);
     assert_eq!(throttle_findings(&found), vec![(5, "throttle:requester".to_owned(), 4)]);
-    store.save(&e.checkpoint()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
     let mut restored = Engine::new(e.cfg.clone());
     restored.restore(store.load().unwrap().unwrap()).unwrap();
     // Still halved after the restart, until T0 + 40 + 60 s.
@@ -482,7 +482,7 @@ fn a_block_is_published_survives_a_restart_and_is_lifted_at_its_until() {
     );
     assert_eq!((block.attempts, block.findings.len()), (5, 5));
     assert_eq!(block.findings.last(), Some(&found[4].id));
-    store.save(&e.checkpoint()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
 
     // After a restart the block still holds: an attempt inside it gives only blocked_requester.
     let mut e = Engine::new(EngineConfig::default());
@@ -563,6 +563,23 @@ fn identity_requests_are_answered_once_and_never_create_state_for_partitions_not
     assert_eq!(results[0].outcome, meshguard_schemas::Outcome::InsufficientEvidence);
     assert!(found.is_empty());
     assert!(e.partition(&(InputTopic::Messages, 3)).is_none(), "no state for a messages partition this worker does not hold");
+
+    // The answer's id is remembered in the requests' partition for the dedup horizon of its event
+    // time, then forgotten.
+    let first = results[0].id;
+    let emitted = |e: &Engine| e.partition(&(InputTopic::IdentityRequests, 3)).unwrap().emitted.clone();
+    assert!(emitted(&e).contains_key(&first));
+    let later = T0 + 60_000 + EngineConfig::default().dedup_horizon_ms + 1;
+    let request = format!(r#"{{"id":"00000000-0000-4000-8000-200000000003","ts":{later},"device":"{A}"}}"#);
+    e.process(
+        &MicroBatch { identity_requests: Some(decode(InputTopic::IdentityRequests, &[request], 3)), ..Default::default() },
+        T0 + 2_000,
+    );
+    e.process(&MicroBatch::default(), T0 + 60_000);
+    let second = e.take_identity_results();
+    assert_eq!(second.len(), 1);
+    e.checkpoint();
+    assert_eq!(emitted(&e).keys().copied().collect::<Vec<_>>(), [second[0].id], "the first answer's id is past the horizon");
 }
 
 /// Ordering across topics: a request read before the interactions it depends on is held until the
@@ -672,4 +689,44 @@ fn enforcement_published_by_another_worker_applies_to_requesters_and_targets_hom
     let from_b = attempt(3, T0 + 30, B, "valid").replace(&format!(r#""to":"{B}""#), &format!(r#""to":"{A}""#));
     let found = e.process(&batch(vec![], &[from_b]), T0);
     assert_eq!(kinds(&found), vec![(FindingKind::BlockedRequester, B.to_owned())]);
+}
+
+/// One attempt of `A` a minute for `minutes`, from a country that changes every minute, with the
+/// directory re-announcing `A` each time, on messages partition 0; a partition of the
+/// identity-requests topic is consumed alongside (no request: it has no event time), and messages
+/// partition 1 sees one attempt at the start and then none (`quiet`). Returns the versions the
+/// global tables hold at the end (registry, locations).
+fn global_versions_after(minutes: i64, quiet: bool) -> (usize, usize) {
+    let mut e = Engine::new(EngineConfig::default());
+    if quiet {
+        e.process(&MicroBatch { messages: Some(messages(&[attempt(999, T0, A, "valid")], 1)), ..Default::default() }, T0);
+    }
+    for minute in 0..minutes {
+        let ts = T0 + minute * 60_000;
+        let country = ["DE", "FR"][minute as usize % 2];
+        let record = format!(
+            r#"{{"id":"00000000-0000-4000-8000-{minute:012}","ts":{ts},"action":"send","from":"{A}","to":"{B}","auth":"valid","location":{{"country":"{country}"}}}}"#
+        );
+        let positions = vec![Position { topic: InputTopic::IdentityRequests, partition: 0, next_offset: minute + 1 }];
+        let mb = MicroBatch { registry: vec![registered(A, ts)], messages: Some(messages(&[record], 0)), positions, ..Default::default() };
+        e.process(&mb, ts);
+    }
+    let cp = e.checkpoint();
+    assert!(cp.partitions.iter().any(|((topic, _), _)| *topic == InputTopic::IdentityRequests), "the requests' partition has state");
+    (cp.global.registry.rows.len(), cp.global.locations.rows.len())
+}
+
+#[test]
+fn the_global_tables_forget_versions_no_attempt_can_ask_for_whatever_the_other_topics_partitions_hold() {
+    // Allowed lateness 30 s: the version in force 30 s before the last attempt, and the last one.
+    assert_eq!(global_versions_after(20, false), (2, 2));
+}
+
+#[test]
+fn a_quiet_partition_holds_the_global_tables_versions_back_for_the_dedup_horizon_at_most() {
+    // The busiest partition's watermark is 19 min − 30 s; the quiet one's 30 s before the start.
+    // Versions are kept from 10 minutes (the dedup horizon) before the former: minutes 9 to 19,
+    // and minute 8's, in force then.
+    assert_eq!(global_versions_after(20, true), (12, 12));
+    assert_eq!(global_versions_after(5, true), (5, 5), "within the horizon the quiet partition holds every version");
 }
