@@ -72,8 +72,9 @@ pub struct PartitionSnapshot {
     pub next_offset: i64,
     /// Highest event time seen.
     pub max_event_ms: i64,
-    /// Finding ids emitted, with their event time, within the dedup horizon.
-    pub emitted: FastMap<Uuid, i64>,
+    /// Finding ids emitted, with their event time, within the dedup horizon (shared with the
+    /// engine by minute, written as a map).
+    pub emitted: super::EmittedIds,
     /// Where the caller's sinks ended at this checkpoint (see [`PartitionState::sink_positions`]).
     pub sink_positions: Vec<(String, i32, i64)>,
     /// Throttle windows and tightenings.

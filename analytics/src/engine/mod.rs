@@ -20,6 +20,7 @@
 //! reads them from the findings topic on restore.
 
 pub mod checkpoint;
+mod emitted;
 mod enforce;
 mod global;
 mod identity;
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use self::checkpoint::PartitionSnapshot;
+pub use self::emitted::EmittedIds;
 use crate::crosscheck::{CrossCheckConfig, InteractionStore};
 use crate::enforcement::{EnforcementConfig, Offender, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
@@ -156,7 +158,7 @@ pub struct PartitionState {
     /// Highest event time seen.
     pub max_event_ms: i64,
     /// Finding ids emitted, with their event time, within the dedup horizon.
-    pub emitted: FastMap<Uuid, i64>,
+    pub emitted: EmittedIds,
     /// Where the caller's sinks ended at this partition's last checkpoint: a worker that takes the
     /// partition over reads outputs back from here, so it does not repeat what the previous owner
     /// wrote after that checkpoint.
@@ -478,7 +480,7 @@ impl Engine {
         let (mut oldest_watermark, mut newest_watermark) = (i64::MAX, i64::MIN);
         for (&(topic, _), state) in self.partitions.iter_mut() {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
-            state.emitted.retain(|_, ts| *ts >= keep_after);
+            state.emitted.prune(keep_after);
             let watermark = state.watermark(self.cfg.allowed_lateness_ms);
             state.throttles.prune(watermark);
             let enforcement = &self.cfg.enforcement;
