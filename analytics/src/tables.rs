@@ -17,6 +17,9 @@ pub(crate) type FastMap<K, V> = hashbrown::HashMap<K, V>;
 #[derive(Debug, Clone)]
 pub struct VersionedTable<K, V> {
     map: FastMap<K, Versions<V>>,
+    /// The keys holding older versions, each once: what a prune visits (most keys of a directory
+    /// hold one version, and a prune of a million keys at every checkpoint would walk them all).
+    historied: Vec<K>,
 }
 
 /// The versions of one key. The newest is held inline, so the usual lookup (one version, or the
@@ -43,11 +46,74 @@ impl<V> Versions<V> {
         self.older.push(previous);
         self.newest_seen = from_ms;
     }
+
+    /// See [`VersionedTable::insert`].
+    fn insert(&mut self, from_ms: i64, value: V) {
+        match from_ms.cmp(&self.newest.0) {
+            std::cmp::Ordering::Greater => self.push(from_ms, value),
+            std::cmp::Ordering::Equal => {
+                self.newest.1 = value;
+                self.newest_seen = from_ms;
+            }
+            std::cmp::Ordering::Less => match self.older.binary_search_by_key(&from_ms, |(t, _)| *t) {
+                Ok(i) => self.older[i].1 = value,
+                Err(i) => self.older.insert(i, (from_ms, value)),
+            },
+        }
+    }
+
+    /// See [`VersionedTable::assert`].
+    fn assert(&mut self, at_ms: i64, value: V)
+    where
+        V: PartialEq + Clone,
+    {
+        if at_ms >= self.newest.0 {
+            if value == self.newest.1 {
+                self.newest_seen = self.newest_seen.max(at_ms);
+            } else if at_ms > self.newest_seen {
+                self.push(at_ms, value);
+            } else if at_ms == self.newest_seen {
+                // The same time as the latest observation: the later record wins.
+                if at_ms == self.newest.0 {
+                    self.newest.1 = value;
+                } else {
+                    self.push(at_ms, value);
+                }
+            } else {
+                // Inside the newest value's span: `value` from `at_ms`, the newest value again
+                // from its latest observation.
+                let (seen, newest) = (self.newest_seen, self.newest.1.clone());
+                if at_ms == self.newest.0 {
+                    self.newest.1 = value;
+                } else {
+                    self.push(at_ms, value);
+                }
+                self.push(seen, newest);
+            }
+            return;
+        }
+        // Before the newest version: `i` versions of `older` are at or before `at_ms`.
+        let i = self.older.partition_point(|(t, _)| *t <= at_ms);
+        match i.checked_sub(1) {
+            Some(j) if self.older[j].1 == value => {}
+            Some(j) if self.older[j].0 == at_ms => self.older[j].1 = value,
+            Some(_) => self.older.insert(i, (at_ms, value)),
+            None => {
+                // Before every version: the first one starts earlier if it holds the same value.
+                match self.older.first_mut() {
+                    Some(first) if first.1 == value => first.0 = at_ms,
+                    Some(_) => self.older.insert(0, (at_ms, value)),
+                    None if self.newest.1 == value => self.newest.0 = at_ms,
+                    None => self.older.push((at_ms, value)),
+                }
+            }
+        }
+    }
 }
 
 impl<K, V> Default for VersionedTable<K, V> {
     fn default() -> Self {
-        Self { map: FastMap::default() }
+        Self { map: FastMap::default(), historied: Vec::new() }
     }
 }
 
@@ -63,16 +129,10 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
             }
             Entry::Occupied(e) => e.into_mut(),
         };
-        match from_ms.cmp(&v.newest.0) {
-            std::cmp::Ordering::Greater => v.push(from_ms, value),
-            std::cmp::Ordering::Equal => {
-                v.newest.1 = value;
-                v.newest_seen = from_ms;
-            }
-            std::cmp::Ordering::Less => match v.older.binary_search_by_key(&from_ms, |(t, _)| *t) {
-                Ok(i) => v.older[i].1 = value,
-                Err(i) => v.older.insert(i, (from_ms, value)),
-            },
+        let had_history = !v.older.is_empty();
+        v.insert(from_ms, value);
+        if !had_history && !v.older.is_empty() {
+            self.historied.push(key);
         }
     }
 
@@ -101,46 +161,10 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
             }
             Entry::Occupied(e) => e.into_mut(),
         };
-        if at_ms >= v.newest.0 {
-            if value == v.newest.1 {
-                v.newest_seen = v.newest_seen.max(at_ms);
-            } else if at_ms > v.newest_seen {
-                v.push(at_ms, value);
-            } else if at_ms == v.newest_seen {
-                // The same time as the latest observation: the later record wins.
-                if at_ms == v.newest.0 {
-                    v.newest.1 = value;
-                } else {
-                    v.push(at_ms, value);
-                }
-            } else {
-                // Inside the newest value's span: `value` from `at_ms`, the newest value again
-                // from its latest observation.
-                let (seen, newest) = (v.newest_seen, v.newest.1.clone());
-                if at_ms == v.newest.0 {
-                    v.newest.1 = value;
-                } else {
-                    v.push(at_ms, value);
-                }
-                v.push(seen, newest);
-            }
-            return;
-        }
-        // Before the newest version: `i` versions of `older` are at or before `at_ms`.
-        let i = v.older.partition_point(|(t, _)| *t <= at_ms);
-        match i.checked_sub(1) {
-            Some(j) if v.older[j].1 == value => {}
-            Some(j) if v.older[j].0 == at_ms => v.older[j].1 = value,
-            Some(_) => v.older.insert(i, (at_ms, value)),
-            None => {
-                // Before every version: the first one starts earlier if it holds the same value.
-                match v.older.first_mut() {
-                    Some(first) if first.1 == value => first.0 = at_ms,
-                    Some(_) => v.older.insert(0, (at_ms, value)),
-                    None if v.newest.1 == value => v.newest.0 = at_ms,
-                    None => v.older.push((at_ms, value)),
-                }
-            }
+        let had_history = !v.older.is_empty();
+        v.assert(at_ms, value);
+        if !had_history && !v.older.is_empty() {
+            self.historied.push(key);
         }
     }
 
@@ -167,16 +191,18 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
     /// Drops versions that no lookup at or after `horizon_ms` can see: for each key, every version
     /// older than the newest one at or before the horizon.
     pub fn prune(&mut self, horizon_ms: i64) {
-        for v in self.map.values_mut() {
-            if v.older.is_empty() {
-                continue;
-            }
+        let map = &mut self.map;
+        self.historied.retain(|key| {
+            let Some(v) = map.get_mut(key) else {
+                return false;
+            };
             if v.newest.0 <= horizon_ms {
                 v.older.clear();
             } else if let Some(keep_from) = v.older.iter().rposition(|(t, _)| *t <= horizon_ms) {
                 v.older.drain(..keep_from);
             }
-        }
+            !v.older.is_empty()
+        });
     }
 
     /// Number of keys.
@@ -395,5 +421,29 @@ mod tests {
         // Late at the time of a version, with another value: the later record wins.
         t.assert(0, 1_100, "lost");
         assert_eq!(t.get(&0, 1_100), Some(&"lost"));
+    }
+
+    #[test]
+    fn a_prune_visits_the_keys_with_history_and_only_those_and_again_when_they_gain_more() {
+        let mut t = VersionedTable::<u32, u8>::default();
+        for k in 0..1_000 {
+            t.insert(k, 10, 1);
+        }
+        for k in 0..10 {
+            t.insert(k, 20, 2);
+            t.assert(k, 30, 3);
+        }
+        t.assert(10, 5, 0);
+        assert_eq!((t.versions(), t.historied.len()), (1_021, 11));
+        t.prune(25);
+        // Keys 0..10 keep the version in force at 25 and the newest; key 10 only its newest.
+        assert_eq!((t.versions(), t.historied.len()), (1_010, 10));
+        assert_eq!((t.get(&3, 25), t.get(&3, 30), t.get(&10, 10)), (Some(&2), Some(&3), Some(&1)));
+        t.prune(100);
+        assert_eq!((t.versions(), t.historied.len()), (1_000, 0));
+        // History again after a prune left one version: visited again.
+        t.insert(3, 200, 4);
+        t.prune(300);
+        assert_eq!((t.versions(), t.historied.len(), t.get(&3, 300)), (1_000, 0, Some(&4)));
     }
 }
