@@ -477,6 +477,7 @@ impl Engine {
     /// Forgets what no event inside the horizons can need any more. Called at checkpoints.
     pub fn prune(&mut self) {
         let horizon = self.cfg.dedup_horizon_ms;
+        let started = std::time::Instant::now();
         let (mut oldest_watermark, mut newest_watermark) = (i64::MAX, i64::MIN);
         for (&(topic, _), state) in self.partitions.iter_mut() {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
@@ -493,6 +494,7 @@ impl Engine {
                 newest_watermark = newest_watermark.max(watermark);
             }
         }
+        let partitions = started.elapsed();
         if oldest_watermark != i64::MAX {
             // A partition that has gone quiet holds versions back for at most the dedup horizon
             // behind the busiest one: its attempts from before that see the oldest version kept,
@@ -509,7 +511,14 @@ impl Engine {
                 log.prune(oldest_watermark);
             }
         }
+        let global = started.elapsed();
         Arc::make_mut(&mut self.interactions).prune((self.cfg.cross_check.retention_days * 86_400_000) as i64);
+        tracing::trace!(
+            message = "Engine prune.",
+            partitions_us = partitions.as_micros() as u64,
+            global_us = (global - partitions).as_micros() as u64,
+            interactions_us = (started.elapsed() - global).as_micros() as u64,
+        );
     }
 
     /// The consumed positions of the global topics (registry, presence), to resume from.
