@@ -650,4 +650,34 @@ mod tests {
         }
         assert!(replicated > 20 && copied > 5, "both paths taken: {replicated} from the replica, {copied} copied");
     }
+
+    /// A log that outgrows the tables (checkpoints far apart) is dropped, and the next checkpoint
+    /// copies the tables instead, with the same result.
+    #[test]
+    fn a_change_log_longer_than_the_tables_is_given_up_for_a_copy() {
+        let mut e = Engine::new(EngineConfig::default());
+        let id = (InputTopic::Messages, 0);
+        e.restore_partition(id, PartitionState::default().snapshot());
+        let uuid = Uuid::from_u128(1);
+        let mut cp = e.checkpoint();
+        cp.settle();
+        e.recycle(cp.into_recycled());
+        let entries = super::super::global::LOG_MIN_ENTRIES as i64 + 1;
+        for t in 0..entries {
+            // Every observation a change: a log entry each, one key.
+            e.observe_presence(uuid, 1_795_539_600_000 + t, t % 2 == 0);
+        }
+        assert!(e.global.home.is_some() && e.global.log.as_ref().unwrap().len() as i64 == entries);
+        e.process(&crate::MicroBatch::default(), 0);
+        assert!(e.global.home.is_none() && e.global.log.is_none(), "log and replica given up");
+        let mut cp = e.checkpoint();
+        assert!(!cp.global.presence.rows.is_empty(), "the tables are copied at the cut");
+        cp.settle();
+        let mut back = Engine::new(EngineConfig::default());
+        back.restore_global(cp.global.clone()).unwrap();
+        let last = 1_795_539_600_000 + entries - 1;
+        assert_eq!(back.presence.get(&uuid, last), e.presence.get(&uuid, last));
+        e.recycle(cp.into_recycled());
+        assert!(e.global.home.is_some(), "a replica again, built from the copy");
+    }
 }

@@ -20,6 +20,9 @@ use super::checkpoint::RecordText;
 use crate::policy::Location;
 use crate::tables::{TableSnapshot, VersionedTable};
 
+/// The log's length below which it is always kept (see [`GlobalTracker::bound`]): 64 MB or so.
+pub(super) const LOG_MIN_ENTRIES: usize = 1 << 20;
+
 /// The global tables as a checkpoint writes them, kept by the checkpoint thread.
 #[derive(Debug, Clone, Default)]
 pub(super) struct GlobalReplica {
@@ -103,6 +106,18 @@ impl GlobalTracker {
         if epoch == self.epoch && self.log.is_some() {
             self.home = Some(replica);
         }
+    }
+
+    /// Gives the replica up when the log has grown past what copying the tables at the next cut
+    /// costs (checkpoints far apart, or a replica that never came back): at least
+    /// [`LOG_MIN_ENTRIES`], four per key of the tables (`keys`). The next checkpoint copies the
+    /// tables and starts over. Returns whether it did.
+    pub(super) fn bound(&mut self, keys: usize) -> bool {
+        let too_long = self.log.as_ref().is_some_and(|log| log.len() > LOG_MIN_ENTRIES.max(4 * keys));
+        if too_long {
+            self.reset();
+        }
+        too_long
     }
 
     /// Forgets the replica and the log (the tables were replaced by a restore).

@@ -312,6 +312,10 @@ impl Engine {
     /// Applies one micro-batch and returns the new findings, in row order. `now_ms` is the
     /// detection time written into findings.
     pub fn process(&mut self, mb: &MicroBatch, now_ms: i64) -> Vec<Finding> {
+        let keys = self.registry.len() + self.presence.len() + self.locations.len();
+        if self.global.bound(keys) {
+            tracing::debug!(message = "Global tables' change log dropped: the next checkpoint copies them.", keys);
+        }
         for change in &mb.registry {
             self.apply_registry(change.uuid, change.effective_ms, change.record.clone());
         }
