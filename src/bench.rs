@@ -131,7 +131,13 @@ pub(crate) fn run_pipeline_until(
         let mut last_report = Instant::now();
         while !watcher_stop.load(Ordering::Relaxed) {
             if last_report.elapsed() >= Duration::from_secs(1) {
-                eprintln!("meshguard bench: consumed {} of {target} records", watcher_stats.records.load(Ordering::Relaxed));
+                let consumed = watcher_stats.records.load(Ordering::Relaxed);
+                // The latency phase runs until it is stopped, with no record count to reach.
+                if target == u64::MAX {
+                    eprintln!("meshguard bench: consumed {consumed} records");
+                } else {
+                    eprintln!("meshguard bench: consumed {consumed} of {target} records");
+                }
                 last_report = Instant::now();
             }
             if watcher_stats.records.load(Ordering::Relaxed) >= target {
