@@ -22,7 +22,7 @@ use meshguard_schemas::registry::RegistryRecord;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::global::{GlobalReplica, Pending, Settling};
+use super::global::{GlobalLog, GlobalReplica, Pending, Settling};
 use super::{Engine, PartitionId, PartitionState, Position};
 use crate::crosscheck::HeldRequest;
 use crate::enforcement::Offender;
@@ -131,7 +131,7 @@ impl PartitionState {
 #[derive(Debug, Default)]
 pub struct Recycled {
     mirrors: Vec<(PartitionId, WindowsSnapshot, SchedulesSnapshot)>,
-    global: Option<(Box<GlobalReplica>, u64)>,
+    global: Option<(Box<GlobalReplica>, u64, Option<GlobalLog>)>,
 }
 
 impl Checkpoint {
@@ -145,8 +145,10 @@ impl Checkpoint {
             return;
         };
         let replica = match std::mem::replace(&mut settling.pending, Pending::Build) {
-            Pending::Changes { mut replica, log } => {
+            Pending::Changes { mut replica, mut log } => {
                 replica.apply(&log);
+                log.clear();
+                settling.spare = Some(log);
                 let (registry, presence, locations) = replica.snapshot();
                 (self.global.registry, self.global.presence, self.global.locations) = (registry, presence, locations);
                 replica
@@ -164,7 +166,7 @@ impl Checkpoint {
     /// is dropped here (on the thread that wrote it, not the pipeline's).
     pub fn into_recycled(self) -> Recycled {
         let global = self.settling.and_then(|s| match s.pending {
-            Pending::Settled(replica) => Some((replica, s.epoch)),
+            Pending::Settled(replica) => Some((replica, s.epoch, s.spare)),
             _ => None,
         });
         Recycled { mirrors: self.partitions.into_iter().map(|(id, s)| (id, s.throttles.windows, s.schedules)).collect(), global }
@@ -311,8 +313,8 @@ impl Engine {
     /// Takes back the mirrors of a written checkpoint (see [`Engine::checkpoint`]). Mirrors of
     /// partitions dropped or restored since are dropped.
     pub fn recycle(&mut self, r: Recycled) {
-        if let Some((replica, epoch)) = r.global {
-            self.global.recycle(replica, epoch);
+        if let Some((replica, epoch, spare)) = r.global {
+            self.global.recycle(replica, epoch, spare);
         }
         for (id, windows, schedules) in r.mirrors {
             if let Some(state) = self.partitions.get_mut(&id) {
@@ -643,9 +645,15 @@ mod tests {
                     assert_eq!(name(back.registry.get(&k, at)), name(e.registry.get(&k, at)), "round {round}: registry of {k} at {at}");
                 }
             }
+            let replicated_now = replica_home;
             replica_home = rng.random_range(0..4) > 0;
             if replica_home {
                 e.recycle(cp.into_recycled());
+                if replicated_now {
+                    // The applied log's buffers come back, empty, for the next log.
+                    let spare = e.global.spare.as_ref().unwrap();
+                    assert!(spare.len() == 0 && spare.locations.capacity() > 0, "round {round}: the log's buffers are reused");
+                }
             }
         }
         assert!(replicated > 20 && copied > 5, "both paths taken: {replicated} from the replica, {copied} copied");

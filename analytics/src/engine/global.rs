@@ -50,6 +50,14 @@ impl GlobalLog {
         self.registry.len() + self.presence.len() + self.locations.len()
     }
 
+    /// Empties the log, keeping its buffers.
+    pub(super) fn clear(&mut self) {
+        self.registry.clear();
+        self.presence.clear();
+        self.locations.clear();
+        self.prunes.clear();
+    }
+
     /// Records a prune of the tables at `horizon`, after what is logged so far.
     pub(super) fn prune(&mut self, horizon: i64) {
         self.prunes.push((horizon, [self.registry.len(), self.presence.len(), self.locations.len()]));
@@ -75,6 +83,9 @@ pub(super) enum Pending {
 pub(super) struct Settling {
     pub(super) pending: Pending,
     pub(super) epoch: u64,
+    /// The applied log, emptied, for its buffers: the engine's next log reuses them rather than
+    /// growing fresh ones (and touching fresh pages) at every checkpoint.
+    pub(super) spare: Option<GlobalLog>,
 }
 
 /// The engine's side: the log, and the replica when it is home.
@@ -87,6 +98,8 @@ pub(super) struct GlobalTracker {
     pub(super) home: Option<Box<GlobalReplica>>,
     /// Restores so far (see [`Settling::epoch`]).
     pub(super) epoch: u64,
+    /// An emptied log to start the next one with (see [`Settling::spare`]).
+    pub(super) spare: Option<GlobalLog>,
 }
 
 impl GlobalTracker {
@@ -97,14 +110,15 @@ impl GlobalTracker {
             (Some(replica), Some(log)) => Pending::Changes { replica, log },
             _ => Pending::Build,
         };
-        self.log = Some(GlobalLog::default());
-        Settling { pending, epoch: self.epoch }
+        self.log = Some(self.spare.take().unwrap_or_default());
+        Settling { pending, epoch: self.epoch, spare: None }
     }
 
     /// Takes a replica back from a written checkpoint, unless the tables were restored since.
-    pub(super) fn recycle(&mut self, replica: Box<GlobalReplica>, epoch: u64) {
+    pub(super) fn recycle(&mut self, replica: Box<GlobalReplica>, epoch: u64, spare: Option<GlobalLog>) {
         if epoch == self.epoch && self.log.is_some() {
             self.home = Some(replica);
+            self.spare = spare;
         }
     }
 
@@ -124,6 +138,7 @@ impl GlobalTracker {
     pub(super) fn reset(&mut self) {
         self.log = None;
         self.home = None;
+        self.spare = None;
         self.epoch += 1;
     }
 }
