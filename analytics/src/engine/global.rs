@@ -7,12 +7,14 @@
 //! state (each insert and observation, in order, per table, and the prunes between them). At a
 //! checkpoint the engine hands the replica and the log over and starts a new log: the pause copies
 //! nothing of the tables. The checkpoint thread ([`super::checkpoint::Checkpoint::settle`]) applies
-//! the log to the replica with the engine's own operations, prunes included, and writes the checkpoint's global tables from it; then it hands the replica back
-//! ([`super::checkpoint::Checkpoint::into_recycled`]).
+//! the log to the replica with the engine's own operations, prunes included, and writes the
+//! checkpoint's global tables from it; then it hands the replica back, with the log's emptied
+//! buffers for the next log ([`super::checkpoint::Checkpoint::into_recycled`]).
 //!
-//! A checkpoint taken while the replica is not home (the first one, or one after a restore, or a
-//! replica lost with a failed write) copies the tables in the pause as before, and the checkpoint
-//! thread builds the replica from that copy, as a restore would.
+//! A checkpoint taken while the replica is not home (the first one, one after a restore, a
+//! replica lost with a failed write, or a log given up for growing longer than the tables:
+//! [`GlobalTracker::bound`]) copies the tables in the pause as before, and the checkpoint thread
+//! builds the replica from that copy, as a restore would.
 
 use uuid::Uuid;
 
