@@ -180,6 +180,18 @@ impl StateGauges {
         set(&self.restricted, restricted);
         set(&self.dedup, dedup);
         set(&self.schedules, schedules);
+        tracing::debug!(
+            message = "State sizes.",
+            registry = engine.registry_len(),
+            presence = engine.presence_len(),
+            locations = engine.locations_len(),
+            interactions = engine.interactions_len(),
+            windows,
+            bytes,
+            offenders,
+            dedup,
+            schedules
+        );
     }
 }
 
