@@ -121,19 +121,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
     /// Records that `key` is `value` from `from_ms` on. A second version at the same time replaces
     /// the first (the later record wins, as in a compacted topic).
     pub fn insert(&mut self, key: K, from_ms: i64, value: V) {
-        use hashbrown::hash_map::Entry;
-        let v = match self.map.entry(key) {
-            Entry::Vacant(e) => {
-                e.insert(Versions::new(from_ms, value));
-                return;
-            }
-            Entry::Occupied(e) => e.into_mut(),
-        };
-        let had_history = !v.older.is_empty();
-        v.insert(from_ms, value);
-        if !had_history && !v.older.is_empty() {
-            self.historied.push(key);
-        }
+        self.update(key, from_ms, value, Versions::insert);
     }
 
     /// Records that `key` was observed to be `value` at `at_ms`, for facts that are stated again
@@ -153,6 +141,30 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
     where
         V: PartialEq,
     {
+        self.update(key, at_ms, value, Versions::assert);
+    }
+
+    /// Inserts every row in order ([`VersionedTable::insert`]).
+    pub fn insert_rows(&mut self, rows: &[(K, i64, V)]) {
+        for (key, t, value) in rows {
+            self.insert(*key, *t, value.clone());
+        }
+    }
+
+    /// Observes every row in order ([`VersionedTable::assert`]): how a snapshot of a table of
+    /// observations is read back.
+    pub fn assert_rows(&mut self, rows: &[(K, i64, V)])
+    where
+        V: PartialEq,
+    {
+        for (key, t, value) in rows {
+            self.assert(*key, *t, value.clone());
+        }
+    }
+
+    /// Gives `key`'s versions to `change` (a new key gets `value` as its only version), and
+    /// notes the key for the prune once it holds older versions.
+    fn update(&mut self, key: K, at_ms: i64, value: V, change: impl FnOnce(&mut Versions<V>, i64, V)) {
         use hashbrown::hash_map::Entry;
         let v = match self.map.entry(key) {
             Entry::Vacant(e) => {
@@ -162,7 +174,7 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
             Entry::Occupied(e) => e.into_mut(),
         };
         let had_history = !v.older.is_empty();
-        v.assert(at_ms, value);
+        change(v, at_ms, value);
         if !had_history && !v.older.is_empty() {
             self.historied.push(key);
         }

@@ -254,17 +254,17 @@ impl Engine {
         // The registry, presence and locations are copied only when the checkpoint thread has no
         // replica of them to bring up to date (see `global.rs`).
         let settling = self.global.cut();
-        let (registry, presence, locations) = match settling.pending {
+        let ((registry, presence, locations), changes) = match &settling.pending {
             Pending::Build => (
-                self.registry.snapshot(|rec| rec.as_ref().map(|r| RecordText(r.record.clone()))),
-                self.presence.snapshot(|online| *online),
-                self.locations.snapshot(|l| *l),
+                (
+                    self.registry.snapshot(|rec| rec.as_ref().map(|r| RecordText(r.record.clone()))),
+                    self.presence.snapshot(|online| *online),
+                    self.locations.snapshot(|l| *l),
+                ),
+                0,
             ),
-            _ => Default::default(),
-        };
-        let changes = match &settling.pending {
-            Pending::Changes { log, .. } => log.len(),
-            _ => 0,
+            Pending::Changes { log, .. } => (Default::default(), log.len()),
+            Pending::Settled(_) => (Default::default(), 0),
         };
         let global = GlobalSnapshot {
             registry,
@@ -343,13 +343,9 @@ impl Engine {
             self.apply_registry(uuid, t, record.map(|r| r.0));
         }
         self.presence = Default::default();
-        for (uuid, t, online) in g.presence.rows {
-            self.presence.assert(uuid, t, online);
-        }
+        self.presence.assert_rows(&g.presence.rows);
         self.locations = Default::default();
-        for (uuid, t, loc) in g.locations.rows {
-            self.locations.assert(uuid, t, loc);
-        }
+        self.locations.assert_rows(&g.locations.rows);
         self.interactions = g.interactions;
         self.global_positions.clear();
         for p in g.positions {

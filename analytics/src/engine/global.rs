@@ -154,15 +154,9 @@ impl GlobalReplica {
         locations: &TableSnapshot<Uuid, Location>,
     ) -> Self {
         let mut r = Self::default();
-        for (uuid, t, record) in &registry.rows {
-            r.registry.insert(*uuid, *t, record.clone());
-        }
-        for (uuid, t, online) in &presence.rows {
-            r.presence.assert(*uuid, *t, *online);
-        }
-        for (uuid, t, loc) in &locations.rows {
-            r.locations.assert(*uuid, *t, *loc);
-        }
+        r.registry.insert_rows(&registry.rows);
+        r.presence.assert_rows(&presence.rows);
+        r.locations.assert_rows(&locations.rows);
         r
     }
 
@@ -171,15 +165,9 @@ impl GlobalReplica {
         let mut done = [0; 3];
         let ends = log.prunes.iter().map(|(h, at)| (Some(*h), *at));
         for (horizon, at) in ends.chain([(None, [log.registry.len(), log.presence.len(), log.locations.len()])]) {
-            for (uuid, t, record) in &log.registry[done[0]..at[0]] {
-                self.registry.insert(*uuid, *t, record.clone());
-            }
-            for (uuid, t, online) in &log.presence[done[1]..at[1]] {
-                self.presence.assert(*uuid, *t, *online);
-            }
-            for (uuid, t, loc) in &log.locations[done[2]..at[2]] {
-                self.locations.assert(*uuid, *t, *loc);
-            }
+            self.registry.insert_rows(&log.registry[done[0]..at[0]]);
+            self.presence.assert_rows(&log.presence[done[1]..at[1]]);
+            self.locations.assert_rows(&log.locations[done[2]..at[2]]);
             done = at;
             if let Some(h) = horizon {
                 self.registry.prune(h);
