@@ -112,6 +112,7 @@ struct StateGauges {
     restricted: IntGauge,
     dedup: IntGauge,
     schedules: IntGauge,
+    schedules_evicted: IntCounterVec,
 }
 
 impl StateGauges {
@@ -152,6 +153,18 @@ impl StateGauges {
                 "meshguard_timing_schedules",
                 "Learned timing schedules (per pair and per requester) of the owned partitions.",
             )?,
+            schedules_evicted: {
+                let c = IntCounterVec::new(
+                    Opts::new(
+                        "meshguard_timing_schedules_evicted_total",
+                        "Online timing schedules dropped: idle for longer than timing.forget_after_days, or over the worker's \
+                         timing.max_schedules.",
+                    ),
+                    &["reason"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
         })
     }
 
@@ -180,6 +193,11 @@ impl StateGauges {
         set(&self.restricted, restricted);
         set(&self.dedup, dedup);
         set(&self.schedules, schedules);
+        // The engine's counts never go down: the counters take what they have not seen yet.
+        for (reason, n) in ["idle", "over_cap"].into_iter().zip(engine.stats().schedules_evicted) {
+            let c = self.schedules_evicted.with_label_values(&[reason]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
         tracing::debug!(
             message = "State sizes.",
             registry = engine.registry_len(),

@@ -259,6 +259,17 @@ impl DirtyRows {
         }
     }
 
+    /// Unmarks rows `n..`.
+    pub(crate) fn clear_from(&mut self, n: usize) {
+        let word = n >> 6;
+        if let Some(w) = self.words.get_mut(word) {
+            *w &= (1u64 << (n & 63)) - 1;
+        }
+        for w in self.words.iter_mut().skip(word + 1) {
+            *w = 0;
+        }
+    }
+
     /// Rows marked.
     pub(crate) fn count(&self) -> usize {
         self.words.iter().map(|w| w.count_ones() as usize).sum()

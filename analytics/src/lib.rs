@@ -35,6 +35,7 @@ mod error;
 mod huge;
 pub mod jobs;
 pub mod policy;
+mod slot_index;
 pub mod sql;
 pub mod tables;
 pub mod throttle;

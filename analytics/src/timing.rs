@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::huge::{DirtyRows, HugeArray, HugeVec, MirrorSlot, fresh_epoch};
+use crate::slot_index::SlotIndex;
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +75,16 @@ pub struct TimingConfig {
     pub coverage: f64,
     /// ... and number at most this many of the week's 168 hours.
     pub max_usual_hours: u32,
+    /// An online schedule whose key has made no attempt for this many days of event time (behind
+    /// its partition's watermark) is dropped; 0: never. A key that comes back starts learning
+    /// again (the trained model, which reads `horizon_days` of the archive, still knows it).
+    pub forget_after_days: u32,
+    /// Most online schedules (pairs' and requesters') a worker keeps, shared evenly among the
+    /// messages partitions it holds; 0: no limit. A partition over its share drops the schedules
+    /// least worth keeping, down to 90 % of it: pairs' before requesters', then those with the
+    /// fewest attempts (by power of two), then the longest idle. About 370 bytes a schedule with
+    /// its checkpoint mirror and index.
+    pub max_schedules: u64,
 }
 
 impl Default for TimingConfig {
@@ -94,6 +105,8 @@ impl Default for TimingConfig {
             usual_ratio: 0.25,
             coverage: 0.9,
             max_usual_hours: 84,
+            forget_after_days: 28,
+            max_schedules: 4_000_000,
         }
     }
 }
@@ -137,13 +150,15 @@ impl TimingConfig {
     }
 }
 
-/// The history of one key: attempts per UTC hour and weekday. Plain integers (`Pod`): the timing
+/// The history of one key: attempts per UTC hour and weekday, and when they started and last came. Plain integers (`Pod`): the timing
 /// stage prefetches their cache lines ([`Schedules`]), and checkpoints copy half a million of them
 /// at once (see [`SchedulesSnapshot`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Pod, Zeroable)]
 #[repr(C)]
 pub struct Schedule {
     first_ms: i64,
+    /// The latest attempt's event time: how long the key has been idle (see [`Eviction`]).
+    last_ms: i64,
     total: u32,
     hours: [u32; 24],
     days: [u32; 7],
@@ -151,23 +166,23 @@ pub struct Schedule {
 
 /// The schedules of a partition, by (requester, target); the requester's own under the nil target.
 ///
-/// As the throttle windows' table (`throttle/table.rs`): an index of 8-byte slots (open addressing,
-/// linear probing; 32 bits of the key's hash and the row's number) over rows of `(schedule, key)`
-/// appended in chunks that never move, all in memory advised for huge pages (see `huge`). The engine's
-/// timing stage hashes each key once and looks the keys of a batch up a few rows ahead of the row
-/// it judges, in two steps (the index's slot, [`Schedules::prefetch_slot`], then the row the slot
-/// names, [`Schedules::candidate`] and [`Schedules::prefetch`]), so that their cache misses overlap.
-/// A new key's row is appended where the last one was written, in cache; a row's number never
-/// changes, so a candidate found before the table grew stays valid. Keys are compared in full
-/// before a row is used. Serialized as the map it replaces (key → schedule), so checkpoints keep
-/// their form; iterated in the order the keys came.
+/// As the throttle windows' table (`throttle/table.rs`): an index of 8-byte slots ([`SlotIndex`]:
+/// open addressing, linear probing; 32 bits of the key's hash and the row's number) over rows of
+/// `(schedule, key)` appended in chunks that never move, all in memory advised for huge pages (see
+/// `huge`). The engine's timing stage hashes each key once and looks the keys of a batch up a few
+/// rows ahead of the row it judges, in two steps (the index's slot, [`Schedules::prefetch_slot`],
+/// then the row the slot names, [`Schedules::candidate`] and [`Schedules::prefetch`]), so that
+/// their cache misses overlap. A new key's row is appended where the last one was written, in
+/// cache; rows move only when schedules are evicted ([`Schedules::evict_step`], between
+/// micro-batches: the last row takes the evicted one's number), so a candidate found during a
+/// batch stays valid. Keys are compared in full before a row is used. Serialized as the map it
+/// replaces (key → schedule), so checkpoints keep their form.
 #[derive(Clone, Default)]
 pub struct Schedules {
     /// hashbrown's default hasher (foldhash), seeded per process like every map of the engine.
     hasher: DefaultHashBuilder,
-    /// `0` when empty, else `(high 32 bits of the key's hash) << 32 | (row + 1)`. Empty, or a
-    /// power of two at most half full.
-    slots: HugeArray<u64>,
+    /// The index over the rows: at most half full.
+    slots: SlotIndex,
     /// The rows, [`ROWS_PER_CHUNK`] per chunk (the first may be smaller while it is the only one),
     /// the first `len` in use.
     chunks: Vec<HugeArray<Slot>>,
@@ -177,9 +192,39 @@ pub struct Schedules {
     dirty: DirtyRows,
     /// The checkpoint mirror.
     mirror: MirrorSlot<SchedulesMirror>,
+    /// The eviction pass in progress (see [`Schedules::evict_step`]).
+    pass: Pass,
 }
 
-/// Rows per chunk of [`Schedules`]: 10.5 MiB (rounded up to whole huge pages when mapped).
+/// Where an eviction pass of [`Schedules`] has got to, and the rank below which it drops
+/// schedules to bring the table back under its cap (`0`: the table was under it when the pass
+/// began).
+#[derive(Debug, Clone, Copy, Default)]
+struct Pass {
+    at: usize,
+    rank_below: u128,
+}
+
+/// What an eviction pass of [`Schedules`] drops (see [`Schedules::evict_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// Schedules whose latest attempt is before this are idle and dropped.
+    pub idle_before_ms: i64,
+    /// Most schedules the table holds before it drops those least worth keeping, down to 90 % of
+    /// this ([`TimingConfig::max_schedules`]'s share); `usize::MAX`: no limit.
+    pub cap: usize,
+}
+
+/// Schedules an eviction dropped, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Idle for longer than [`TimingConfig::forget_after_days`].
+    pub idle: u64,
+    /// Dropped to bring the table back under its cap.
+    pub over_cap: u64,
+}
+
+/// Rows per chunk of [`Schedules`]: 11 MiB (rounded up to whole huge pages when mapped).
 const CHUNK_BITS: u32 = 16;
 const ROWS_PER_CHUNK: usize = 1 << CHUNK_BITS;
 
@@ -204,12 +249,20 @@ impl Slot {
     fn key(&self) -> ScheduleKey {
         (Uuid::from_bytes(self.key[0]), Uuid::from_bytes(self.key[1]))
     }
-}
 
-/// The part of a hash an index slot keeps (and the home slot is taken from).
-#[inline]
-fn tag(hash: u64) -> u64 {
-    hash >> 32
+    /// How much the schedule is worth keeping when the table is over its cap, higher better:
+    /// a requester's own schedule above any pair's, then by the power of two of its attempts,
+    /// then by its latest attempt, and last by bits of the key (so that ranks are almost never
+    /// equal and a threshold drops the share it was taken for).
+    #[inline]
+    fn rank(&self) -> u128 {
+        let requester = u128::from(self.key[1] == [0; 16]);
+        let magnitude = u128::from(32 - self.schedule.total.leading_zeros());
+        let last = u128::from((self.schedule.last_ms ^ i64::MIN) as u64);
+        let bits = |b: &[u8; 16]| u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        let tiebreak = u128::from((bits(&self.key[0]) ^ bits(&self.key[1]).rotate_left(29)) >> 7);
+        requester << 127 | magnitude << 121 | last << 57 | tiebreak
+    }
 }
 
 impl Schedules {
@@ -224,8 +277,8 @@ impl Schedules {
     /// chunk at a time, without moving any).
     pub fn reserve(&mut self, more: usize) {
         let need = (self.len + more).saturating_mul(2).next_power_of_two().max(16);
-        if need > self.slots.len() {
-            self.resize(need);
+        if need > self.slots.capacity() {
+            self.slots.resize(need);
         }
     }
 
@@ -244,7 +297,8 @@ impl Schedules {
         self.len == 0
     }
 
-    /// Every key with its schedule, in the order the keys came.
+    /// Every key with its schedule (in the order the keys came, but for evicted schedules' rows
+    /// taken by the last).
     pub fn iter(&self) -> impl Iterator<Item = (ScheduleKey, &Schedule)> {
         (0..self.len).map(|i| {
             let s = self.row(i);
@@ -256,11 +310,6 @@ impl Schedules {
     #[inline]
     pub fn hash(&self, key: &ScheduleKey) -> u64 {
         self.hasher.hash_one(key)
-    }
-
-    #[inline]
-    fn mask(&self) -> usize {
-        self.slots.len().wrapping_sub(1)
     }
 
     #[inline]
@@ -276,7 +325,7 @@ impl Schedules {
     /// Asks for the index slot a probe for `hash` starts at, without waiting.
     #[inline]
     pub(crate) fn prefetch_slot(&self, hash: u64) {
-        if let Some(s) = self.slots.get(tag(hash) as usize & self.mask()) {
+        if let Some(s) = self.slots.home(hash) {
             prefetch_l2(bytemuck::bytes_of(s));
         }
     }
@@ -285,21 +334,7 @@ impl Schedules {
     /// (reads the index only): almost always `key`'s own, to be checked on use.
     #[inline]
     pub(crate) fn candidate(&self, hash: u64) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let (mask, t) = (self.mask(), tag(hash));
-        let mut i = t as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            if s >> 32 == t {
-                return Some((s as u32 as usize).wrapping_sub(1));
-            }
-            i = (i + 1) & mask;
-        }
+        self.slots.candidate(hash).map(|row| row as usize)
     }
 
     /// Asks for the cache lines of row `index` (its key and every count), without waiting.
@@ -316,22 +351,7 @@ impl Schedules {
 
     /// The row of `key` (`hash` its hash).
     fn find(&self, key: &ScheduleKey, hash: u64) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let (mask, t) = (self.mask(), tag(hash));
-        let mut i = t as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            let row = (s as u32 as usize).wrapping_sub(1);
-            if s >> 32 == t && self.row(row).holds(key) {
-                return Some(row);
-            }
-            i = (i + 1) & mask;
-        }
+        self.slots.find(hash, |row| self.row(row as usize).holds(key)).map(|row| row as usize)
     }
 
     /// The schedule of `key` (`hash` its hash), created empty if there is none; `true` when it was
@@ -348,8 +368,8 @@ impl Schedules {
             return (&mut self.row_mut(i).schedule, false);
         }
         // At most half full, so probes stay short.
-        if (self.len + 1) * 2 > self.slots.len() {
-            self.resize((self.slots.len() * 2).max(16));
+        if (self.len + 1) * 2 > self.slots.capacity() {
+            self.slots.resize((self.slots.capacity() * 2).max(16));
         }
         let i = self.len;
         assert!(i < u32::MAX as usize, "fewer than 2^32 - 1 timing schedules in one partition");
@@ -364,8 +384,11 @@ impl Schedules {
             self.chunks[chunk] = bigger;
         }
         *self.row_mut(i) = Slot { schedule: Schedule::default(), key: [*key.0.as_bytes(), *key.1.as_bytes()] };
+        // Marked for the mirror, which may hold an older row of this number (rows past an
+        // evicted schedule's move down).
+        self.dirty.mark(i);
         self.len += 1;
-        self.place(tag(hash) << 32 | (i as u64 + 1));
+        self.slots.insert(hash, i as u32);
         (&mut self.row_mut(i).schedule, true)
     }
 
@@ -375,22 +398,86 @@ impl Schedules {
         self.entry(key, hash, None).0
     }
 
-    /// Puts an index slot in the first empty slot of its probe sequence.
-    fn place(&mut self, slot: u64) {
-        let mask = self.mask();
-        let mut i = (slot >> 32) as usize & mask;
-        while self.slots[i] != 0 {
-            i = (i + 1) & mask;
+    /// Drops row `i`; the last row takes its number.
+    fn remove(&mut self, i: usize) {
+        let key = self.row(i).key();
+        self.slots.remove(self.hash(&key), i as u32);
+        let last = self.len - 1;
+        if i != last {
+            let moved = *self.row(last);
+            self.slots.renumber(self.hash(&moved.key()), last as u32, i as u32);
+            *self.row_mut(i) = moved;
+            self.dirty.mark(i);
         }
-        self.slots[i] = slot;
+        *self.row_mut(last) = Slot::zeroed();
+        self.len -= 1;
+        // A chunk emptied is given back (the first stays).
+        if self.len.div_ceil(ROWS_PER_CHUNK).max(1) < self.chunks.len() {
+            self.chunks.pop();
+        }
+    }
+}
+
+/// Eviction.
+impl Schedules {
+    /// Sampled rows a pass over the cap takes its threshold from.
+    const RANK_SAMPLE: usize = 1_024;
+
+    /// Judges up to `budget` schedules from where the last step stopped, dropping those `rule`
+    /// evicts: a pass over the table spread over many calls between micro-batches, starting over
+    /// when it reaches the end. When the table holds more than `rule.cap`, a pass begins (again,
+    /// from the first row) that also drops the schedules ranked lowest ([`Slot::rank`]): about as
+    /// many as bring it to 90 % of the cap, by a threshold taken from a sample of the rows (a
+    /// pass that falls short is followed by another). Returns the rows such a pass has still to
+    /// judge (0 when the pass only looks for idle schedules, which can wait) and what it dropped.
+    pub fn evict_step(&mut self, rule: Eviction, budget: usize) -> (usize, Evicted) {
+        if self.pass.rank_below == 0 && self.len > rule.cap {
+            self.pass = Pass { at: 0, rank_below: self.rank_threshold(rule.cap - rule.cap / 10) };
+        }
+        let mut evicted = Evicted::default();
+        let mut i = self.pass.at.min(self.len);
+        for _ in 0..budget {
+            if i >= self.len {
+                break;
+            }
+            let row = self.row(i);
+            if row.schedule.last_ms < rule.idle_before_ms {
+                evicted.idle += 1;
+                self.remove(i);
+            } else if row.rank() < self.pass.rank_below {
+                evicted.over_cap += 1;
+                self.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let urgent = if self.pass.rank_below > 0 { self.len - i } else { 0 };
+        self.pass.at = i;
+        if i >= self.len {
+            self.pass = Pass::default();
+            self.shrink_index();
+        }
+        (urgent, evicted)
     }
 
-    /// Re-lays the index in `n` slots (a power of two); the slots keep their hash bits, so no key
-    /// is hashed again.
-    fn resize(&mut self, n: usize) {
-        let old = std::mem::replace(&mut self.slots, HugeArray::zeroed(n));
-        for &s in old.iter().filter(|s| **s != 0) {
-            self.place(s);
+    /// The rank below which about `len - keep` of the rows fall, from a sample of them.
+    fn rank_threshold(&self, keep: usize) -> u128 {
+        let (n, k) = (self.len, Self::RANK_SAMPLE.min(self.len));
+        if k == 0 || keep >= n {
+            return 0;
+        }
+        let mut ranks: Vec<u128> = (0..k).map(|j| self.row(j * n / k).rank()).collect();
+        ranks.sort_unstable();
+        // The sampled share to drop, rounded up; at least one.
+        let at = ((n - keep) * k).div_ceil(n).clamp(1, k);
+        ranks.get(at).copied().unwrap_or(u128::MAX)
+    }
+
+    /// Halves the index while it is at most an eighth full.
+    fn shrink_index(&mut self) {
+        let want = (self.len * 2).next_power_of_two().max(16);
+        if want * 4 <= self.slots.capacity() {
+            self.slots.resize(want);
         }
     }
 }
@@ -522,10 +609,18 @@ impl Schedule {
         self.total
     }
 
+    /// Event time of the latest attempt in the history.
+    pub fn last_ms(&self) -> i64 {
+        self.last_ms
+    }
+
     /// Adds an attempt at `ts` to the history.
     pub fn add(&mut self, ts: i64) {
         if self.total == 0 || ts < self.first_ms {
             self.first_ms = ts;
+        }
+        if self.total == 0 || ts > self.last_ms {
+            self.last_ms = ts;
         }
         let (h, d) = slot(ts);
         self.total = self.total.saturating_add(1);
@@ -572,10 +667,10 @@ impl PartialEq for SchedulesSnapshot {
 impl Eq for SchedulesSnapshot {}
 
 /// A copy of a [`Schedules`] table's rows kept from checkpoint to checkpoint, so that a checkpoint
-/// copies only the rows written since the last one. Rows never move and are never removed: the
-/// rows past the mirror's `len` are new and copied whole, the others when their dirty bit is set.
-/// (A table that removed or moved rows would have to start its mirror over then.) Chunked as the
-/// table is, so that growing never copies the rows held.
+/// copies only the rows written since the last one: the rows past the mirror's `len` are new and
+/// copied whole, the others when their dirty bit is set (the table marks every row it writes,
+/// new, changed, or moved into an evicted one's place), and the mirror's rows past the table's end
+/// are dropped. Chunked as the table is, so that growing never copies the rows held.
 #[derive(Debug, Clone, Default)]
 struct SchedulesMirror {
     /// Which mirror of which table this is (see [`MirrorSlot`]).
@@ -624,14 +719,13 @@ impl Schedules {
         let m = self.mirror.home.get_or_insert_with(|| SchedulesMirror { epoch, ..SchedulesMirror::default() });
         let chunks = &self.chunks;
         let (chunk_of, offset_of) = (|i: usize| i >> CHUNK_BITS, |i: usize| i & (ROWS_PER_CHUNK - 1));
-        // Rows the mirror holds, written since: their dirty bits. (A bit of a row past them is
-        // dropped: that row is new to the mirror and copied below, now or at a later step.)
-        let held = m.len;
-        let drained = self.dirty.drain(budget, |i| {
-            if i < held {
-                m.chunks[chunk_of(i)][offset_of(i)] = chunks[chunk_of(i)][offset_of(i)];
-            }
-        });
+        // Rows the mirror holds, written since: their dirty bits. Its rows past the table's end
+        // (evicted since) are dropped; the table's rows past those it holds are new to it, copied
+        // below (now or at a later step) whatever their dirty bits say.
+        let held = m.len.min(self.len);
+        m.len = held;
+        self.dirty.clear_from(held);
+        let drained = self.dirty.drain(budget, |i| m.chunks[chunk_of(i)][offset_of(i)] = chunks[chunk_of(i)][offset_of(i)]);
         // Rows new to the mirror, a chunk's run at a time.
         let to = self.len.min(held.saturating_add(budget - drained));
         m.grow(to);
@@ -720,8 +814,8 @@ impl SchedulesSnapshot {
 }
 
 /// Written as the rows' bytes, little-endian, one after the other: requester (16 bytes), target
-/// (16), then the schedule's fields in order (first attempt ms i64, attempts u32, 24 hourly and 7
-/// daily counts u32), 168 bytes a schedule.
+/// (16), then the schedule's fields in order (first and latest attempt ms i64, attempts u32, 24
+/// hourly and 7 daily counts u32), 176 bytes a schedule.
 impl Serialize for SchedulesSnapshot {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match &self.repr {
@@ -854,6 +948,13 @@ mod tests {
                 if rng.random_range(0..3) == 0 {
                     schedules.mirror_step(rng.random_range(0..3_000));
                 }
+                // Evictions move the last rows into the evicted ones' places and shrink the table.
+                if rng.random_range(0..4) == 0 {
+                    let idle_before_ms = MONDAY + rng.random_range(0..8 * DAY);
+                    let cap = if rng.random_bool(0.3) { rng.random_range(1..=schedules.len().max(1)) } else { usize::MAX };
+                    schedules.evict_step(Eviction { idle_before_ms, cap }, rng.random_range(0..5_000));
+                    check(&schedules);
+                }
             }
             if rng.random_range(0..3) > 0 {
                 let s = schedules.take_snapshot();
@@ -869,7 +970,105 @@ mod tests {
                 }
             }
         }
-        assert!(schedules.len() > 10_000, "grown through many sizes: {}", schedules.len());
+        assert!(schedules.len() > 1_000, "grown through many sizes: {}", schedules.len());
+    }
+
+    /// The index (see `SlotIndex::check`), the chunks (as many as the rows need, zeroed past the
+    /// last row) and the dirty bits' cover.
+    fn check(s: &Schedules) {
+        assert!(s.len * 2 <= s.slots.capacity(), "{} rows in {} slots", s.len, s.slots.capacity());
+        s.slots.check(s.len, |i| s.hash(&s.row(i as usize).key()));
+        assert!(s.chunks.len() <= s.len.div_ceil(ROWS_PER_CHUNK).max(1), "{} chunks for {} rows", s.chunks.len(), s.len);
+        for (c, chunk) in s.chunks.iter().enumerate() {
+            for (k, row) in chunk.iter().enumerate().filter(|(k, _)| c * ROWS_PER_CHUNK + k >= s.len) {
+                assert!(bytemuck::bytes_of(row).iter().all(|b| *b == 0), "row {} past the last is not zeroed", c * ROWS_PER_CHUNK + k);
+            }
+        }
+    }
+
+    /// Steps of any budget until the pass that is due has judged every row (idle: one whole
+    /// pass; over the cap: until the table is back under it).
+    fn evict_all(s: &mut Schedules, rule: Eviction, rng: &mut impl rand::Rng) -> Evicted {
+        let mut total = Evicted::default();
+        let (mut judged, rows) = (0, s.len());
+        loop {
+            let budget = rng.random_range(1..2_000);
+            let (urgent, e) = s.evict_step(rule, budget);
+            total.idle += e.idle;
+            total.over_cap += e.over_cap;
+            judged += budget;
+            if urgent == 0 && s.pass.at == 0 && s.len <= rule.cap && judged > 2 * (rows + 2_000) {
+                return total;
+            }
+            assert!(judged < 100_000_000, "the eviction never ends");
+        }
+    }
+
+    #[test]
+    fn idle_schedules_are_evicted_in_steps_and_every_other_one_keeps_its_history() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        let mut rng = SmallRng::seed_from_u64(17);
+        let mut s = Schedules::default();
+        let mut model: hashbrown::HashMap<ScheduleKey, Schedule> = hashbrown::HashMap::new();
+        for i in 0..(ROWS_PER_CHUNK as u128 + 5_000) {
+            let key = (Uuid::from_u128(i * 0x9e37_79b9_7f4a_7c15 + 3), if i % 3 == 0 { Uuid::nil() } else { Uuid::from_u128(i % 7 + 1) });
+            for _ in 0..rng.random_range(1..4) {
+                let ts = MONDAY + rng.random_range(0..60 * DAY);
+                s.get_or_default(&key).add(ts);
+                model.entry(key).or_default().add(ts);
+            }
+        }
+        let idle_before_ms = MONDAY + 45 * DAY;
+        let evicted = evict_all(&mut s, Eviction { idle_before_ms, cap: usize::MAX }, &mut rng);
+        model.retain(|_, m| m.last_ms >= idle_before_ms);
+        assert_eq!(s.len(), model.len());
+        assert!(evicted.idle > 30_000 && evicted.over_cap == 0, "{evicted:?}");
+        for (key, m) in &model {
+            assert_eq!(s.get(key), Some(m), "{key:?} kept as it was");
+        }
+        assert_eq!(s.chunks.len(), 1, "the emptied chunk is given back");
+        check(&s);
+    }
+
+    #[test]
+    fn a_table_over_its_cap_drops_the_schedules_least_worth_keeping_down_to_about_nine_tenths() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+
+        let mut rng = SmallRng::seed_from_u64(23);
+        let mut s = Schedules::default();
+        let requester = |i: u128| Uuid::from_u128(i * 0x9e37_79b9_7f4a_7c15 + 11);
+        // 2,000 requesters, each with its own schedule and 10 pairs of 1 to 300 attempts.
+        for i in 0..2_000u128 {
+            for t in 0..10u128 {
+                for _ in 0..rng.random_range(1..=if t < 2 { 300 } else { 8 }) {
+                    let ts = MONDAY + rng.random_range(0..20 * DAY);
+                    s.get_or_default(&(requester(i), Uuid::from_u128(t + 1))).add(ts);
+                    s.get_or_default(&(requester(i), Uuid::nil())).add(ts);
+                }
+            }
+        }
+        let before: Vec<(ScheduleKey, Schedule)> = s.iter().map(|(k, v)| (k, *v)).collect();
+        let cap = 10_000;
+        let evicted = evict_all(&mut s, Eviction { idle_before_ms: i64::MIN, cap }, &mut rng);
+        assert!((8_000..=cap).contains(&s.len()), "{} kept of 22,000 at a cap of {cap}", s.len());
+        assert_eq!(evicted.over_cap as usize, before.len() - s.len());
+        // Every requester's own schedule is kept, and every schedule dropped ranks below every
+        // one kept.
+        assert!((0..2_000).all(|i| s.get(&(requester(i), Uuid::nil())).is_some()));
+        let rank =
+            |(key, schedule): &(ScheduleKey, Schedule)| Slot { schedule: *schedule, key: [*key.0.as_bytes(), *key.1.as_bytes()] }.rank();
+        let (kept, dropped): (Vec<_>, Vec<_>) = before.iter().partition(|(k, _)| s.get(k).is_some());
+        let lowest_kept = kept.iter().copied().map(rank).min().unwrap();
+        assert!(dropped.iter().all(|e| rank(e) < lowest_kept));
+        // The busiest pairs (hundreds of attempts) outrank the rest.
+        let busy_kept = kept.iter().filter(|(k, v)| !k.1.is_nil() && v.total > 16).count();
+        assert_eq!(busy_kept, before.iter().filter(|(k, v)| !k.1.is_nil() && v.total > 16).count());
+        check(&s);
+        // Under the cap, a pass drops nothing more.
+        assert_eq!(evict_all(&mut s, Eviction { idle_before_ms: i64::MIN, cap }, &mut rng), Evicted::default());
     }
 
     #[test]
@@ -906,7 +1105,7 @@ mod tests {
         }
         assert_eq!(s.len(), n as usize);
         assert_eq!(s.chunks.len(), 3, "two whole chunks and one more");
-        assert!(s.slots.len() >= 2 * s.len() && s.slots.len().is_power_of_two(), "at most half full");
+        assert!(s.slots.capacity() >= 2 * s.len() && s.slots.capacity().is_power_of_two(), "at most half full");
         // A candidate found before the table grew names the same row after.
         for (k, h, c) in candidates {
             let (sched, created) = s.entry(&k, h, c);
@@ -925,7 +1124,7 @@ mod tests {
         assert!(s.iter().enumerate().all(|(i, (k, sched))| k == key(i as u128) && sched.first_ms == MONDAY + i as i64));
         let mut c = s.clone();
         c.reserve(1_000_000);
-        assert!(c.slots.len() >= 2 * (s.len() + 1_000_000));
+        assert!(c.slots.capacity() >= 2 * (s.len() + 1_000_000));
         for i in (0..n).step_by(997) {
             assert_eq!(c.get(&key(i)).map(|x| x.first_ms), Some(MONDAY + i as i64));
         }
@@ -938,7 +1137,7 @@ mod tests {
     #[test]
     fn small_schedules_stay_small_until_they_grow() {
         let mut s = Schedules::with_capacity(3);
-        assert_eq!((s.len(), s.slots.len(), s.chunks.len()), (0, 16, 0));
+        assert_eq!((s.len(), s.slots.capacity(), s.chunks.len()), (0, 16, 0));
         for i in 0..40u128 {
             s.get_or_default(&(Uuid::from_u128(i), Uuid::nil())).add(MONDAY);
         }

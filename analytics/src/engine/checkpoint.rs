@@ -30,13 +30,13 @@ use crate::error::{Error, Result};
 use crate::policy::Location;
 use crate::tables::{FastMap, TableSnapshot};
 use crate::throttle::{ThrottleSnapshot, ThrottleState, WindowsSnapshot};
-use crate::timing::SchedulesSnapshot;
+use crate::timing::{Eviction, SchedulesSnapshot};
 
 /// Leading bytes of every checkpoint file: format name and version. Version 09: a partition's
 /// throttle windows and schedules are written as little-endian byte strings of plain values (see
 /// [`crate::throttle::WindowsSnapshot`], [`crate::timing::SchedulesSnapshot`]), no longer field
-/// by field.
-const MAGIC: &[u8; 8] = b"MGCKPT09";
+/// by field. Version 10: a schedule holds its latest attempt's time (176 bytes, was 168).
+const MAGIC: &[u8; 8] = b"MGCKPT10";
 
 /// The part of [`MAGIC`] every version shares.
 const MAGIC_NAME: &[u8; 6] = b"MGCKPT";
@@ -289,16 +289,33 @@ impl Engine {
 
     /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
     /// micro-batches, shared among the partitions this worker holds: the windows' prune, then
-    /// copying rows written since into the mirrors. Returns the rows [`Engine::checkpoint`] would
-    /// still copy or judge (its pause grows with them). The state is unchanged but for windows
-    /// pruned earlier than the checkpoint would (with the watermark of this call).
+    /// copying rows written since into the mirrors; and a step of the timing schedules' eviction
+    /// (see [`crate::timing::Schedules::evict_step`]: idle ones, and those over the worker's cap). Returns the
+    /// rows [`Engine::checkpoint`] would still copy or judge (its pause grows with them), and
+    /// those an eviction pass over the cap has still to judge. The state is unchanged but for
+    /// windows pruned earlier than the checkpoint would (with the watermark of this call) and the
+    /// schedules evicted.
     pub fn checkpoint_step(&mut self, budget: usize) -> usize {
         let lateness = self.cfg.allowed_lateness_ms;
         let budget = (budget / self.partitions.len().max(1)).max(1);
+        let timing = &self.cfg.timing;
+        let forget_ms = i64::from(timing.forget_after_days) * 86_400_000;
+        // The cap is the worker's: each messages partition it holds gets an even share.
+        let holders = self.partitions.keys().filter(|(topic, _)| *topic == InputTopic::Messages).count().max(1) as u64;
+        let cap = match timing.max_schedules {
+            0 => usize::MAX,
+            n => usize::try_from((n / holders).max(1)).unwrap_or(usize::MAX),
+        };
         let mut left = 0;
         for state in self.partitions.values_mut() {
-            left += state.throttles.prune_step(state.watermark(lateness), budget);
+            let watermark = state.watermark(lateness);
+            left += state.throttles.prune_step(watermark, budget);
             left += state.throttles.windows.mirror_step(budget);
+            let idle_before_ms = if forget_ms == 0 { i64::MIN } else { watermark.saturating_sub(forget_ms) };
+            let (urgent, evicted) = state.schedules.evict_step(Eviction { idle_before_ms, cap }, budget);
+            self.stats.schedules_evicted[0] += evicted.idle;
+            self.stats.schedules_evicted[1] += evicted.over_cap;
+            left += urgent;
             left += state.schedules.mirror_step(budget);
         }
         left

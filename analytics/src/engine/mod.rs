@@ -148,6 +148,9 @@ pub struct EngineStats {
     pub tightenings: u64,
     /// Enforcement state changes (blocks, unregistrations, expiries).
     pub enforcement_changes: u64,
+    /// Timing schedules evicted: idle for longer than `timing.forget_after_days`, and over the
+    /// worker's `timing.max_schedules`.
+    pub schedules_evicted: [u64; 2],
 }
 
 /// State of one input partition. Checkpoints hold it as a [`PartitionSnapshot`].

@@ -6,7 +6,7 @@ use meshguard_schemas::registry::RegistryRecord;
 use meshguard_schemas::{BatchDecoder, FindingKind, InputTopic};
 use uuid::Uuid;
 
-use super::checkpoint::{CheckpointStore, LocalCheckpointStore};
+use super::checkpoint::{CHECKPOINT_STEP_ROWS, CheckpointStore, LocalCheckpointStore};
 use super::*;
 
 const A: &str = "9b2f1c3a-0d4e-4f5a-8b6c-7d8e9f0a1b2c";
@@ -259,7 +259,7 @@ fn corrupt_checkpoints_are_refused_with_the_file_named() {
     let id = (InputTopic::Messages, 0);
     std::fs::write(dir.path().join("partitions/messages-0.ckpt"), b"MGCKPT08\x00\x00").unwrap();
     let err = store.load_partition(&id).unwrap_err().to_string();
-    assert!(err.contains("messages-0.ckpt") && err.contains("format version 08") && err.contains("reads version 09"), "{err}");
+    assert!(err.contains("messages-0.ckpt") && err.contains("format version 08") && err.contains("reads version 10"), "{err}");
 }
 
 // ---- throttles --------------------------------------------------------------------------------
@@ -730,4 +730,62 @@ fn a_quiet_partition_holds_the_global_tables_versions_back_for_the_dedup_horizon
     // and minute 8's, in force then.
     assert_eq!(global_versions_after(20, true), (12, 12));
     assert_eq!(global_versions_after(5, true), (5, 5), "within the horizon the quiet partition holds every version");
+}
+
+// ---- timing schedules' eviction ---------------------------------------------------------------
+
+/// Runs the steps ahead of checkpoints until none has eviction work left that cannot wait.
+fn step_until_done(e: &mut Engine) {
+    for _ in 0..1_000 {
+        if e.checkpoint_step(CHECKPOINT_STEP_ROWS) == 0 {
+            return;
+        }
+    }
+    panic!("the steps never finish");
+}
+
+#[test]
+fn a_worker_keeps_at_most_its_share_of_schedules_and_forgets_idle_ones() {
+    let mut cfg = EngineConfig::default();
+    cfg.timing.max_schedules = 100;
+    cfg.timing.forget_after_days = 1;
+    let mut e = Engine::new(cfg);
+    let requester = |i: u32| format!("aaaaaaaa-0000-4000-8000-{i:012}");
+    // 300 requesters, each a schedule of its own and one of its pair with B: 600 schedules in one
+    // partition, the only one held, so the cap is all its own.
+    let records: Vec<String> = (0..300).map(|i| attempt(i + 1, T0 + i64::from(i), &requester(i), "valid")).collect();
+    e.process(&batch(vec![], &records), T0);
+    let schedules =
+        |e: &Engine| e.partition(&(InputTopic::Messages, 0)).unwrap().schedules.iter().map(|(k, s)| (k, *s)).collect::<Vec<_>>();
+    assert_eq!(schedules(&e).len(), 600);
+    step_until_done(&mut e);
+    let kept = schedules(&e);
+    assert!((80..=100).contains(&kept.len()), "{} schedules kept at a cap of 100", kept.len());
+    assert!(kept.iter().all(|((_, target), _)| target.is_nil()), "the requesters' own schedules go last");
+    assert_eq!(e.stats().schedules_evicted, [0, 600 - kept.len() as u64]);
+
+    // Two days later one requester comes back: the others have been idle for longer than a day
+    // of event time (behind the watermark) and are forgotten; its own schedule kept its history.
+    let back = kept[0].0.0.to_string();
+    let later = T0 + 2 * 86_400_000;
+    e.process(&batch(vec![], &[attempt(1_000, later, &back, "valid")]), T0);
+    step_until_done(&mut e);
+    for _ in 0..10 {
+        e.checkpoint_step(CHECKPOINT_STEP_ROWS);
+    }
+    let kept_later = schedules(&e);
+    let mut keys: Vec<String> = kept_later.iter().map(|((r, t), s)| format!("{r}/{t}/{}", s.attempts())).collect();
+    keys.sort();
+    let mut want = vec![format!("{back}/{B}/1"), format!("{back}/{}/2", Uuid::nil())];
+    want.sort();
+    assert_eq!(keys, want);
+    assert_eq!(e.stats().schedules_evicted[0], kept.len() as u64 - 1);
+
+    // The checkpoint holds what is left.
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalCheckpointStore::open(dir.path()).unwrap();
+    store.save(&mut e.checkpoint()).unwrap();
+    let mut restored = Engine::new(EngineConfig::default());
+    restored.restore(store.load().unwrap().unwrap()).unwrap();
+    assert_eq!(schedules(&restored), kept_later);
 }

@@ -1,5 +1,6 @@
 //! The table of a partition's throttle windows: an index of 8-byte slots (open addressing, linear
-//! probing) over a slab of fixed-size entries, each holding its key and its window inline.
+//! probing, [`SlotIndex`]) over a slab of fixed-size entries, each holding its key and its window
+//! inline.
 //!
 //! Why not a `HashMap<Key, Window>`: with a million active keys an attempt's lookup is a cache
 //! miss per pointer it follows, and a map of windows holding a heap buffer follows three (control
@@ -23,6 +24,7 @@ use uuid::Uuid;
 use super::snapshot::{Head, WindowsMirror, WindowsSnapshot};
 use super::{INLINE, Rule, Spills, Window, WindowKey, WindowRef};
 use crate::huge::{DirtyRows, HugeArray, MirrorSlot, fresh_epoch};
+use crate::slot_index::SlotIndex;
 
 /// Entries per slab chunk: 6 MiB, three huge pages. A chunk is allocated whole (but the first,
 /// which grows as a `Vec` would, so that a small table stays small), so the slab never moves
@@ -78,9 +80,8 @@ pub(super) struct Entry {
 #[derive(Clone, Default)]
 pub struct Windows {
     hasher: DefaultHashBuilder,
-    /// `0` when empty, else `(high 32 bits of the key's hash) << 32 | (entry index + 1)`. Empty, or
-    /// a power of two at most three quarters full.
-    slots: HugeArray<u64>,
+    /// The index over the entries: at most three quarters full.
+    slots: SlotIndex,
     /// The entries, `CHUNK` per chunk (the first may be smaller while it is the only one), the
     /// first `len` in use.
     chunks: Vec<HugeArray<Entry>>,
@@ -100,12 +101,6 @@ impl std::fmt::Debug for Windows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
     }
-}
-
-/// The part of a hash a slot keeps (and the home slot is taken from).
-#[inline]
-fn tag(hash: u64) -> u64 {
-    hash >> 32
 }
 
 impl Windows {
@@ -147,11 +142,6 @@ impl Windows {
     }
 
     #[inline]
-    fn mask(&self) -> usize {
-        self.slots.len().wrapping_sub(1)
-    }
-
-    #[inline]
     pub(super) fn entry_at(&self, i: u32) -> &Entry {
         &self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
     }
@@ -173,51 +163,20 @@ impl Windows {
     /// The slot a probe for `hash` starts at (to prefetch before probing).
     #[inline]
     pub(super) fn home_slot(&self, hash: u64) -> Option<&u64> {
-        self.slots.get(tag(hash) as usize & self.mask())
+        self.slots.home(hash)
     }
 
     /// The index of the first entry whose slot carries `hash`'s tag, without comparing keys: the
     /// entry of the key almost always, to be checked with [`Windows::entry_at`] before use.
     #[inline]
     pub(super) fn candidate(&self, hash: u64) -> Option<u32> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let mask = self.mask();
-        let t = tag(hash);
-        let mut i = t as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            if s >> 32 == t {
-                return Some((s as u32).wrapping_sub(1));
-            }
-            i = (i + 1) & mask;
-        }
+        self.slots.candidate(hash)
     }
 
     /// The index of `key`'s entry (`hash` is its hash).
     pub(super) fn find(&self, key: &WindowKey, hash: u64) -> Option<u32> {
-        if self.slots.is_empty() {
-            return None;
-        }
         let packed = PackedKey::pack(key);
-        let mask = self.mask();
-        let t = tag(hash);
-        let mut i = t as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            let e = (s as u32).wrapping_sub(1);
-            if s >> 32 == t && self.entry_at(e).key == packed {
-                return Some(e);
-            }
-            i = (i + 1) & mask;
-        }
+        self.slots.find(hash, |e| self.entry_at(e).key == packed)
     }
 
     /// The index of `key`'s entry, a new one (with an empty window) if none.
@@ -226,8 +185,8 @@ impl Windows {
             return i;
         }
         // At most three quarters full, so probes stay short.
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.resize((self.slots.len() * 2).max(16));
+        if (self.len + 1) * 4 > self.slots.capacity() * 3 {
+            self.slots.resize((self.slots.capacity() * 2).max(16));
         }
         let i = u32::try_from(self.len).ok().filter(|i| *i < u32::MAX).expect("fewer than 2^32 - 1 throttle windows in one partition");
         let chunk = (i >> CHUNK_BITS) as usize;
@@ -242,7 +201,7 @@ impl Windows {
         }
         *self.entry_mut(i) = Entry { key: PackedKey::pack(key), _pad: 0, window: Window::default() };
         self.len += 1;
-        self.place(tag(hash) << 32 | u64::from(i + 1));
+        self.slots.insert(hash, i);
         i
     }
 
@@ -283,68 +242,15 @@ impl Windows {
         t
     }
 
-    /// Puts a slot value in the first empty slot of its probe sequence.
-    fn place(&mut self, slot: u64) {
-        let mask = self.mask();
-        let mut i = (slot >> 32) as usize & mask;
-        while self.slots[i] != 0 {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = slot;
-    }
-
-    /// Re-lays the slots in a table of `n` (a power of two); the slots keep their hash bits, so no
-    /// key is hashed again.
-    fn resize(&mut self, n: usize) {
-        let old = std::mem::replace(&mut self.slots, HugeArray::zeroed(n));
-        for &s in old.iter().filter(|s| **s != 0) {
-            self.place(s);
-        }
-    }
-
-    /// The slot that points at entry `i` (of hash `hash`).
-    fn slot_of(&self, hash: u64, i: u32) -> usize {
-        let mask = self.mask();
-        let mut at = tag(hash) as usize & mask;
-        while self.slots[at] as u32 != i + 1 {
-            at = (at + 1) & mask;
-        }
-        at
-    }
-
-    /// Empties slot `at`, moving back the slots after it that its emptiness would cut off from
-    /// their home (backward-shift deletion: no tombstones).
-    fn clear_slot(&mut self, at: usize) {
-        let mask = self.mask();
-        self.slots[at] = 0;
-        let mut hole = at;
-        let mut j = (at + 1) & mask;
-        loop {
-            let s = self.slots[j];
-            if s == 0 {
-                return;
-            }
-            let home = (s >> 32) as usize & mask;
-            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
-                self.slots[hole] = s;
-                self.slots[j] = 0;
-                hole = j;
-            }
-            j = (j + 1) & mask;
-        }
-    }
-
     /// Removes entry `i`; the last entry takes its index.
     fn remove(&mut self, i: u32) {
         let e = *self.entry_at(i);
         self.spills.release(e.window.spill);
-        let at = self.slot_of(self.hash(&e.key.unpack()), i);
-        self.clear_slot(at);
+        self.slots.remove(self.hash(&e.key.unpack()), i);
         let last = (self.len - 1) as u32;
         if i != last {
             let moved = *self.entry_at(last);
-            let at = self.slot_of(self.hash(&moved.key.unpack()), last);
-            self.slots[at] = (self.slots[at] & !0xffff_ffff) | u64::from(i + 1);
+            self.slots.renumber(self.hash(&moved.key.unpack()), last, i);
             *self.entry_mut(i) = moved;
         }
         *self.entry_mut(last) = Entry::zeroed();
@@ -396,8 +302,8 @@ impl Windows {
         }
         // Shrink the slots once they are mostly empty.
         let want = (self.len * 2).next_power_of_two().max(16);
-        if want * 4 <= self.slots.len() {
-            self.resize(want);
+        if want * 4 <= self.slots.capacity() {
+            self.slots.resize(want);
         }
     }
 }
@@ -487,22 +393,8 @@ mod tests {
     /// with its key's hash), the chunks (as many as the entries need, zeroed past the last entry)
     /// and the spilled buffers (each owned by one window, or free and empty).
     fn check(t: &Windows) {
-        assert!(t.slots.is_empty() || t.slots.len().is_power_of_two(), "{} slots", t.slots.len());
-        assert!(t.len * 4 <= t.slots.len() * 3, "{} keys in {} slots", t.len, t.slots.len());
-        let mask = t.mask();
-        let mut pointed = vec![false; t.len];
-        for (at, &s) in t.slots.iter().enumerate().filter(|(_, s)| **s != 0) {
-            let i = (s as u32).wrapping_sub(1) as usize;
-            assert!(i < t.len, "slot {at} points past the entries");
-            assert!(!std::mem::replace(&mut pointed[i], true), "two slots point at entry {i}");
-            assert_eq!(s >> 32, tag(t.hash(&t.entry_at(i as u32).key.unpack())), "slot {at}'s tag");
-            let mut j = (s >> 32) as usize & mask;
-            while j != at {
-                assert_ne!(t.slots[j], 0, "slot {at} cut off from its home");
-                j = (j + 1) & mask;
-            }
-        }
-        assert!(pointed.iter().all(|p| *p), "an entry without a slot");
+        assert!(t.len * 4 <= t.slots.capacity() * 3, "{} keys in {} slots", t.len, t.slots.capacity());
+        t.slots.check(t.len, |i| t.hash(&t.entry_at(i).key.unpack()));
         match t.len {
             0 => assert!(t.chunks.len() <= 1),
             n => assert_eq!(t.chunks.len(), n.div_ceil(CHUNK), "chunks for {n} entries"),
