@@ -150,9 +150,9 @@ impl TimingConfig {
     }
 }
 
-/// The history of one key: attempts per UTC hour and weekday, and when they started and last came. Plain integers (`Pod`): the timing
-/// stage prefetches their cache lines ([`Schedules`]), and checkpoints copy half a million of them
-/// at once (see [`SchedulesSnapshot`]).
+/// The history of one key: attempts per UTC hour and weekday, and when they started and last
+/// came. Plain integers (`Pod`): the timing stage prefetches their cache lines ([`Schedules`]), and
+/// checkpoints copy half a million of them at once (see [`SchedulesSnapshot`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, Pod, Zeroable)]
 #[repr(C)]
 pub struct Schedule {
