@@ -25,6 +25,8 @@
 //! `1 − unavailable / (2 × checked)`: unavailable peers neither confirm nor refute, so they cost
 //! half of what a failure would. 0 with nothing checked.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -90,15 +92,42 @@ pub struct Entry {
 }
 
 /// Every reporter's interaction table, oldest first.
+///
+/// Each table is shared (`Arc`) between the store and its copies: the engine's store is shared
+/// with the checkpoint being written, and the first change after the cut copies the map of
+/// pointers, not the entries; a table is copied only when it changes while a copy holds it.
+/// Serialized as the tables themselves.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InteractionStore {
-    tables: FastMap<Uuid, Vec<Entry>>,
+    #[serde(with = "shared_tables")]
+    tables: FastMap<Uuid, Arc<Vec<Entry>>>,
     /// Newest entry time seen, for retention.
     newest: i64,
     /// Newest entry time seen per partition of the interactions topic: its watermark.
     progress: FastMap<i32, i64>,
     /// Partitions of the interactions topic (0: unknown, count the ones seen).
     partitions: u32,
+}
+
+/// [`InteractionStore`]'s tables written as a map of plain tables (serde's own `Arc` support is a
+/// feature that would rebuild every crate using serde).
+mod shared_tables {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+    use uuid::Uuid;
+
+    use super::Entry;
+    use crate::tables::FastMap;
+
+    pub(super) fn serialize<S: Serializer>(tables: &FastMap<Uuid, Arc<Vec<Entry>>>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(tables.iter().map(|(k, v)| (k, v.as_slice())))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FastMap<Uuid, Arc<Vec<Entry>>>, D::Error> {
+        let plain = FastMap::<Uuid, Vec<Entry>>::deserialize(d)?;
+        Ok(plain.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
 }
 
 /// An identity request read but not answered yet: requests are held until the interactions topic
@@ -213,7 +242,7 @@ impl InteractionStore {
         if table.get(at).is_some_and(|x| x.ts == e.ts && x.id == e.id) {
             return;
         }
-        table.insert(at, e);
+        Arc::make_mut(table).insert(at, e);
         self.newest = self.newest.max(e.ts);
     }
 
@@ -246,7 +275,7 @@ impl InteractionStore {
 
     /// Number of entries held.
     pub fn len(&self) -> usize {
-        self.tables.values().map(Vec::len).sum()
+        self.tables.values().map(|t| t.len()).sum()
     }
 
     /// Whether no entry is held.
@@ -261,7 +290,7 @@ impl InteractionStore {
 
     /// One reporter's table, ordered by `(ts, id)` (empty when it reported nothing).
     pub fn table(&self, reporter: &Uuid) -> &[Entry] {
-        self.tables.get(reporter).map_or(&[], Vec::as_slice)
+        self.tables.get(reporter).map_or(&[], |t| t.as_slice())
     }
 
     /// Drops entries older than the retention behind the newest entry.
@@ -269,8 +298,13 @@ impl InteractionStore {
         let horizon = self.newest - retention_ms;
         self.tables.retain(|_, t| {
             let old = t.partition_point(|e| e.ts < horizon);
-            t.drain(..old);
-            !t.is_empty()
+            if old == t.len() {
+                return false;
+            }
+            if old > 0 {
+                Arc::make_mut(t).drain(..old);
+            }
+            true
         });
     }
 

@@ -45,6 +45,44 @@ fn store(n: u128, skew: i64, report_back: impl Fn(u128) -> bool) -> InteractionS
     s
 }
 
+/// A copy of the store (as the checkpoint being written holds) shares every table: a change
+/// after it copies the changed table only, and neither side sees the other's change. Written as
+/// the tables themselves (the format of a map of `Vec`s).
+#[test]
+fn copies_of_the_store_share_the_tables_neither_changes() {
+    let mut s = store(5, 30 * S, |_| true);
+    let copy = s.clone();
+    let shared = |a: &InteractionStore, b: &InteractionStore, r: u128| Arc::ptr_eq(&a.tables[&u(r)], &b.tables[&u(r)]);
+    assert!((1..=5).chain([100]).all(|r| shared(&s, &copy, r)));
+    s.insert(u(2), Entry { ts: T, peer: u(100), kind: InteractionKind::Call, id: u(9_000) });
+    // A re-delivered entry changes nothing, and copies nothing.
+    s.insert(u(3), *copy.table(&u(3)).first().unwrap());
+    assert!(!shared(&s, &copy, 2) && [1, 3, 4, 5, 100].into_iter().all(|r| shared(&s, &copy, r)));
+    assert_eq!((s.table(&u(2)).len(), copy.table(&u(2)).len()), (2, 1));
+    // A prune copies only the tables it cuts.
+    // Six minutes and 24 s back from the newest (T): the device's entry with peer 5 (7 min) and
+    // peer 5's own (6.5 min) go.
+    s.prune(6 * 60 * S + 24 * S);
+    assert_eq!(copy.len(), 10);
+    assert!(shared(&s, &copy, 1) && !s.tables.contains_key(&u(5)));
+    #[derive(Serialize)]
+    struct Plain {
+        tables: FastMap<Uuid, Vec<Entry>>,
+        newest: i64,
+        progress: FastMap<i32, i64>,
+        partitions: u32,
+    }
+    // One table: a map's order is its hasher's.
+    let one = store(1, 0, |_| false);
+    let plain = Plain {
+        tables: one.tables.iter().map(|(k, v)| (*k, v.to_vec())).collect(),
+        newest: one.newest,
+        progress: one.progress.clone(),
+        partitions: one.partitions,
+    };
+    assert_eq!(postcard::to_allocvec(&one).unwrap(), postcard::to_allocvec(&plain).unwrap());
+}
+
 #[test]
 fn a_genuine_device_is_confirmed_and_an_impostor_denied() {
     let cfg = CrossCheckConfig::default();

@@ -42,7 +42,9 @@ impl Engine {
             return;
         };
         let kind = kind.keys();
-        // Shared with the last checkpoint only while it is being saved: no copy in steady state.
+        // Shared with the last checkpoint only while it is being saved: the first batch after the
+        // cut copies the map of tables (a pointer each), and a table changed while the checkpoint
+        // holds it is copied (see `InteractionStore`); no copy in steady state.
         let store = std::sync::Arc::make_mut(&mut self.interactions);
         for row in 0..b.num_rows() {
             if let Some(&p) = rows.partition.get(row)
