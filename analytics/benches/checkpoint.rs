@@ -30,7 +30,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use meshguard_analytics::enforcement::{EnforcementConfig, Offender};
+use meshguard_analytics::enforcement::EnforcementConfig;
 use meshguard_analytics::engine::PartitionState;
 use meshguard_analytics::throttle::{Attempt, Outcome, Rule, Tightening};
 use meshguard_analytics::timing::Schedule;
@@ -106,11 +106,10 @@ fn engine(size: Size) -> Engine {
     }
     let cfg = EnforcementConfig::default();
     for i in 0..size.offenders {
-        let mut o = Offender::default();
+        let o = state.enforcement.entry(uuid(1, i));
         for k in 0..3 {
             o.count(&cfg, NOW - 60_000 + k * 1_000, 1, &[uuid(4, i * 3 + k as u32)], true, false);
         }
-        state.enforcement.insert(uuid(1, i), o);
     }
     let mut engine = Engine::new(EngineConfig::default());
     engine.restore_partition((InputTopic::Messages, 0), state.snapshot());

@@ -21,6 +21,7 @@
 //! every type. An offender that is not registered, or has no `type`, gets the base thresholds.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -223,6 +224,76 @@ impl Default for Offender {
     }
 }
 
+/// The offenders of a partition by UUID, each shared (`Arc`) between the engine's map and the
+/// checkpoints holding a copy: a checkpoint's copy is a pointer per offender, and an offender
+/// changed while a checkpoint holds it is copied then ([`Offenders::entry`],
+/// [`Offenders::get_mut`]). Serialized as a map of offenders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Offenders {
+    map: crate::tables::FastMap<Uuid, Arc<Offender>>,
+}
+
+impl Offenders {
+    /// `uuid`'s offender, created active with nothing counted if there is none.
+    pub fn entry(&mut self, uuid: Uuid) -> &mut Offender {
+        Arc::make_mut(self.map.entry(uuid).or_default())
+    }
+
+    /// `uuid`'s offender, if any.
+    pub fn get(&self, uuid: &Uuid) -> Option<&Offender> {
+        self.map.get(uuid).map(|o| &**o)
+    }
+
+    /// `uuid`'s offender to change, if any.
+    pub fn get_mut(&mut self, uuid: &Uuid) -> Option<&mut Offender> {
+        self.map.get_mut(uuid).map(Arc::make_mut)
+    }
+
+    /// Every offender.
+    pub fn iter(&self) -> impl Iterator<Item = (&Uuid, &Offender)> {
+        self.map.iter().map(|(k, o)| (k, &**o))
+    }
+
+    /// Every offender's state.
+    pub fn values(&self) -> impl Iterator<Item = &Offender> {
+        self.map.values().map(|o| &**o)
+    }
+
+    /// Keeps the offenders for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Uuid, &Offender) -> bool) {
+        self.map.retain(|k, o| keep(k, o));
+    }
+
+    /// Offenders held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl FromIterator<(Uuid, Offender)> for Offenders {
+    fn from_iter<I: IntoIterator<Item = (Uuid, Offender)>>(iter: I) -> Self {
+        Self { map: iter.into_iter().map(|(k, o)| (k, Arc::new(o))).collect() }
+    }
+}
+
+impl Serialize for Offenders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Offenders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let plain = crate::tables::FastMap::<Uuid, Offender>::deserialize(d)?;
+        Ok(plain.into_iter().collect())
+    }
+}
+
 /// How many finding ids an enforcement record carries.
 pub const RECENT_FINDINGS: usize = 5;
 
@@ -347,9 +418,35 @@ fn duration(s: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     const MIN: i64 = 60_000;
+
+    /// A copy (a checkpoint's) shares every offender; a change after it copies that offender
+    /// only, and neither side sees the other's change. Written as a map of offenders.
+    #[test]
+    fn copies_of_the_offenders_share_those_neither_changes() {
+        let cfg = EnforcementConfig::default();
+        let mut offenders = Offenders::default();
+        for i in 0..4u128 {
+            offenders.entry(Uuid::from_u128(i)).count(&cfg, MIN, 1, &[], true, false);
+        }
+        let copy = offenders.clone();
+        let shared = |a: &Offenders, b: &Offenders, i: u128| Arc::ptr_eq(&a.map[&Uuid::from_u128(i)], &b.map[&Uuid::from_u128(i)]);
+        assert!((0..4).all(|i| shared(&offenders, &copy, i)));
+        offenders.get_mut(&Uuid::from_u128(2)).unwrap().count(&cfg, 2 * MIN, 1, &[], true, false);
+        offenders.entry(Uuid::from_u128(9));
+        assert!(!shared(&offenders, &copy, 2) && [0, 1, 3].into_iter().all(|i| shared(&offenders, &copy, i)));
+        assert_eq!((offenders.len(), copy.len()), (5, 4));
+        assert_ne!(offenders.get(&Uuid::from_u128(2)), copy.get(&Uuid::from_u128(2)));
+        let one: Offenders = [(Uuid::from_u128(7), copy.get(&Uuid::from_u128(0)).unwrap().clone())].into_iter().collect();
+        let plain: crate::tables::FastMap<Uuid, Offender> = one.iter().map(|(k, o)| (*k, o.clone())).collect();
+        assert_eq!(postcard::to_allocvec(&one).unwrap(), postcard::to_allocvec(&plain).unwrap());
+        let back: Offenders = postcard::from_bytes(&postcard::to_allocvec(&plain).unwrap()).unwrap();
+        assert_eq!(back, one);
+    }
 
     #[test]
     fn five_in_ten_minutes_block_for_an_hour_and_the_twenty_first_in_a_day_unregisters() {

@@ -25,10 +25,10 @@ use uuid::Uuid;
 use super::global::{GlobalLog, GlobalReplica, Pending, Settling};
 use super::{Engine, PartitionId, PartitionState, Position};
 use crate::crosscheck::HeldRequest;
-use crate::enforcement::Offender;
+use crate::enforcement::Offenders;
 use crate::error::{Error, Result};
 use crate::policy::Location;
-use crate::tables::{FastMap, TableSnapshot};
+use crate::tables::TableSnapshot;
 use crate::throttle::{ThrottleSnapshot, ThrottleState, WindowsSnapshot};
 use crate::timing::{Eviction, SchedulesSnapshot};
 
@@ -79,8 +79,9 @@ pub struct PartitionSnapshot {
     pub sink_positions: Vec<(String, i32, i64)>,
     /// Throttle windows and tightenings.
     pub throttles: ThrottleSnapshot,
-    /// Counted unauthorized attempts and status of the offenders this partition owns.
-    pub enforcement: FastMap<Uuid, Offender>,
+    /// Counted unauthorized attempts and status of the offenders this partition owns (shared with
+    /// the engine per offender, written as a map).
+    pub enforcement: Offenders,
     /// Event-time timers: blocks to lift at their `until`.
     pub timers: BTreeSet<(i64, Uuid)>,
     /// Learned schedules by (requester, target).

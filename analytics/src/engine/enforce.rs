@@ -92,7 +92,7 @@ impl Engine {
             let thresholds = self.cfg.enforcement.thresholds(requester.and_then(|r| r.record.device_type.as_deref()));
             let home = Engine::home(self.messages_partitions, &self.owned_messages, &from, partition.1);
             let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
-            let offender = state.enforcement.entry(from).or_default();
+            let offender = state.enforcement.entry(from);
             if let Some(status) = offender.count(thresholds, ts, units, &ids, registered, exempt) {
                 let record = offender.record(from, thresholds, ts);
                 if let Status::Blocked { until, .. } = status {
@@ -143,7 +143,7 @@ impl Engine {
             home
         };
         let state = self.partitions.entry((InputTopic::Messages, home)).or_default();
-        let offender = state.enforcement.entry(cmd.uuid).or_default();
+        let offender = state.enforcement.entry(cmd.uuid);
         let block = match cmd.command {
             ControlAction::Block => Some(cmd.until),
             ControlAction::Unblock => None,
@@ -214,7 +214,7 @@ impl Engine {
     pub(super) fn rebuild_enforcement_view(&mut self) {
         self.enforcement_view.clear();
         for state in self.partitions.values() {
-            for (uuid, offender) in &state.enforcement {
+            for (uuid, offender) in state.enforcement.iter() {
                 if !matches!(offender.status, Status::Active) {
                     self.enforcement_view.insert(*uuid, offender.status);
                 }

@@ -227,7 +227,7 @@ impl Engine {
         let (registered, exempt) = (record.is_some(), record.is_some_and(|r| r.record.exempt));
         // `[enforcement.by_type]`: the device's type decides, as for its message attempts.
         let thresholds = self.cfg.enforcement.thresholds(record.and_then(|r| r.record.device_type.as_deref()));
-        let o = state.enforcement.entry(offender).or_default();
+        let o = state.enforcement.entry(offender);
         if let Some(status) = o.count(thresholds, ts, 1, &[id], registered, exempt) {
             if let crate::enforcement::Status::Blocked { until, .. } = status {
                 state.timers.insert((until, offender));

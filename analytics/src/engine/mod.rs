@@ -40,7 +40,7 @@ use uuid::Uuid;
 pub use self::checkpoint::PartitionSnapshot;
 pub use self::emitted::EmittedIds;
 use crate::crosscheck::{CrossCheckConfig, InteractionStore};
-use crate::enforcement::{EnforcementConfig, Offender, Status};
+use crate::enforcement::{EnforcementConfig, Offenders, Status};
 use crate::jobs::{self, Job, JobContext, MessagesView};
 use crate::policy::{CompiledRecord, GroupInterner, Location, Registry};
 use crate::tables::{FastMap, VersionedTable};
@@ -169,7 +169,7 @@ pub struct PartitionState {
     /// Throttle windows of the requesters this partition owns.
     pub throttles: ThrottleState,
     /// Counted unauthorized attempts and status of the offenders this partition owns.
-    pub enforcement: FastMap<Uuid, Offender>,
+    pub enforcement: Offenders,
     /// Event-time timers: blocks to lift at their `until`.
     pub timers: std::collections::BTreeSet<(i64, Uuid)>,
     /// Learned schedules by (requester, target); the requester's own under the nil target.
