@@ -20,6 +20,8 @@ pub struct VersionedTable<K, V> {
     /// The keys holding older versions, each once: what a prune visits (most keys of a directory
     /// hold one version, and a prune of a million keys at every checkpoint would walk them all).
     historied: Vec<K>,
+    /// How far into `historied` the prune in progress has got (see [`VersionedTable::prune_step`]).
+    prune_at: usize,
 }
 
 /// The versions of one key. The newest is held inline, so the usual lookup (one version, or the
@@ -113,7 +115,7 @@ impl<V> Versions<V> {
 
 impl<K, V> Default for VersionedTable<K, V> {
     fn default() -> Self {
-        Self { map: FastMap::default(), historied: Vec::new() }
+        Self { map: FastMap::default(), historied: Vec::new(), prune_at: 0 }
     }
 }
 
@@ -201,20 +203,40 @@ impl<K: std::hash::Hash + Eq + Copy, V: Clone> VersionedTable<K, V> {
     }
 
     /// Drops versions that no lookup at or after `horizon_ms` can see: for each key, every version
-    /// older than the newest one at or before the horizon.
+    /// older than the newest one at or before the horizon. Finishes a prune begun by
+    /// [`VersionedTable::prune_step`]: the keys it visited are not visited again (they kept what
+    /// its horizon, an earlier one, left them: the same lookups at or after `horizon_ms`).
     pub fn prune(&mut self, horizon_ms: i64) {
-        let map = &mut self.map;
-        self.historied.retain(|key| {
-            let Some(v) = map.get_mut(key) else {
-                return false;
+        self.prune_step(horizon_ms, usize::MAX);
+        self.prune_at = 0;
+    }
+
+    /// Prunes up to `budget` of the keys holding older versions, from where the last step stopped,
+    /// as [`VersionedTable::prune`] does (a prune spread over several calls between micro-batches,
+    /// finished by it); returns how many are left to visit.
+    pub fn prune_step(&mut self, horizon_ms: i64, budget: usize) -> usize {
+        let mut i = self.prune_at.min(self.historied.len());
+        for _ in 0..budget {
+            let Some(key) = self.historied.get(i) else {
+                break;
             };
-            if v.newest.0 <= horizon_ms {
-                v.older.clear();
-            } else if let Some(keep_from) = v.older.iter().rposition(|(t, _)| *t <= horizon_ms) {
-                v.older.drain(..keep_from);
+            let history = self.map.get_mut(key).is_some_and(|v| {
+                if v.newest.0 <= horizon_ms {
+                    v.older.clear();
+                } else if let Some(keep_from) = v.older.iter().rposition(|(t, _)| *t <= horizon_ms) {
+                    v.older.drain(..keep_from);
+                }
+                !v.older.is_empty()
+            });
+            if history {
+                i += 1;
+            } else {
+                // The last key takes its place, and is visited next.
+                self.historied.swap_remove(i);
             }
-            !v.older.is_empty()
-        });
+        }
+        self.prune_at = i;
+        self.historied.len() - i
     }
 
     /// Number of keys.
@@ -457,5 +479,44 @@ mod tests {
         t.insert(3, 200, 4);
         t.prune(300);
         assert_eq!((t.versions(), t.historied.len(), t.get(&3, 300)), (1_000, 0, Some(&4)));
+    }
+
+    proptest::proptest! {
+        /// A prune in steps of any budget, spread over rounds in which versions arrive (late ones
+        /// included) and the horizon moves on, finished every other round by a prune: every lookup
+        /// at or after the horizon answers as in a table never pruned, and a finished prune keeps
+        /// at least what one prune at its horizon keeps (steps used earlier horizons) and no more
+        /// than was there.
+        #[test]
+        fn a_prune_in_steps_answers_as_one_prune(
+            rounds in proptest::collection::vec(
+                (proptest::collection::vec((0u8..12, 0i64..100, 0u8..3), 0..30), 0usize..8, 0i64..10),
+                1..12,
+            ),
+        ) {
+            let (mut stepped, mut whole, mut never) =
+                (VersionedTable::<u8, u8>::default(), VersionedTable::<u8, u8>::default(), VersionedTable::<u8, u8>::default());
+            let mut horizon = 0;
+            for (round, (writes, budget, advance)) in rounds.into_iter().enumerate() {
+                let base = round as i64 * 10;
+                for (key, at, value) in writes {
+                    for t in [&mut stepped, &mut whole, &mut never] {
+                        t.assert(key, base + at, value);
+                    }
+                }
+                stepped.prune_step(horizon, budget);
+                horizon += advance;
+                if round % 2 == 1 {
+                    stepped.prune(horizon);
+                    whole.prune(horizon);
+                    proptest::prop_assert!(whole.versions() <= stepped.versions() && stepped.versions() <= never.versions());
+                }
+                for key in 0..12 {
+                    for at in horizon..base + 110 {
+                        proptest::prop_assert_eq!(stepped.get(&key, at), never.get(&key, at), "key {} at {}", key, at);
+                    }
+                }
+            }
+        }
     }
 }

@@ -289,16 +289,16 @@ impl Engine {
     }
 
     /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
-    /// micro-batches, shared among the partitions this worker holds: the windows' prune, then
-    /// copying rows written since into the mirrors; and a step of the timing schedules' eviction
+    /// micro-batches: the global tables' prune, and shared among the partitions this worker
+    /// holds, the windows' prune, then copying rows written since into the mirrors; and a step of
+    /// the timing schedules' eviction
     /// (see [`crate::timing::Schedules::evict_step`]: idle ones, and those over the worker's cap). Returns the
     /// rows [`Engine::checkpoint`] would still copy or judge (its pause grows with them), and
     /// those an eviction pass over the cap has still to judge. The state is unchanged but for
-    /// windows pruned earlier than the checkpoint would (with the watermark of this call) and the
-    /// schedules evicted.
+    /// versions and windows pruned earlier than the checkpoint would (with the watermarks of this
+    /// call) and the schedules evicted.
     pub fn checkpoint_step(&mut self, budget: usize) -> usize {
         let lateness = self.cfg.allowed_lateness_ms;
-        let budget = (budget / self.partitions.len().max(1)).max(1);
         let timing = &self.cfg.timing;
         let forget_ms = i64::from(timing.forget_after_days) * 86_400_000;
         // The cap is the worker's: each messages partition it holds gets an even share.
@@ -308,6 +308,14 @@ impl Engine {
             n => usize::try_from((n / holders).max(1)).unwrap_or(usize::MAX),
         };
         let mut left = 0;
+        // The global tables' prune, ahead of the cut's (which finishes it at the cut's horizon,
+        // and which the replica's log records: see `global.rs`).
+        if let Some(horizon) = self.global_prune_horizon() {
+            left += self.registry.prune_step(horizon, budget);
+            left += self.presence.prune_step(horizon, budget);
+            left += self.locations.prune_step(horizon, budget);
+        }
+        let budget = (budget / self.partitions.len().max(1)).max(1);
         for state in self.partitions.values_mut() {
             let watermark = state.watermark(lateness);
             left += state.throttles.prune_step(watermark, budget);
@@ -613,6 +621,12 @@ mod tests {
                         let lat = f64::from(rng.random_range(0..3u8));
                         e.observe_location(uuid, at, Location { lat: Some(lat), lon: Some(0.0), country: None });
                     }
+                }
+                // Steps ahead of the cut prune the tables part of the way, with the horizon of
+                // their moment (the log does not record them: the cut's prune does for them).
+                if rng.random_range(0..60) == 0 {
+                    e.partitions.get_mut(&id).unwrap().max_event_ms = ts;
+                    e.checkpoint_step(rng.random_range(1..30));
                 }
             }
             e.partitions.get_mut(&id).unwrap().max_event_ms = ts;

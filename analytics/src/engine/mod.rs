@@ -485,28 +485,16 @@ impl Engine {
     pub fn prune(&mut self) {
         let horizon = self.cfg.dedup_horizon_ms;
         let started = std::time::Instant::now();
-        let (mut oldest_watermark, mut newest_watermark) = (i64::MAX, i64::MIN);
-        for (&(topic, _), state) in self.partitions.iter_mut() {
+        for state in self.partitions.values_mut() {
             let keep_after = state.max_event_ms.saturating_sub(horizon);
             state.emitted.prune(keep_after);
             let watermark = state.watermark(self.cfg.allowed_lateness_ms);
             state.throttles.prune(watermark);
             let enforcement = &self.cfg.enforcement;
             state.enforcement.retain(|_, o| !o.is_spent(watermark, enforcement));
-            // The global tables serve the attempts' lookups: the messages partitions that have
-            // seen an attempt say how far back those can ask (the other topics' partitions keep
-            // no event time that lookups follow, and one without attempts has none yet).
-            if topic == InputTopic::Messages && state.max_event_ms != 0 {
-                oldest_watermark = oldest_watermark.min(watermark);
-                newest_watermark = newest_watermark.max(watermark);
-            }
         }
         let partitions = started.elapsed();
-        if oldest_watermark != i64::MAX {
-            // A partition that has gone quiet holds versions back for at most the dedup horizon
-            // behind the busiest one: its attempts from before that see the oldest version kept,
-            // as late ones do.
-            let oldest_watermark = oldest_watermark.max(newest_watermark.saturating_sub(horizon));
+        if let Some(oldest_watermark) = self.global_prune_horizon() {
             let keep_after = oldest_watermark.saturating_sub(horizon);
             self.restored_outputs.retain(|_, ts| *ts >= keep_after);
             // Lookups come from events at or after the oldest watermark (later ones are late and
@@ -526,6 +514,23 @@ impl Engine {
             global_us = (global - partitions).as_micros() as u64,
             interactions_us = (started.elapsed() - global).as_micros() as u64,
         );
+    }
+
+    /// How far back the attempts' lookups in the global tables can ask: the oldest watermark of
+    /// the messages partitions that have seen an attempt (the other topics' partitions keep no
+    /// event time that lookups follow, and one without attempts has none yet), but at most the
+    /// dedup horizon behind the newest (a partition gone quiet does not hold versions back for
+    /// longer: its attempts from before that see the oldest version kept, as late ones do).
+    /// `None` before any attempt.
+    pub(super) fn global_prune_horizon(&self) -> Option<i64> {
+        let lateness = self.cfg.allowed_lateness_ms;
+        let watermarks = self
+            .partitions
+            .iter()
+            .filter(|((topic, _), state)| *topic == InputTopic::Messages && state.max_event_ms != 0)
+            .map(|(_, state)| state.watermark(lateness));
+        let (oldest, newest) = watermarks.fold((i64::MAX, i64::MIN), |(lo, hi), w| (lo.min(w), hi.max(w)));
+        (oldest != i64::MAX).then(|| oldest.max(newest.saturating_sub(self.cfg.dedup_horizon_ms)))
     }
 
     /// The consumed positions of the global topics (registry, presence), to resume from.

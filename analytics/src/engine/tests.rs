@@ -698,6 +698,15 @@ fn enforcement_published_by_another_worker_applies_to_requesters_and_targets_hom
 /// partition 1 sees one attempt at the start and then none (`quiet`). Returns the versions the
 /// global tables hold at the end (registry, locations).
 fn global_versions_after(minutes: i64, quiet: bool) -> (usize, usize) {
+    let mut e = engine_after(minutes, quiet);
+    let cp = e.checkpoint();
+    assert!(cp.partitions.iter().any(|((topic, _), _)| *topic == InputTopic::IdentityRequests), "the requests' partition has state");
+    (cp.global.registry.rows.len(), cp.global.locations.rows.len())
+}
+
+/// An engine after `minutes` of one attempt and one registry change a minute (the location
+/// alternating), with an identity-requests partition, and a quiet messages partition if `quiet`.
+fn engine_after(minutes: i64, quiet: bool) -> Engine {
     let mut e = Engine::new(EngineConfig::default());
     if quiet {
         e.process(&MicroBatch { messages: Some(messages(&[attempt(999, T0, A, "valid")], 1)), ..Default::default() }, T0);
@@ -712,9 +721,19 @@ fn global_versions_after(minutes: i64, quiet: bool) -> (usize, usize) {
         let mb = MicroBatch { registry: vec![registered(A, ts)], messages: Some(messages(&[record], 0)), positions, ..Default::default() };
         e.process(&mb, ts);
     }
+    e
+}
+
+#[test]
+fn the_steps_ahead_of_a_checkpoint_prune_the_global_tables() {
+    let mut e = engine_after(20, false);
+    let locations = e.locations.versions();
+    assert_eq!(locations, 20, "a version per change");
+    // One step with a budget of one key per table: the same versions as the cut's prune leaves.
+    e.checkpoint_step(1);
+    assert_eq!(e.locations.versions(), 2);
     let cp = e.checkpoint();
-    assert!(cp.partitions.iter().any(|((topic, _), _)| *topic == InputTopic::IdentityRequests), "the requests' partition has state");
-    (cp.global.registry.rows.len(), cp.global.locations.rows.len())
+    assert_eq!((cp.global.registry.rows.len(), cp.global.locations.rows.len()), (2, 2));
 }
 
 #[test]

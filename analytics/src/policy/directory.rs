@@ -1073,6 +1073,12 @@ impl Registry {
         self.versions.prune(horizon_ms);
     }
 
+    /// A step of [`Registry::prune`] over at most `budget` UUIDs (see
+    /// [`crate::tables::VersionedTable::prune_step`]); returns how many are left to visit.
+    pub fn prune_step(&mut self, horizon_ms: i64, budget: usize) -> usize {
+        self.versions.prune_step(horizon_ms, budget)
+    }
+
     /// Number of UUIDs.
     pub fn len(&self) -> usize {
         self.versions.len()
