@@ -53,21 +53,7 @@ impl SlotIndex {
     /// key's own row, to be checked against the key before use.
     #[inline]
     pub(crate) fn candidate(&self, hash: u64) -> Option<u32> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let (mask, t) = (self.mask(), tag(hash));
-        let mut i = t as usize & mask;
-        loop {
-            let s = self.slots[i];
-            if s == 0 {
-                return None;
-            }
-            if s >> 32 == t {
-                return Some((s as u32).wrapping_sub(1));
-            }
-            i = (i + 1) & mask;
-        }
+        self.find(hash, |_| true)
     }
 
     /// The first row carrying `hash`'s tag for which `holds` (the row holds the key) is true.
