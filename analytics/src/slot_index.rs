@@ -102,6 +102,15 @@ impl SlotIndex {
         }
     }
 
+    /// Re-lays the slots in fewer once `rows` (the rows indexed) fill at most an eighth of them:
+    /// in the fewest, a power of two and at least 16, that the rows fill at most half of.
+    pub(crate) fn shrink(&mut self, rows: usize) {
+        let want = (rows * 2).next_power_of_two().max(16);
+        if want * 4 <= self.slots.len() {
+            self.resize(want);
+        }
+    }
+
     /// The slot that names `row` (indexed under `hash`).
     fn slot_of(&self, hash: u64, row: u32) -> usize {
         let mask = self.mask();
@@ -201,8 +210,10 @@ mod tests {
                 }
                 hashes.swap_remove(row as usize);
             }
-            if round % 7 == 0 && index.capacity() > 16 && hashes.len() * 8 <= index.capacity() {
-                index.resize((hashes.len() * 2).next_power_of_two().max(16));
+            if round % 7 == 0 {
+                let before = index.capacity();
+                index.shrink(hashes.len());
+                assert!(index.capacity() <= before && hashes.len() * 2 <= index.capacity(), "round {round}: shrunk at most to half full");
             }
             index.check(hashes.len(), |i| hashes[i as usize]);
             for (row, &hash) in hashes.iter().enumerate() {

@@ -455,7 +455,7 @@ impl Schedules {
         self.pass.at = i;
         if i >= self.len {
             self.pass = Pass::default();
-            self.shrink_index();
+            self.slots.shrink(self.len);
         }
         (urgent, evicted)
     }
@@ -471,14 +471,6 @@ impl Schedules {
         // The sampled share to drop, rounded up; at least one.
         let at = ((n - keep) * k).div_ceil(n).clamp(1, k);
         ranks.get(at).copied().unwrap_or(u128::MAX)
-    }
-
-    /// Halves the index while it is at most an eighth full.
-    fn shrink_index(&mut self) {
-        let want = (self.len * 2).next_power_of_two().max(16);
-        if want * 4 <= self.slots.capacity() {
-            self.slots.resize(want);
-        }
     }
 }
 

@@ -291,10 +291,10 @@ impl Engine {
     /// Does up to `budget` rows of the next checkpoint's work per table ahead of it, between
     /// micro-batches: the global tables' prune, and shared among the partitions this worker
     /// holds, the windows' prune, then copying rows written since into the mirrors; and a step of
-    /// the timing schedules' eviction
-    /// (see [`crate::timing::Schedules::evict_step`]: idle ones, and those over the worker's cap). Returns the
-    /// rows [`Engine::checkpoint`] would still copy or judge (its pause grows with them), and
-    /// those an eviction pass over the cap has still to judge. The state is unchanged but for
+    /// the timing schedules' eviction (see [`crate::timing::Schedules::evict_step`]: idle ones,
+    /// and those over the worker's cap). Returns the rows [`Engine::checkpoint`] would still copy
+    /// or judge (its pause grows with them), and those an eviction pass over the cap has still to
+    /// judge. The state is unchanged but for
     /// versions and windows pruned earlier than the checkpoint would (with the watermarks of this
     /// call) and the schedules evicted.
     pub fn checkpoint_step(&mut self, budget: usize) -> usize {

@@ -300,11 +300,7 @@ impl Windows {
             *self = Windows { hasher: self.hasher.clone(), dirty, mirror, ..Windows::default() };
             return;
         }
-        // Shrink the slots once they are mostly empty.
-        let want = (self.len * 2).next_power_of_two().max(16);
-        if want * 4 <= self.slots.capacity() {
-            self.slots.resize(want);
-        }
+        self.slots.shrink(self.len);
     }
 }
 
