@@ -34,8 +34,13 @@ const RATE: u64 = 100_000;
 const DEVICES: usize = 12_500;
 /// Under `cargo test` (no `--bench` argument) a smaller run, as a smoke test.
 const SMOKE_DEVICES: usize = 1_000;
-/// Records per micro-batch (the pipeline's `batch_max_records`).
+/// Records per micro-batch (the pipeline's `batch_max_records`); `MESHGUARD_BENCH_MICRO_BATCH`
+/// sets another, to see what a micro-batch costs apart from its records.
 const MICRO_BATCH: usize = 10_000;
+
+fn micro_batch() -> usize {
+    std::env::var("MESHGUARD_BENCH_MICRO_BATCH").ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(MICRO_BATCH)
+}
 /// Partitions of the messages topic (and of the other keyed topics).
 const PARTITIONS: i32 = 2;
 /// Records between prunes.
@@ -59,7 +64,7 @@ impl Feed {
         let sim = Simulator::new(SimConfig { devices, rate: RATE, malformed_ratio: 0.001, ..SimConfig::default() });
         Self {
             sim,
-            records: Vec::with_capacity(MICRO_BATCH),
+            records: Vec::with_capacity(micro_batch()),
             raw: RawBatch::default(),
             decoders: [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests]
                 .map(BatchDecoder::new),
@@ -78,7 +83,7 @@ impl Feed {
     /// The next micro-batch and its detection time (its last record's event time).
     fn next(&mut self) -> (MicroBatch, i64) {
         self.records.clear();
-        self.sim.next_batch(MICRO_BATCH, &mut self.records);
+        self.sim.next_batch(micro_batch(), &mut self.records);
         self.assemble()
     }
 
@@ -150,7 +155,7 @@ fn bench(c: &mut Criterion) {
     }
 
     let mut g = c.benchmark_group("engine");
-    g.throughput(Throughput::Elements(MICRO_BATCH as u64));
+    g.throughput(Throughput::Elements(micro_batch() as u64));
     g.sample_size(20);
     g.bench_function(format!("process/{devices}_devices"), |b| {
         b.iter_custom(|iters| {
