@@ -345,7 +345,7 @@ pub(crate) fn latency_reader(
     event_ms: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64> + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<Vec<(i64, i64)>>> {
     let consumer: BaseConsumer = kafka
-        .client_config()
+        .consumer_config_with(&[])
         .set("group.id", format!("meshguard-bench-{name}-{}", std::process::id()))
         .set("auto.offset.reset", offset_reset)
         .set("fetch.wait.max.ms", "5")

@@ -42,6 +42,15 @@ fn default_group_id() -> String {
     "meshguard".into()
 }
 
+/// meshguard's defaults for every consumer it creates. librdkafka postpones the next fetch of a
+/// partition whose local queue holds `queued.min.messages` (100,000) records or
+/// `queued.max.messages.kbytes` by `fetch.queue.backoff.ms`, one second by default. A worker that
+/// drains that much in a fraction of a second (catching up on a backlog, reading a large directory
+/// at start) then stood idle for most of a second at a time: in `meshguard bench`'s throughput phase
+/// one run in four or five stalled 0.8 s at half its wall rate (BENCHMARKS.md). 10 ms checks the
+/// queue again soon enough.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 1] = [("fetch.queue.backoff.ms", "10")];
+
 impl KafkaConfig {
     /// A config for `brokers` with defaults for the rest.
     pub fn new(brokers: impl Into<String>) -> Self {
@@ -51,6 +60,14 @@ impl KafkaConfig {
     /// A librdkafka config with the bootstrap servers and the extra properties.
     pub fn client_config(&self) -> ClientConfig {
         self.client_config_with(&[])
+    }
+
+    /// A consumer's librdkafka config: [`CONSUMER_DEFAULTS`], then `defaults` (those of its kind),
+    /// both overridden by the extra properties of [`KafkaConfig::client`]. (Producers take no
+    /// consumer property: librdkafka warns about each one it ignores.)
+    pub fn consumer_config_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        let all: Vec<(&str, &str)> = CONSUMER_DEFAULTS.iter().chain(defaults).copied().collect();
+        self.client_config_with(&all)
     }
 
     /// A librdkafka config with meshguard's `defaults` for one kind of client, which the extra
@@ -167,5 +184,18 @@ mod tests {
         assert_eq!(config.get("fetch.wait.max.ms"), Some("5"));
         assert_eq!(config.get("session.timeout.ms"), Some("10000"));
         assert_eq!(config.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+    }
+
+    /// Consumers get the consumer-wide defaults under their kind's, and the operator's properties
+    /// over both; other clients get none of them.
+    #[test]
+    fn consumers_take_the_consumer_defaults_under_their_kinds_and_the_operators() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9092");
+        let config = kafka.consumer_config_with(&[("fetch.wait.max.ms", "20")]);
+        assert_eq!((config.get("fetch.queue.backoff.ms"), config.get("fetch.wait.max.ms")), (Some("10"), Some("20")));
+        assert_eq!(kafka.consumer_config_with(&[("fetch.queue.backoff.ms", "50")]).get("fetch.queue.backoff.ms"), Some("50"));
+        assert_eq!(kafka.client_config().get("fetch.queue.backoff.ms"), None, "a producer's config takes no consumer property");
+        kafka.client.insert("fetch.queue.backoff.ms".into(), "100".into());
+        assert_eq!(kafka.consumer_config_with(&[("fetch.queue.backoff.ms", "50")]).get("fetch.queue.backoff.ms"), Some("100"));
     }
 }

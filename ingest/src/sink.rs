@@ -271,7 +271,7 @@ impl KafkaSink {
             None => {
                 let c: BaseConsumer = self
                     .kafka
-                    .client_config()
+                    .consumer_config_with(&[])
                     .set("group.id", "meshguard-end-offsets")
                     .set("enable.auto.commit", "false")
                     .create()
@@ -308,7 +308,7 @@ impl KafkaSink {
         let ends = self.end_offsets(topic, timeout)?;
         let consumer: BaseConsumer = self
             .kafka
-            .client_config()
+            .consumer_config_with(&[])
             .set("group.id", "meshguard-readback")
             .set("enable.auto.commit", "false")
             .create()

@@ -375,7 +375,7 @@ pub fn read_to_end(
 /// (librdkafka has one connection per broker and client). On a connection of its own it costs one
 /// round trip.
 pub fn ends_client(kafka: &KafkaConfig, client: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
-    kafka.client_config_with(&[]).set("group.id", client).set("enable.auto.commit", "false").create()
+    kafka.consumer_config_with(&[]).set("group.id", client).set("enable.auto.commit", "false").create()
 }
 
 /// [`read_to_end`] for the assigned partitions of the topics `wanted` accepts only. Records of the
@@ -486,7 +486,7 @@ impl std::fmt::Debug for TopicReader {
 /// `client` names it (`group.id`; nothing is committed), reads start from the earliest offset.
 pub fn reader_consumer(kafka: &KafkaConfig, client: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
     kafka
-        .client_config_with(&[("fetch.wait.max.ms", READER_FETCH_WAIT_MAX_MS)])
+        .consumer_config_with(&[("fetch.wait.max.ms", READER_FETCH_WAIT_MAX_MS)])
         .set("group.id", client)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -567,7 +567,7 @@ impl KafkaSource {
         let events = Arc::new(Mutex::new(Vec::new()));
         let lag = Arc::new(AtomicI64::new(-1));
         let context = GroupContext { topics: topics.clone(), resolver, on_revoke, events: events.clone(), lag: lag.clone() };
-        let mut config = kafka.client_config_with(&GROUP_CONSUMER_DEFAULTS);
+        let mut config = kafka.consumer_config_with(&GROUP_CONSUMER_DEFAULTS);
         if let Some(id) = &kafka.instance_id {
             config.set("group.instance.id", id);
         }
@@ -582,7 +582,7 @@ impl KafkaSource {
             .map_err(Error::kafka("creating the group consumer"))?;
         group.subscribe(&[&topics.messages, &topics.identity_requests]).map_err(Error::kafka("subscribing to the input topics"))?;
         let global: BaseConsumer = kafka
-            .client_config_with(&[("fetch.wait.max.ms", GLOBAL_FETCH_WAIT_MAX_MS)])
+            .consumer_config_with(&[("fetch.wait.max.ms", GLOBAL_FETCH_WAIT_MAX_MS)])
             .set("group.id", format!("{}-global", kafka.group_id))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")

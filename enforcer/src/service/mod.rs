@@ -307,7 +307,7 @@ impl EnforcerService {
         let targets = config.targets.iter().map(|t| targets::build(t, &context)).collect::<Result<Vec<_>>>()?;
         let metrics = EnforcerMetrics::new(registry).map_err(|e| Error::Metrics(e.to_string()))?;
 
-        let mut client = kafka.client_config_with(&meshguard_ingest::source::GROUP_CONSUMER_DEFAULTS);
+        let mut client = kafka.consumer_config_with(&meshguard_ingest::source::GROUP_CONSUMER_DEFAULTS);
         if let Some(id) = &kafka.instance_id {
             // Static membership in the enforcers' own group, apart from the detection worker's id.
             client.set("group.instance.id", format!("{id}-enforcer"));
