@@ -44,7 +44,7 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
 /// stand in for the cluster and are not meshguard's work. The process's own times count every
 /// thread it has had, so threads that end within a phase (the alignment's, one per micro-batch)
 /// count too, and threads that end after a phase began (the publisher's) take nothing back.
-/// (Summing the live threads instead, as the bench did until 2026-11-26, read 5–8 % low.)
+/// (Summing the live threads instead, as the bench did until 2026-11-26, read 3–8 % low.)
 pub(crate) fn meshguard_cpu_seconds() -> f64 {
     let total = cpu_seconds("self").unwrap_or(0.0);
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return total };

@@ -403,10 +403,11 @@ fn the_bench_harness_measures_throughput_and_latency() {
     assert_eq!(tp["records_read"], report["events_published"], "{report}");
     assert!(report["events_published"].as_u64().unwrap() > 5000, "the directory's bootstrap and 5,000 events: {report}");
     assert!(tp["findings"].as_u64().unwrap() > 0 && tp["events_per_cpu_second"].as_f64().unwrap() > 0.0, "{report}");
-    // The steady part: the records after the first tenth, within the whole phase.
+    // The steady part: the records after the first tenth (none, when one micro-batch took them
+    // all), within the whole phase.
     let steady = &tp["steady"];
     let (steady_read, read) = (steady["records_read"].as_u64().unwrap(), tp["records_read"].as_u64().unwrap());
-    assert!(0 < steady_read && steady_read < read, "{report}");
+    assert!(steady_read <= read - read / 10, "{report}");
     assert!(steady["wall_seconds"].as_f64().unwrap() <= tp["wall_seconds"].as_f64().unwrap(), "{report}");
     let lat = &report["latency"];
     assert!(lat["findings"].as_u64().unwrap() > 0, "{report}");
