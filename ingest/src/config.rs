@@ -47,7 +47,7 @@ fn default_group_id() -> String {
 /// `queued.max.messages.kbytes` by `fetch.queue.backoff.ms`, one second by default. A worker that
 /// drains that much in a fraction of a second (catching up on a backlog, reading a large directory
 /// at start) then stood idle for most of a second at a time: in `meshguard bench`'s throughput phase
-/// one run in four or five stalled 0.8 s at half its wall rate (BENCHMARKS.md). 10 ms checks the
+/// about one run in five stalled 0.8 s, at half its wall rate (BENCHMARKS.md). 10 ms checks the
 /// queue again soon enough.
 pub const CONSUMER_DEFAULTS: [(&str, &str); 1] = [("fetch.queue.backoff.ms", "10")];
 
