@@ -161,12 +161,11 @@ pub(crate) fn run_pipeline_until(
                 steady_start = Some((read, meshguard_cpu_seconds() - own_thread_cpu_seconds(), Instant::now()));
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
-                let consumed = watcher_stats.records.load(Ordering::Relaxed);
                 // The latency phase runs until it is stopped, with no record count to reach.
                 if target == u64::MAX {
-                    eprintln!("meshguard bench: consumed {consumed} records");
+                    eprintln!("meshguard bench: consumed {read} records");
                 } else {
-                    eprintln!("meshguard bench: consumed {consumed} of {target} records");
+                    eprintln!("meshguard bench: consumed {read} of {target} records");
                 }
                 last_report = Instant::now();
             }

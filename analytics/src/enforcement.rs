@@ -228,8 +228,10 @@ impl Default for Offender {
 /// checkpoints holding a copy: a checkpoint's copy is a pointer per offender, and an offender
 /// changed while a checkpoint holds it is copied then ([`Offenders::entry`],
 /// [`Offenders::get_mut`]). Serialized as a map of offenders.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Offenders {
+    #[serde(with = "crate::tables::shared_values")]
     map: crate::tables::FastMap<Uuid, Arc<Offender>>,
 }
 
@@ -278,19 +280,6 @@ impl Offenders {
 impl FromIterator<(Uuid, Offender)> for Offenders {
     fn from_iter<I: IntoIterator<Item = (Uuid, Offender)>>(iter: I) -> Self {
         Self { map: iter.into_iter().map(|(k, o)| (k, Arc::new(o))).collect() }
-    }
-}
-
-impl Serialize for Offenders {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.iter())
-    }
-}
-
-impl<'de> Deserialize<'de> for Offenders {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let plain = crate::tables::FastMap::<Uuid, Offender>::deserialize(d)?;
-        Ok(plain.into_iter().collect())
     }
 }
 

@@ -13,6 +13,33 @@ use serde::{Deserialize, Serialize};
 /// attacker chooses (the `from` of attempts) cannot be crafted into long probe sequences.
 pub(crate) type FastMap<K, V> = hashbrown::HashMap<K, V>;
 
+/// A map whose values are shared (`Arc`) with copies of it (a checkpoint's) written as the map of
+/// its values, and read back so (`#[serde(with = "crate::tables::shared_values")]`): the wire
+/// format is the plain map's. (serde's own `Arc` support is a feature that would rebuild every
+/// crate using serde.)
+pub(crate) mod shared_values {
+    use std::hash::Hash;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::FastMap;
+
+    pub(crate) fn serialize<K: Serialize, V: Serialize, S: Serializer>(map: &FastMap<K, Arc<V>>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(map.iter().map(|(k, v)| (k, &**v)))
+    }
+
+    pub(crate) fn deserialize<'de, K, V, D>(d: D) -> Result<FastMap<K, Arc<V>>, D::Error>
+    where
+        K: Deserialize<'de> + Hash + Eq,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        let plain = FastMap::<K, V>::deserialize(d)?;
+        Ok(plain.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+}
+
 /// A table of `K → V` where every value has the event time from which it holds.
 #[derive(Debug, Clone)]
 pub struct VersionedTable<K, V> {

@@ -51,6 +51,8 @@ const MEASURED: usize = 1_000_000;
 /// Simulated traffic, turned into the engine's micro-batches.
 struct Feed {
     sim: Simulator,
+    /// Records per micro-batch ([`micro_batch`]).
+    micro_batch: usize,
     records: Vec<SimRecord>,
     raw: RawBatch,
     decoders: [BatchDecoder; 4],
@@ -62,9 +64,11 @@ struct Feed {
 impl Feed {
     fn new(devices: usize) -> Self {
         let sim = Simulator::new(SimConfig { devices, rate: RATE, malformed_ratio: 0.001, ..SimConfig::default() });
+        let micro_batch = micro_batch();
         Self {
             sim,
-            records: Vec::with_capacity(micro_batch()),
+            micro_batch,
+            records: Vec::with_capacity(micro_batch),
             raw: RawBatch::default(),
             decoders: [InputTopic::Messages, InputTopic::Presence, InputTopic::Interactions, InputTopic::IdentityRequests]
                 .map(BatchDecoder::new),
@@ -83,7 +87,7 @@ impl Feed {
     /// The next micro-batch and its detection time (its last record's event time).
     fn next(&mut self) -> (MicroBatch, i64) {
         self.records.clear();
-        self.sim.next_batch(micro_batch(), &mut self.records);
+        self.sim.next_batch(self.micro_batch, &mut self.records);
         self.assemble()
     }
 
@@ -155,7 +159,7 @@ fn bench(c: &mut Criterion) {
     }
 
     let mut g = c.benchmark_group("engine");
-    g.throughput(Throughput::Elements(micro_batch() as u64));
+    g.throughput(Throughput::Elements(feed.micro_batch as u64));
     g.sample_size(20);
     g.bench_function(format!("process/{devices}_devices"), |b| {
         b.iter_custom(|iters| {

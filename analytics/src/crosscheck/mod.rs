@@ -99,7 +99,7 @@ pub struct Entry {
 /// Serialized as the tables themselves.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InteractionStore {
-    #[serde(with = "shared_tables")]
+    #[serde(with = "crate::tables::shared_values")]
     tables: FastMap<Uuid, Arc<Vec<Entry>>>,
     /// Newest entry time seen, for retention.
     newest: i64,
@@ -107,27 +107,6 @@ pub struct InteractionStore {
     progress: FastMap<i32, i64>,
     /// Partitions of the interactions topic (0: unknown, count the ones seen).
     partitions: u32,
-}
-
-/// [`InteractionStore`]'s tables written as a map of plain tables (serde's own `Arc` support is a
-/// feature that would rebuild every crate using serde).
-mod shared_tables {
-    use std::sync::Arc;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-    use uuid::Uuid;
-
-    use super::Entry;
-    use crate::tables::FastMap;
-
-    pub(super) fn serialize<S: Serializer>(tables: &FastMap<Uuid, Arc<Vec<Entry>>>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(tables.iter().map(|(k, v)| (k, v.as_slice())))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FastMap<Uuid, Arc<Vec<Entry>>>, D::Error> {
-        let plain = FastMap::<Uuid, Vec<Entry>>::deserialize(d)?;
-        Ok(plain.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
-    }
 }
 
 /// An identity request read but not answered yet: requests are held until the interactions topic

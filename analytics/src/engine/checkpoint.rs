@@ -294,9 +294,8 @@ impl Engine {
     /// the timing schedules' eviction (see [`crate::timing::Schedules::evict_step`]: idle ones,
     /// and those over the worker's cap). Returns the rows [`Engine::checkpoint`] would still copy
     /// or judge (its pause grows with them), and those an eviction pass over the cap has still to
-    /// judge. The state is unchanged but for
-    /// versions and windows pruned earlier than the checkpoint would (with the watermarks of this
-    /// call) and the schedules evicted.
+    /// judge. The state is unchanged but for versions and windows pruned earlier than the
+    /// checkpoint would (with the watermarks of this call) and the schedules evicted.
     pub fn checkpoint_step(&mut self, budget: usize) -> usize {
         let lateness = self.cfg.allowed_lateness_ms;
         let timing = &self.cfg.timing;
