@@ -323,18 +323,38 @@ fn latency_phase(base: &Config, kafka: &KafkaConfig, args: &BenchArgs) -> anyhow
     let _ = pipeline.join();
     let samples = reader.join().map_err(|_| anyhow::anyhow!("latency reader panicked"))?;
     log_by_second(&samples);
-    let lat: Vec<i64> = samples.iter().map(|(_, latency)| *latency).collect();
-    let mut out = json!({ "rate": args.latency_rate, "seconds": args.latency_seconds, "findings": lat.len() });
+    let lat: Vec<i64> = samples.iter().map(|s| s.latency).collect();
+    let mut out = json!({
+        "rate": args.latency_rate,
+        "seconds": args.latency_seconds,
+        "findings": lat.len(),
+        // The split at the finding's Kafka timestamp (meshguard's producer stamps it when the
+        // pipeline hands the finding over): the attempt's way in and through the pipeline, then
+        // the finding's own hop through the broker to the reader.
+        "to_produced": percentiles(samples.iter().map(|s| s.produced - s.at).collect()),
+        "findings_hop": percentiles(samples.iter().map(|s| s.at + s.latency - s.produced).collect()),
+    });
     if let (Some(out), serde_json::Value::Object(pcts)) = (out.as_object_mut(), percentiles(lat)) {
         out.extend(pcts);
     }
     Ok(out)
 }
 
+/// One record read by [`latency_reader`], in Unix milliseconds of this machine's clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    /// The event time the reader's function picked from the record.
+    pub at: i64,
+    /// From `at` to the record's arrival at the reader.
+    pub latency: i64,
+    /// The record's Kafka timestamp (its producer's clock when produced; `at` when it has none).
+    pub produced: i64,
+}
+
 /// A thread reading every partition of `topic` from `offset_reset` (`latest`: where it ends when
 /// this is called; `earliest`) until `stop`, as a
 /// consumer that fetches eagerly (`fetch.wait.max.ms=5`): for every record `event_ms` picks, that
-/// event time and the milliseconds from it to the record's arrival here.
+/// event time, the milliseconds from it to the record's arrival here and the record's timestamp.
 pub(crate) fn latency_reader(
     kafka: &KafkaConfig,
     name: &str,
@@ -342,7 +362,7 @@ pub(crate) fn latency_reader(
     offset_reset: &str,
     stop: Arc<AtomicBool>,
     event_ms: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64> + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<Vec<(i64, i64)>>> {
+) -> anyhow::Result<std::thread::JoinHandle<Vec<Sample>>> {
     let consumer: BaseConsumer = kafka
         .consumer_config_with(&[])
         .set("group.id", format!("meshguard-bench-{name}-{}", std::process::id()))
@@ -371,7 +391,7 @@ pub(crate) fn latency_reader(
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                 let now = chrono::Utc::now().timestamp_millis();
                 if let Some(at) = event_ms(&m) {
-                    latencies.push((at, now - at));
+                    latencies.push(Sample { at, latency: now - at, produced: m.timestamp().to_millis().unwrap_or(at) });
                 }
             }
         }
@@ -381,14 +401,14 @@ pub(crate) fn latency_reader(
 
 /// Logs (at debug level) the latencies of each second of event time: where a tail comes from (a
 /// checkpoint every `pipeline.checkpoint_interval_ms`, the start) shows as the seconds it is in.
-fn log_by_second(samples: &[(i64, i64)]) {
+fn log_by_second(samples: &[Sample]) {
     if !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
-    let Some(first) = samples.iter().map(|(at, _)| *at).min() else { return };
+    let Some(first) = samples.iter().map(|s| s.at).min() else { return };
     let mut seconds: std::collections::BTreeMap<i64, Vec<i64>> = std::collections::BTreeMap::new();
-    for (at, latency) in samples {
-        seconds.entry((at - first) / 1000).or_default().push(*latency);
+    for s in samples {
+        seconds.entry((s.at - first) / 1000).or_default().push(s.latency);
     }
     for (second, latencies) in seconds {
         let findings = latencies.len();

@@ -284,7 +284,7 @@ fn latency_phase(
     let _ = enforcer_stop_tx.send(());
     runtime.block_on(enforcer).map_err(|_| anyhow::anyhow!("the enforcer task panicked"))??;
     let _ = pipeline.join();
-    let latencies = |samples: Vec<(i64, i64)>| samples.into_iter().map(|(_, latency)| latency).collect::<Vec<i64>>();
+    let latencies = |samples: Vec<crate::bench::Sample>| samples.into_iter().map(|s| s.latency).collect::<Vec<i64>>();
     let on_kafka = latencies(reader.join().map_err(|_| anyhow::anyhow!("the enforcement reader panicked"))?);
     let hops = latencies(hop_reader.join().map_err(|_| anyhow::anyhow!("the messages reader panicked"))?);
     let applied: Vec<i64> = arrivals.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, since, at)| at - since).collect();

@@ -531,6 +531,7 @@ impl Pipeline {
         while !stop.load(Ordering::Relaxed) {
             raw.clear();
             self.source.poll(&mut raw, max_records, max_wait, linger);
+            let polled = Instant::now();
 
             self.apply_rebalance();
             // Manual overrides, in the control topic's order, before the batch is judged; only
@@ -598,6 +599,20 @@ impl Pipeline {
                 self.handle(&raw, Some(attempts))?;
             } else if !raw.is_empty() || held {
                 self.handle(&raw, None)?;
+            }
+            if tracing::enabled!(tracing::Level::TRACE) && !raw.topic(InputTopic::Messages).is_empty() {
+                // How long the batch's attempts had been on the broker when the poll ended (their
+                // Kafka timestamps), and how long judging them took after it.
+                let stamps = &raw.topic(InputTopic::Messages).timestamp_ms;
+                let polled_ms = chrono::Utc::now().timestamp_millis() - polled.elapsed().as_millis() as i64;
+                let (oldest, newest) = (stamps.iter().min().copied().unwrap_or(0), stamps.iter().max().copied().unwrap_or(0));
+                tracing::trace!(
+                    message = "Micro-batch judged.",
+                    attempts = stamps.len(),
+                    oldest_age_ms = polled_ms - oldest,
+                    newest_age_ms = polled_ms - newest,
+                    ms = polled.elapsed().as_millis() as u64
+                );
             }
             // A model trained in the background takes over between micro-batches.
             if let Some(model) = self.trainer.as_ref().and_then(crate::train::Trainer::poll) {
