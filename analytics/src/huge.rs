@@ -19,6 +19,16 @@ const _: () = assert!(cfg!(target_endian = "little"), "checkpoints write plain v
 /// pages).
 const HUGE: usize = 2 << 20;
 
+/// The length a table's first chunk, which grows as a `Vec` would up to a chunk of `full` values,
+/// takes to hold `needed` values: the next power of two (at least twice `len`, at least 16) while
+/// that fits on the heap, and `full` as soon as it would be mapped. A mapping's pages cost nothing
+/// until they are touched, so the doublings between the heap and `full` would only copy the values
+/// again, each time into freshly zeroed pages.
+pub(crate) fn grown_len<T>(len: usize, needed: usize, full: usize) -> usize {
+    let doubled = needed.next_power_of_two().max(len * 2).max(16);
+    if doubled.saturating_mul(size_of::<T>()) >= HUGE { full } else { doubled.min(full) }
+}
+
 /// A fixed-length zeroed array of `T`.
 pub(crate) struct HugeArray<T> {
     inner: Inner<T>,
@@ -318,5 +328,23 @@ impl<M> Default for MirrorSlot<M> {
 impl<M> Clone for MirrorSlot<M> {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grown_len;
+
+    #[test]
+    fn a_first_chunk_doubles_on_the_heap_and_takes_its_full_size_once_mapped() {
+        // 64-byte values: 32,768 of them are 2 MiB, the size from which arrays are mapped.
+        type V = [u64; 8];
+        let full = 1 << 20;
+        assert_eq!(grown_len::<V>(0, 1, full), 16);
+        assert_eq!(grown_len::<V>(16, 17, full), 32);
+        assert_eq!(grown_len::<V>(16, 100, full), 128, "at least what is needed");
+        assert_eq!(grown_len::<V>(8192, 8193, full), 16_384, "1 MiB: still on the heap");
+        assert_eq!(grown_len::<V>(16_384, 16_385, full), full, "2 MiB would be mapped: the whole chunk at once");
+        assert_eq!(grown_len::<V>(16, 17, 20), 20, "never past the chunk");
     }
 }

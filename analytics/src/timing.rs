@@ -30,7 +30,7 @@ use polars_utils::mem::prefetch::prefetch_l2;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::huge::{DirtyRows, HugeArray, HugeVec, MirrorSlot, fresh_epoch};
+use crate::huge::{DirtyRows, HugeArray, HugeVec, MirrorSlot, fresh_epoch, grown_len};
 use crate::slot_index::SlotIndex;
 
 /// Timing-anomaly settings (`[timing]` in the configuration file).
@@ -377,8 +377,8 @@ impl Schedules {
         if chunk == self.chunks.len() {
             self.chunks.push(HugeArray::zeroed(if chunk == 0 { 16 } else { ROWS_PER_CHUNK }));
         } else if self.chunks[chunk].len() <= i & (ROWS_PER_CHUNK - 1) {
-            // The first chunk, full below a chunk's size: grows as a `Vec` would.
-            let grown = (self.chunks[chunk].len() * 2).min(ROWS_PER_CHUNK);
+            // The first chunk, full below a chunk's size: grows as a `Vec` would, until mapped.
+            let grown = grown_len::<Slot>(self.chunks[chunk].len(), i + 1, ROWS_PER_CHUNK);
             let mut bigger = HugeArray::zeroed(grown);
             bigger[..self.chunks[chunk].len()].copy_from_slice(&self.chunks[chunk]);
             self.chunks[chunk] = bigger;
@@ -688,14 +688,15 @@ impl SchedulesMirror {
             && first.len() < ROWS_PER_CHUNK
             && (last > 0 || first.len() < n)
         {
-            // The first chunk, smaller than a chunk while the table is: grows as a `Vec` would.
-            let size = if last > 0 { ROWS_PER_CHUNK } else { n.next_power_of_two().max(first.len() * 2).min(ROWS_PER_CHUNK) };
+            // The first chunk, smaller than a chunk while the table is: grows as a `Vec` would,
+            // until mapped.
+            let size = if last > 0 { ROWS_PER_CHUNK } else { grown_len::<Slot>(first.len(), n, ROWS_PER_CHUNK) };
             let mut bigger = HugeArray::zeroed(size);
             bigger[..first.len()].copy_from_slice(first);
             *first = bigger;
         }
         while self.chunks.len() <= last {
-            let size = if self.chunks.is_empty() && last == 0 { n.next_power_of_two().max(16) } else { ROWS_PER_CHUNK };
+            let size = if self.chunks.is_empty() && last == 0 { grown_len::<Slot>(0, n, ROWS_PER_CHUNK) } else { ROWS_PER_CHUNK };
             self.chunks.push(HugeArray::zeroed(size));
         }
     }
@@ -1124,6 +1125,23 @@ mod tests {
         let back: Schedules = postcard::from_bytes(&postcard::to_allocvec(&c).unwrap()).unwrap();
         assert_eq!(back.len(), s.len());
         assert!(back.iter().zip(s.iter()).all(|(a, b)| a.0 == b.0 && a.1 == b.1));
+    }
+
+    #[test]
+    fn the_first_chunk_doubles_on_the_heap_then_takes_a_whole_chunk_at_once() {
+        assert_eq!(size_of::<Slot>(), 176);
+        let mut s = Schedules::default();
+        let mut lens: Vec<usize> = Vec::new();
+        for i in 0..ROWS_PER_CHUNK as u128 / 4 {
+            s.get_or_default(&(Uuid::from_u128(i + 1), Uuid::nil())).add(MONDAY);
+            if lens.last() != Some(&s.chunks[0].len()) {
+                lens.push(s.chunks[0].len());
+            }
+        }
+        // 8,192 rows are 1.4 MiB, on the heap; 16,384 would be mapped, so the whole chunk is.
+        let expected: Vec<usize> = (4..=13).map(|b| 1 << b).chain([ROWS_PER_CHUNK]).collect();
+        assert_eq!(lens, expected);
+        assert!((0..ROWS_PER_CHUNK as u128 / 4).all(|i| s.get(&(Uuid::from_u128(i + 1), Uuid::nil())).is_some_and(|x| x.attempts() == 1)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::snapshot::{Head, WindowsMirror, WindowsSnapshot};
 use super::{INLINE, Rule, Spills, Window, WindowKey, WindowRef};
-use crate::huge::{DirtyRows, HugeArray, MirrorSlot, fresh_epoch};
+use crate::huge::{DirtyRows, HugeArray, MirrorSlot, fresh_epoch, grown_len};
 use crate::slot_index::SlotIndex;
 
 /// Entries per slab chunk: 6 MiB, three huge pages. A chunk is allocated whole (but the first,
@@ -193,8 +193,8 @@ impl Windows {
         if chunk == self.chunks.len() {
             self.chunks.push(HugeArray::zeroed(if chunk == 0 { 16 } else { CHUNK }));
         } else if self.chunks[chunk].len() <= i as usize & (CHUNK - 1) {
-            // The first chunk, full below `CHUNK`: grows as a `Vec` would.
-            let grown = (self.chunks[chunk].len() * 2).min(CHUNK);
+            // The first chunk, full below `CHUNK`: grows as a `Vec` would, until mapped.
+            let grown = grown_len::<Entry>(self.chunks[chunk].len(), i as usize + 1, CHUNK);
             let mut bigger = HugeArray::zeroed(grown);
             bigger[..self.chunks[chunk].len()].copy_from_slice(&self.chunks[chunk]);
             self.chunks[chunk] = bigger;
