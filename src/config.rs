@@ -363,6 +363,16 @@ mod tests {
         assert!(err.contains("batch_max_records") && err.contains("many"), "{err}");
     }
 
+    /// The benchmark's first-detection scope turns off exactly the switchable later stages.
+    #[test]
+    fn the_first_detection_bench_configuration_turns_off_the_later_stages_only() {
+        let cfg = Config::load(Some(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-first-detection.toml")))).unwrap();
+        assert!(!cfg.timing.enabled && !cfg.enforcement.enabled && !cfg.archive.enabled);
+        let mut back = cfg.clone();
+        (back.timing.enabled, back.enforcement.enabled, back.archive.enabled) = (true, true, true);
+        assert_eq!(format!("{back:?}"), format!("{:?}", Config::load(None).unwrap()), "everything else at its default");
+    }
+
     /// The configuration reference in the README is a file meshguard accepts, with the defaults.
     #[test]
     fn the_readme_configuration_reference_loads_and_matches_the_defaults() {
