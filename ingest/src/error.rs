@@ -33,6 +33,14 @@ pub enum Error {
         /// The last error seen.
         last_error: String,
     },
+    /// A thread could not be started.
+    #[error("starting {what}: {cause}")]
+    Thread {
+        /// The thread's job.
+        what: &'static str,
+        /// The operating system's error.
+        cause: std::io::Error,
+    },
     /// Something did not happen within its time limit.
     #[error("timed out after {after_ms} ms: {what}")]
     Timeout {

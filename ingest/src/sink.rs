@@ -8,15 +8,16 @@
 //! that was lost, and the pipeline does not stop for the broker's acknowledgements.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 
 use crate::config::KafkaConfig;
 use crate::error::{Error, Result};
@@ -70,6 +71,59 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// A producer whose delivery reports a thread of its own serves, as rdkafka's `ThreadedProducer`
+/// does, but without spinning. rdkafka's `BaseProducer::poll` hands librdkafka what is left of
+/// its timeout in whole milliseconds, rounded down, and polls again without waiting until the
+/// rest has passed: `ThreadedProducer`'s thread, polling 100 ms at a time, spun for most of a
+/// millisecond every time, about 1 % of a core per producer even when idle. Here each poll's
+/// timeout is whole milliseconds plus [`POLL_SLACK`], so what is left once librdkafka returns is
+/// at most that slack.
+struct PolledProducer<C: ProducerContext + 'static> {
+    producer: Arc<BaseProducer<C>>,
+    stop: Arc<AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Each poll of the producer's thread: librdkafka waits the whole milliseconds; the rest is the
+/// most the poll can spin, a few times per [`POLL_MS`].
+const POLL_MS: u64 = 100;
+const POLL_SLACK: Duration = Duration::from_micros(50);
+
+impl<C: ProducerContext + 'static> PolledProducer<C> {
+    fn new(producer: BaseProducer<C>) -> Result<Self> {
+        let producer = Arc::new(producer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (producer.clone(), stop.clone());
+        let poller = std::thread::Builder::new()
+            .name("meshguard-producer".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    p.poll(Duration::from_millis(POLL_MS) + POLL_SLACK);
+                }
+            })
+            .map_err(|cause| Error::Thread { what: "the producer's thread", cause })?;
+        Ok(Self { producer, stop, poller: Some(poller) })
+    }
+}
+
+impl<C: ProducerContext + 'static> std::ops::Deref for PolledProducer<C> {
+    type Target = BaseProducer<C>;
+    fn deref(&self) -> &BaseProducer<C> {
+        &self.producer
+    }
+}
+
+impl<C: ProducerContext + 'static> Drop for PolledProducer<C> {
+    /// Stops the thread (within one poll) before the producer goes, which flushes what is queued
+    /// (at most 500 ms) and serves the last reports on the dropping thread.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+    }
+}
+
 /// Wakes the flushers when dropped, after the delivery is counted.
 struct Wake<'a>(&'a Condvar);
 
@@ -97,7 +151,7 @@ pub struct Cut {
 
 /// The output side of a worker. See the module docs.
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryContext>,
+    producer: PolledProducer<DeliveryContext>,
     kafka: KafkaConfig,
     /// A consumer for end-offset queries (created on first use) and the partitions of each topic
     /// asked about (from metadata, once).
@@ -137,6 +191,7 @@ impl KafkaSink {
             .client_config_with(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", linger), ("message.timeout.ms", "30000")])
             .create_with_context(DeliveryContext { tracked, ..DeliveryContext::default() })
             .map_err(Error::kafka("creating the producer"))?;
+        let producer = PolledProducer::new(producer)?;
         Ok(Self { producer, kafka: kafka.clone(), offsets: OnceLock::new(), partitions: Mutex::default(), epoch: AtomicUsize::new(0) })
     }
 
@@ -228,8 +283,8 @@ impl KafkaSink {
 
     /// Waits until `done` holds, re-checking it after each delivery report, at most `timeout`;
     /// whether it holds. The producer's own thread serves the reports and wakes this wait, so it
-    /// returns within a millisecond of the report it waits for (rdkafka's `flush` on a
-    /// `ThreadedProducer` competes with that thread for the reports and wakes only every 100 ms).
+    /// returns within a millisecond of the report it waits for (rdkafka's `flush` competes with
+    /// that thread for the reports and wakes only every 100 ms).
     fn wait_reports(&self, timeout: Duration, done: impl Fn() -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let context = self.producer.context();

@@ -461,6 +461,14 @@ fn read_topics_to_end(
     }
 }
 
+/// `wait` rounded up to whole milliseconds, for a consumer's poll. rdkafka hands librdkafka the
+/// wait in whole milliseconds, rounded down, and polls again without waiting until the rest of it
+/// has passed: with a fraction of a millisecond left, the poll's thread spins (the idle pipeline's
+/// thread spent 2 % of a core that way; rdkafka's producers do the same, see `sink::PolledProducer`).
+pub(crate) fn whole_millis(wait: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
 /// How long [`read_topics_to_end`] waits for a record before it reads the consumer's positions
 /// again.
 const REFRESH_AFTER: Duration = Duration::from_millis(10);
@@ -696,7 +704,7 @@ impl KafkaSource {
                 }
                 Some(Err(e)) => warn!(message = "Consumer error.", error = %e),
                 None if wait.is_zero() => {
-                    wait = deadline.saturating_duration_since(Instant::now());
+                    wait = whole_millis(deadline.saturating_duration_since(Instant::now()));
                     if wait.is_zero() {
                         break;
                     }
@@ -736,6 +744,22 @@ impl KafkaSource {
     /// reading it costs nothing; `None` until the first statistics arrive (within 5 s of polling).
     pub fn lag(&self) -> Option<i64> {
         Some(self.lag.load(Ordering::Relaxed)).filter(|l| *l >= 0)
+    }
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use std::time::Duration;
+
+    use super::whole_millis;
+
+    #[test]
+    fn consumer_waits_are_whole_milliseconds_rounded_up() {
+        assert_eq!(whole_millis(Duration::ZERO), Duration::ZERO);
+        assert_eq!(whole_millis(Duration::from_micros(1)), Duration::from_millis(1));
+        assert_eq!(whole_millis(Duration::from_micros(49_001)), Duration::from_millis(50));
+        assert_eq!(whole_millis(Duration::from_millis(50)), Duration::from_millis(50));
+        assert_eq!(whole_millis(Duration::from_nanos(50_000_001)), Duration::from_millis(51));
     }
 }
 

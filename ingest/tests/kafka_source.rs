@@ -130,3 +130,69 @@ async fn the_records_sent_before_a_cut_are_on_the_broker_when_its_wait_returns()
     let on_broker: i64 = sink.end_offsets("findings", Duration::from_secs(30)).unwrap().iter().map(|(_, end)| end).sum();
     assert_eq!(on_broker, 100);
 }
+
+/// Nanoseconds the calling thread has been on a CPU.
+fn thread_cpu_ns() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Nanoseconds on a CPU of this process's threads named `name` (as the kernel keeps it: 15 bytes),
+/// and how many there are.
+fn named_threads_cpu_ns(name: &str) -> (u64, usize) {
+    let (mut ns, mut n) = (0, 0);
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap();
+            ns += stat.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+            n += 1;
+        }
+    }
+    (ns, n)
+}
+
+/// An idle worker's poll waits for records instead of spinning. rdkafka hands librdkafka a poll's
+/// wait in whole milliseconds, rounded down, and polls without waiting until the rest has passed:
+/// waits of a fraction over a whole millisecond spun for up to a millisecond each, 20 ms a second
+/// at the idle loop's 50 ms turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_poll_waits_without_spinning() {
+    let broker = Broker::start().unwrap();
+    let topics = Topics::default();
+    create_topics(&broker.bootstrap(), &[(topics.messages.as_str(), 1, false), (topics.input(InputTopic::IdentityRequests), 1, false)])
+        .await
+        .unwrap();
+    let kafka = KafkaConfig::new(broker.bootstrap());
+    let source = KafkaSource::new(&kafka, topics, Arc::new(|_, _| None), Arc::new(|| {})).unwrap();
+    let mut raw = RawBatch::default();
+    // The group's join first, then a second of idle turns (the second is what is measured).
+    source.poll(&mut raw, 100, Duration::from_millis(500), Duration::ZERO);
+    let (before, started) = (thread_cpu_ns(), std::time::Instant::now());
+    let mut turns = 0;
+    while started.elapsed() < Duration::from_secs(1) {
+        raw.clear();
+        source.poll(&mut raw, 100, Duration::from_millis(50), Duration::ZERO);
+        turns += 1;
+    }
+    let used = thread_cpu_ns() - before;
+    assert!(raw.is_empty() && turns >= 10, "idle turns of about 50 ms: {turns}");
+    assert!(used < 5_000_000, "{used} ns of CPU in {turns} idle turns");
+}
+
+/// The sink's delivery reports are served by a thread that waits for them: rdkafka's
+/// `ThreadedProducer`, polling 100 ms at a time, spun for most of a millisecond in each (its poll
+/// rounds what is left of a timeout down to whole milliseconds), about 10 ms a second idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sinks_thread_waits_without_spinning() {
+    let broker = Broker::start().unwrap();
+    create_topics(&broker.bootstrap(), &[("findings", 1, false)]).await.unwrap();
+    let sink = meshguard_ingest::KafkaSink::new(&KafkaConfig::new(broker.bootstrap())).unwrap();
+    sink.send("findings", b"k", b"{}").unwrap();
+    sink.flush(Duration::from_secs(30)).unwrap();
+    let (before, threads) = named_threads_cpu_ns("meshguard-produ");
+    assert_eq!(threads, 1, "the sink's own thread serves its reports");
+    // The idle second being measured.
+    std::thread::sleep(Duration::from_secs(1));
+    let used = named_threads_cpu_ns("meshguard-produ").0 - before;
+    assert!(used < 3_000_000, "{used} ns of CPU in an idle second");
+}
