@@ -8,8 +8,7 @@
 //! that was lost, and the pipeline does not stop for the broker's acknowledgements.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -77,16 +76,19 @@ impl ProducerContext for DeliveryContext {
 /// rest has passed: `ThreadedProducer`'s thread, polling 100 ms at a time, spun for most of a
 /// millisecond every time, about 1 % of a core per producer even when idle. Here each poll's
 /// timeout is whole milliseconds plus [`POLL_SLACK`], so what is left once librdkafka returns is
-/// at most that slack.
+/// at most that slack. (A poll that served a report in between still ends on up to a millisecond
+/// of spinning: rdkafka's loop recomputes the wait from its deadline. That is once per poll at
+/// most, under traffic only.)
 struct PolledProducer<C: ProducerContext + 'static> {
     producer: Arc<BaseProducer<C>>,
     stop: Arc<AtomicBool>,
     poller: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Each poll of the producer's thread: librdkafka waits the whole milliseconds; the rest is the
-/// most the poll can spin, a few times per [`POLL_MS`].
+/// Whole milliseconds of each poll of the producer's thread, which librdkafka waits.
 const POLL_MS: u64 = 100;
+/// Added to [`POLL_MS`] so that the deadline rdkafka sets at the poll's start is still ahead of
+/// the whole milliseconds when it converts the timeout: the most a poll can spin at its end.
 const POLL_SLACK: Duration = Duration::from_micros(50);
 
 impl<C: ProducerContext + 'static> PolledProducer<C> {

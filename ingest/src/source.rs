@@ -464,7 +464,7 @@ fn read_topics_to_end(
 /// `wait` rounded up to whole milliseconds, for a consumer's poll. rdkafka hands librdkafka the
 /// wait in whole milliseconds, rounded down, and polls again without waiting until the rest of it
 /// has passed: with a fraction of a millisecond left, the poll's thread spins (the idle pipeline's
-/// thread spent 2 % of a core that way; rdkafka's producers do the same, see `sink::PolledProducer`).
+/// thread spent about 2 % of a core that way; rdkafka's producers do the same, see `sink::PolledProducer`).
 pub(crate) fn whole_millis(wait: Duration) -> Duration {
     Duration::from_millis(u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX))
 }

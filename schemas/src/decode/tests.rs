@@ -227,3 +227,22 @@ mod props {
         }
     }
 }
+
+/// A record with a `null` route item and no `to` breaks two rules; the route item is the one
+/// reported (the record's type check comes before the required fields), whether the record is read
+/// on the fast path or checked because a neighbour in its chunk is not ordinary (found by the
+/// differential test).
+#[test]
+fn a_null_route_item_is_reported_before_a_missing_to_on_either_path() {
+    let bad = SEND.replace(r#","to":"c4d5e6f7-1a2b-4c3d-8e9f-0a1b2c3d4e5f""#, r#","route":[null]"#);
+    // An escaped key: well-formed, but not read by the fast path, so what follows it is checked.
+    let unusual = SEND.replace(r#""id""#, r#""i\u0064""#);
+    for records in [vec![SEND, bad.as_str(), SEND], vec![unusual.as_str(), bad.as_str(), SEND]] {
+        let records: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        let out = decode(InputTopic::Messages, &records);
+        assert_eq!(out.rejected.len(), 1, "{:?}", out.rejected);
+        let e = &out.rejected[0];
+        assert_eq!((e.index, e.field.as_deref(), e.found.as_str()), (1, Some("route[0]"), "null"), "{e:?}");
+        assert_eq!(out.source, vec![0, 2]);
+    }
+}
