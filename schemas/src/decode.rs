@@ -641,20 +641,6 @@ impl Canonical {
         use direct::Val;
         let bad = &mut self.bad;
         let src_index = src as usize;
-        // A `null` item of a list is the one type error this path reads (arrow-json reads it as
-        // a null element). The record's own check, which ordinary records skip, reports it before
-        // anything else ([`BatchDecoder::check_record`]), and so must this path: a record's error
-        // may not depend on the path its neighbours send it down.
-        if staging.items.iter().any(Option::is_none) {
-            for (k, spec) in self.fields.iter().enumerate() {
-                if let Val::List(start, stop) = staging.vals[k]
-                    && let Some(j) = staging.items[start as usize..stop as usize].iter().position(Option::is_none)
-                {
-                    bad.set(row, RecordError::new(src_index, Some(&format!("{}[{j}]", spec.name)), "a UUID", "null"));
-                    break;
-                }
-            }
-        }
         let mut action: Option<u8> = None;
         for (k, (spec, column)) in self.fields.iter().zip(&mut self.columns).enumerate() {
             let v = staging.vals[k];
@@ -717,15 +703,12 @@ impl Canonical {
                     let mut end = offsets.last().copied().unwrap_or(0);
                     if let Val::List(start, stop) = v {
                         let items = &staging.items[start as usize..stop as usize];
-                        for (j, item) in items.iter().enumerate() {
-                            match item.and_then(|text| uuid_text::parse(text.as_bytes())) {
+                        for (j, text) in items.iter().enumerate() {
+                            match uuid_text::parse(text.as_bytes()) {
                                 Some(bytes) => values.extend_from_slice(&bytes),
                                 None => {
                                     values.extend_from_slice(&[0; 16]);
-                                    let found = match item {
-                                        Some(text) => format!("{text:?}"),
-                                        None => "null".to_owned(),
-                                    };
+                                    let found = format!("{text:?}");
                                     bad.set(row, RecordError::new(src_index, Some(&format!("{}[{j}]", spec.name)), "a UUID", found));
                                 }
                             }

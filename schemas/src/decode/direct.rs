@@ -58,8 +58,9 @@ pub(super) enum Val<'p> {
 #[derive(Debug)]
 pub(super) struct Staging<'p> {
     pub(super) vals: Vec<Val<'p>>,
-    /// Items of list fields (`None` for a `null` item).
-    pub(super) items: Vec<Option<&'p str>>,
+    /// Items of list fields (all strings: a `null` item makes the record not ordinary, so that
+    /// the record's own check reports it before anything else, as it always has).
+    pub(super) items: Vec<&'p str>,
 }
 
 impl<'p> Staging<'p> {
@@ -147,7 +148,7 @@ impl<'de> Visitor<'de> for Record<'_, 'de> {
 /// One field's value, read as its column needs it.
 struct Field<'s, 'p> {
     ty: FieldType,
-    items: &'s mut Vec<Option<&'p str>>,
+    items: &'s mut Vec<&'p str>,
 }
 
 impl<'de> DeserializeSeed<'de> for Field<'_, 'de> {
@@ -230,8 +231,8 @@ impl<'de> Visitor<'de> for Scalar {
     }
 }
 
-/// A list of UUID texts (or `null` items).
-struct List<'s, 'p>(&'s mut Vec<Option<&'p str>>);
+/// A list of UUID texts.
+struct List<'s, 'p>(&'s mut Vec<&'p str>);
 
 impl<'de> Visitor<'de> for List<'_, 'de> {
     type Value = Val<'de>;
@@ -253,10 +254,33 @@ impl<'de> Visitor<'de> for List<'_, 'de> {
     }
 }
 
-/// A string or `null`.
+/// A string; anything else (a `null` item among them) is not ordinary.
 struct Item;
 
 impl<'de> DeserializeSeed<'de> for Item {
+    type Value = &'de str;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<&'de str, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Item {
+    type Value = &'de str;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<&'de str, E> {
+        Ok(s)
+    }
+}
+
+/// A string or `null` (a location's country).
+struct NullableStr;
+
+impl<'de> DeserializeSeed<'de> for NullableStr {
     type Value = Option<&'de str>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<&'de str>, D::Error> {
@@ -264,7 +288,7 @@ impl<'de> DeserializeSeed<'de> for Item {
     }
 }
 
-impl<'de> Visitor<'de> for Item {
+impl<'de> Visitor<'de> for NullableStr {
     type Value = Option<&'de str>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -304,7 +328,7 @@ impl<'de> Visitor<'de> for Location {
                     if country.is_some() {
                         return Err(bail());
                     }
-                    country = Some(map.next_value_seed(Item)?);
+                    country = Some(map.next_value_seed(NullableStr)?);
                     continue;
                 }
                 _ => {
