@@ -256,7 +256,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     match cli.command {
-        Command::Run(args) => runtime.block_on(run(cfg, args)),
+        Command::Run(args) => {
+            // The embedded broker outlives the runtime: clients of tasks still winding down on it
+            // (the enforcer's blocking polls) would otherwise find it gone and log errors.
+            let mut embedded = None;
+            let result = runtime.block_on(run(cfg, args, &mut embedded));
+            drop(runtime);
+            drop(embedded);
+            result
+        }
         Command::Enforce(args) => runtime.block_on(enforce(cfg, args)),
         Command::Block(args) => {
             let until = args.duration.map(|d| chrono::Utc::now().timestamp_millis() + d.as_millis() as i64);
@@ -335,7 +343,7 @@ fn stop_on_signal(stop: Arc<AtomicBool>, notify: watch::Sender<bool>, duration: 
     });
 }
 
-async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
+async fn run(mut cfg: Config, args: RunArgs, embedded: &mut Option<EmbeddedBroker>) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     stop_on_signal(stop.clone(), stop_tx.clone(), args.duration.map(Duration::from_secs));
@@ -346,8 +354,8 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
     let stats = Arc::new(LiveStats::default());
     let brokers = args.brokers.clone().or_else(|| cfg.kafka.brokers.clone());
 
-    // Embedded mode: an in-process broker, a fresh state directory, and simulated traffic.
-    let mut _embedded = None;
+    // Embedded mode: an in-process broker (kept by the caller), a fresh state directory, and
+    // simulated traffic.
     let mut _state_dir = None;
     let mut simulator = None;
     let sent = Arc::new(AtomicU64::new(0));
@@ -369,7 +377,7 @@ async fn run(mut cfg: Config, args: RunArgs) -> anyhow::Result<()> {
             cfg.archive.dir = dir.path().join("archive");
             cfg.enforcer.audit.dir = Some(dir.path().join("archive").join("audit"));
             _state_dir = Some(dir);
-            _embedded = Some(broker);
+            *embedded = Some(broker);
             eprintln!("meshguard: embedded broker on {b} (in memory); simulating traffic with injected violations");
             let plan = simulate::Plan { sim: cfg.simulator.clone(), rate: args.rate.unwrap_or(cfg.simulator.rate), duration: None };
             let kafka = cfg.kafka.connection(&b);
