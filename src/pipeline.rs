@@ -926,11 +926,23 @@ impl Pipeline {
 
 /// A thread that reads the findings topic's end offsets from the broker every `interval`, so a
 /// checkpoint has recent positions without a round trip of its own (see
-/// [`Pipeline::start_checkpoint`]). It stops when this is dropped.
+/// [`Pipeline::start_checkpoint`]). It stops, and is waited for, when this is dropped: it holds the
+/// sink, whose clients must be gone before the broker is (the embedded one at the end of `run`).
 #[derive(Debug)]
 struct FindingsEnds {
     latest: Arc<std::sync::Mutex<Vec<(i32, i64)>>>,
-    _stop: std::sync::mpsc::Sender<()>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for FindingsEnds {
+    fn drop(&mut self) {
+        // Disconnected: the thread ends at its next wait.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl FindingsEnds {
@@ -938,7 +950,7 @@ impl FindingsEnds {
         let latest = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let shared = latest.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("meshguard-findings-ends".into())
             .spawn(move || {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
@@ -949,7 +961,7 @@ impl FindingsEnds {
                 }
             })
             .context("starting the findings-ends thread")?;
-        Ok(Self { latest, _stop: stop })
+        Ok(Self { latest, stop: Some(stop), thread: Some(thread) })
     }
 
     /// The ends last read (empty before the first read).
