@@ -349,6 +349,10 @@ fn run_with_no_setup_shows_findings() {
     assert!(stdout.contains("events/s"), "live summary: {stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.contains("unregistered_requester") && last.contains("bad_credentials"), "final summary: {last}");
+    // Nothing goes wrong on the way, nor at the end: every client is gone before the embedded
+    // broker is (they used to log `AllBrokersDown` after the final summary).
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("ERROR"), "a clean run logs no error: {stderr}");
 }
 
 #[test]
