@@ -257,8 +257,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     match cli.command {
         Command::Run(args) => {
-            // The embedded broker outlives the runtime: clients of tasks still winding down on it
-            // (the enforcer's blocking polls) would otherwise find it gone and log errors.
+            // The embedded broker outlives the runtime: clients that tasks on it still hold (the
+            // HTTP server's control sink) would otherwise find it gone and log errors.
             let mut embedded = None;
             let result = runtime.block_on(run(cfg, args, &mut embedded));
             drop(runtime);
